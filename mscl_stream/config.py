@@ -1,0 +1,319 @@
+"""Typed configuration: one dataclass tree, YAML in, dotted overrides, validation up front.
+
+Every knob of a run lives here. ``load_config(path, overrides)`` reads YAML with ``yaml.safe_load``,
+applies ``key.sub=value`` overrides (values parsed as YAML scalars), checks names, types and ranges,
+and raises :class:`ConfigError` (a one-line message naming the key) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mscl_stream.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, reported as one line naming the offending key."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""                  # manifest.jsonl written by `mscl-stream index`
+    split: str = "train"                # manifest split used for pretraining ("" = all rows)
+    frames_per_clip: int = 8            # T
+    frame_stride: int = 16              # raw frames between sampled frames
+    flow_gap: int = 8                   # flow pair (r, r + flow_gap)
+    max_shift: int = 128                # window B starts at A + d, d in [-max_shift, max_shift], even
+    wrap: bool = True                   # indices past the end wrap around (else clamp the start)
+    flow_frames: Literal["even", "all"] = "even"   # which sampled frames get a flow pair
+    clips_per_video: int = 1            # samples per video per epoch
+    batch_size: int = 8                 # clips per rank per step
+    frame_size: tuple[int, int] = (128, 176)   # (H, W) working size after decode: flow runs here
+    decoder: Literal["auto", "dali", "pyav"] = "auto"  # auto: DALI where it can decode, else PyAV
+    num_threads: int = 2                # DALI threads / PyAV workers
+    prefetch: int = 2                   # batches decoded ahead
+    mds: Literal["off", "index", "online"] = "off"
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    out_size: int = 112
+    crop_area: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, sat, hue
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass
+class FlowConfig:
+    estimator: str = "raft_small"       # a registered name or "package.module:factory"
+    weights: str = "none"               # file path, torchvision enum name, or "none" (random init)
+    iters: int = 12
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    cuda_graph: bool = False
+    chunk_size: int = 0                 # pairs per chunk (0 = estimator's own memory budget)
+    options: dict = field(default_factory=dict)   # extra keyword options for the estimator
+
+
+@dataclass
+class ModelConfig:
+    feat_dim: int = 128
+    queue_size: int = 65536
+    momentum: float = 0.994             # base EMA momentum, cosine-ramped to 1
+    neck_channels: int = 128
+    key_bn: Literal["shuffle", "sync", "none"] = "shuffle"
+    compat: Literal["default", "released"] = "default"
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    # weight per term; 0 disables a term (ablations). Names follow MSCL_METHOD.md section 6.
+    weights: dict = field(default_factory=lambda: {
+        "rgb_rgb": 1.0, "flow_flow": 1.0, "rot_rot": 1.0, "rgb_flow": 1.0,
+        "flow_rgb": 1.0, "rgb_rot": 1.0, "rot_rgb": 1.0, "lmcl": 1.0,
+    })
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.02                    # for base_batch clips; scaled linearly by the global batch
+    base_batch: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    clip_grad: float = 40.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 400
+    max_steps: int = 0                  # > 0 stops early (benchmarks, demo)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    channels_last: bool = True          # channels_last_3d on GPU
+    compile: bool = False
+    out_dir: str = "runs/default"
+    ckpt_every: int = 500               # steps between checkpoints (0 = only at the end)
+    resume: str = ""                    # "", a path, or "auto"
+    max_bad_steps: int = 5              # consecutive NaN/inf steps before stopping
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    jsonl: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples where needed."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v, key + ".")
+        elif isinstance(cur, dict) and isinstance(v, dict) and k == "weights":
+            unknown = set(v) - set(cur)
+            if unknown:
+                raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown loss term (known: {', '.join(cur)})")
+            cur.update({n: _coerce(f"{key}.{n}", w, float) for n, w in v.items()})
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one ``key.sub=value`` override; the value is parsed as a YAML scalar/list."""
+    if "=" not in override:
+        raise ConfigError(f"{override}: overrides look like key.sub=value")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    _merge(cfg, nested)
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks; raises ConfigError naming the key."""
+    d, a, f, m, o, t = cfg.data, cfg.augment, cfg.flow, cfg.model, cfg.optim, cfg.train
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(d.frames_per_clip >= 2, "data.frames_per_clip", "must be >= 2")
+    need(d.frame_stride >= 1, "data.frame_stride", "must be >= 1")
+    need(d.flow_gap >= 1, "data.flow_gap", "must be >= 1")
+    need(d.max_shift >= 0 and d.max_shift % 2 == 0, "data.max_shift", "must be even and >= 0")
+    need(d.clips_per_video >= 1, "data.clips_per_video", "must be >= 1")
+    need(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(d.num_threads >= 1, "data.num_threads", "must be >= 1")
+    need(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    h, w = d.frame_size
+    need(h % 8 == 0 and w % 8 == 0, "data.frame_size", f"{h}x{w}: both sides must be multiples of 8 "
+         f"(try {max(8, h // 8 * 8)}x{max(8, w // 8 * 8)})")
+    if f.estimator.startswith("raft"):
+        need(min(h, w) >= 128, "data.frame_size",
+             f"{h}x{w} is below RAFT's 128 px minimum; use e.g. 128x176 (flow runs before the 112 crop)")
+    need(a.out_size >= 8 and a.out_size <= min(h, w), "augment.out_size", f"must be in [8, {min(h, w)}]")
+    need(0 < a.crop_area[0] <= a.crop_area[1] <= 1, "augment.crop_area", "needs 0 < lo <= hi <= 1")
+    need(0 < a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio", "needs 0 < lo <= hi")
+    for k in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+        need(0.0 <= getattr(a, k) <= 1.0, f"augment.{k}", "must be a probability in [0, 1]")
+    need(f.iters >= 1, "flow.iters", "must be >= 1")
+    need(f.chunk_size >= 0, "flow.chunk_size", "must be >= 0")
+    need(m.feat_dim >= 1, "model.feat_dim", "must be >= 1")
+    need(m.queue_size >= d.batch_size, "model.queue_size", f"must be >= data.batch_size ({d.batch_size})")
+    need(0.0 <= m.momentum < 1.0, "model.momentum", "must be in [0, 1)")
+    need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+    need(any(v > 0 for v in cfg.loss.weights.values()), "loss.weights", "at least one term must be > 0")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(o.base_batch >= 1, "optim.base_batch", "must be >= 1")
+    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = no clipping)")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
+    need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+         f"{t.device!r}: use auto, cpu, cuda or cuda:N")
+    if d.manifest:
+        need(Path(d.manifest).is_file(), "data.manifest", f"{d.manifest}: no such file (run `mscl-stream index`)")
+    if f.weights not in ("", "none") and ("/" in f.weights or f.weights.endswith((".pt", ".pth"))):
+        need(Path(f.weights).is_file(), "flow.weights", f"{f.weights}: no such file")
+    if t.resume not in ("", "auto"):
+        need(Path(t.resume).is_file(), "train.resume", f"{t.resume}: no such file")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                check: bool = True) -> Config:
+    """Build a Config from defaults, an optional YAML file and dotted overrides, then validate it."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: {path}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        _merge(cfg, data)
+    for ov in overrides:
+        apply_override(cfg, ov)
+    return validate(cfg) if check else cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
+    def conv(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+    return conv(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of :func:`to_dict` (no validation of files: used to read checkpoints)."""
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

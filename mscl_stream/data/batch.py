@@ -1,0 +1,53 @@
+"""ClipBatch: the typed hand-off between the loader and everything that runs on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class ClipBatch:
+    """One batch of MSCL training samples, frames already decoded and resized to the working size.
+
+    Shapes (B = batch, T = frames per clip, F = flow frames per clip, H x W = working size):
+        rgb_a, rgb_b:         (B, T, 3, H, W) uint8   windows A (query) and B (key)
+        partner_a, partner_b: (B, F, 3, H, W) uint8   frame r + flow_gap for each flow step
+        flow_steps:           (F,) long               which of the T sampled frames has a flow pair
+        frames_a, frames_b:   (B, T) long             raw frame indices of the sampled frames
+        partners_a/_b:        (B, F) long             raw frame indices of the flow partners
+        labels:               (B,) long               class label, -1 where unknown
+        video_idx:            (B,) long               row of the manifest
+    Flow pair j of window A is (rgb_a[:, flow_steps[j]], partner_a[:, j]).
+    """
+
+    rgb_a: torch.Tensor
+    rgb_b: torch.Tensor
+    partner_a: torch.Tensor
+    partner_b: torch.Tensor
+    flow_steps: torch.Tensor
+    frames_a: torch.Tensor
+    frames_b: torch.Tensor
+    partners_a: torch.Tensor
+    partners_b: torch.Tensor
+    labels: torch.Tensor
+    video_idx: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.rgb_a.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.rgb_a.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "ClipBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                for f in fields(self)})
+
+    def flow_pairs(self, window: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame pairs of one window for the flow estimator: two (B*F, 3, H, W) uint8 tensors."""
+        rgb, partner = (self.rgb_a, self.partner_a) if window == "a" else (self.rgb_b, self.partner_b)
+        src = rgb.index_select(1, self.flow_steps.to(rgb.device))
+        return src.flatten(0, 1), partner.flatten(0, 1)
