@@ -1,6 +1,7 @@
 """`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, demo.
 
-Each subcommand parses its arguments here and calls one plain function in the package. Configuration
+Each subcommand parses its arguments here, validates the config before any heavy import, and calls one
+plain function in the package. Configuration
 problems and bad input end as a one-line error with exit code 2, never a traceback.
 """
 
@@ -27,24 +28,24 @@ def _cmd_make_sample_data(a: argparse.Namespace) -> int:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    from mscl_stream.data.manifest import build_manifest
     cfg = load_config(a.config, a.overrides)
+    from mscl_stream.data.manifest import build_manifest
     build_manifest(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds,
                    mds_estimator=a.mds_estimator)
     return 0
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
-    from mscl_stream.train.trainer import pretrain
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     cfg = load_config(a.config, overrides)
+    from mscl_stream.train.trainer import pretrain
     pretrain(cfg)
     return 0
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from mscl_stream.eval import run_eval
     cfg = load_config(a.config, a.overrides)
+    from mscl_stream.eval import run_eval
     run_eval(a.kind, checkpoint=a.checkpoint, cfg=cfg, out=a.out)
     return 0
 
@@ -57,8 +58,8 @@ def _cmd_flow_check(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from mscl_stream.train.bench import run_bench
     cfg = load_config(a.config, a.overrides)
+    from mscl_stream.train.bench import run_bench
     run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines)
     return 0
 

@@ -149,6 +149,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
