@@ -1,0 +1,42 @@
+"""Shared fixtures: small synthetic videos with known motion (encoded once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from mscl_stream.data.sample import moving_texture_frames, write_video
+
+VIDEO_N, VIDEO_H, VIDEO_W = 64, 128, 176
+VIDEO_VELOCITY = (2.0, 1.0)          # foreground px/frame (x right, y down); the background is static
+
+
+@pytest.fixture(scope="session")
+def vp9_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 frames, 128x176, VP9 (.webm), foreground moving by VIDEO_VELOCITY, gop 16, 25 fps, seed 0."""
+    frames = moving_texture_frames(VIDEO_N, VIDEO_H, VIDEO_W, VIDEO_VELOCITY, seed=0)
+    return write_video(tmp_path_factory.mktemp("vp9") / "clip.webm", frames, "vp9")
+
+
+@pytest.fixture(scope="session")
+def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same content as ``vp9_video`` encoded as H.264 (.mp4)."""
+    frames = moving_texture_frames(VIDEO_N, VIDEO_H, VIDEO_W, VIDEO_VELOCITY, seed=0)
+    return write_video(tmp_path_factory.mktemp("h264") / "clip.mp4", frames, "h264")
+
+
+@pytest.fixture
+def make_video(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``make_video(n=32, h=64, w=96, codec="vp9", velocity=(2, 0), seed=0, name=None,
+    bg_velocity=(0, 0), gop=16, fps=25)`` writes a video into a fresh temporary folder."""
+
+    def make(n: int = 32, h: int = 64, w: int = 96, codec: str = "vp9",
+             velocity: tuple[float, float] = (2.0, 0.0), seed: int = 0, name: str | None = None,
+             bg_velocity: tuple[float, float] = (0.0, 0.0), gop: int = 16, fps: int = 25) -> Path:
+        frames = moving_texture_frames(n, h, w, velocity, seed=seed, bg_velocity=bg_velocity)
+        out = tmp_path_factory.mktemp("video") / (name or f"v_{codec}_{n}x{h}x{w}")
+        return write_video(out, frames, codec, fps=fps, gop=gop)
+
+    return make
