@@ -1,0 +1,88 @@
+"""From a decoded ClipBatch to the model's inputs, on the device: flow, FRA, crops, colour encoding.
+
+This is the part of a training step between the loader and the model (DESIGN.md "flow stage",
+"motion ops", "RGB augmentation"). Both windows' flow pairs go through the estimator in one call, so a
+batch of B clips with F flow frames per window is one estimator batch of 2*B*F pairs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from mscl_stream.augment import augment_view
+from mscl_stream.config import Config
+from mscl_stream.data.batch import ClipBatch
+from mscl_stream.flow import get_estimator
+from mscl_stream.models.mscl import MSCLInputs
+from mscl_stream.motion import flow_views, fra_angles
+
+RAFT_OPTIONS = ("weights", "iters", "precision", "compile", "cuda_graph")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the model (None = fp32): auto is bf16 on CUDA, fp32 on CPU."""
+    amp = cfg.train.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def build_flow_estimator(cfg: Config, device: torch.device):
+    """The configured flow estimator; RAFT-family options are passed only to estimators that take them."""
+    f = cfg.flow
+    kwargs = dict(f.options)
+    kwargs["device"] = device
+    if f.chunk_size:
+        kwargs["chunk_size"] = f.chunk_size
+    if f.estimator.startswith("raft"):
+        precision = f.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        kwargs.update(weights=f.weights, iters=f.iters, precision=precision, compile=f.compile,
+                      cuda_graph=f.cuda_graph)
+    return get_estimator(f.estimator, **kwargs)
+
+
+@torch.no_grad()
+def compute_flow(batch: ClipBatch, estimator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward flow of both windows in one estimator call.
+
+    Returns:
+        flow_a, flow_b: (B, F, 2, H, W) float32 pixel flow of windows A and B.
+    """
+    src_a, dst_a = batch.flow_pairs("a")
+    src_b, dst_b = batch.flow_pairs("b")
+    flow = estimator(torch.cat([src_a, src_b]), torch.cat([dst_a, dst_b])).float()
+    b, f = batch.batch_size, batch.partner_a.shape[1]
+    flow = flow.view(2, b, f, *flow.shape[1:])
+    return flow[0], flow[1]
+
+
+@torch.no_grad()
+def make_inputs(batch: ClipBatch, flow_a: torch.Tensor, flow_b: torch.Tensor, cfg: Config,
+                generator: torch.Generator) -> MSCLInputs:
+    """Augment both RGB views and turn each window's flow into base and FRA-rotated colour images.
+
+    The crop box and flip of a view are shared exactly by its RGB frames and its flow; one FRA angle
+    per sample is shared by both windows (MSCL_METHOD.md section 3).
+    """
+    view_q = augment_view(batch.rgb_a, cfg.augment, generator=generator)
+    view_k = augment_view(batch.rgb_b, cfg.augment, generator=generator)
+    angles = fra_angles(batch.batch_size, generator=generator).to(batch.device)
+    size, compat = cfg.augment.out_size, cfg.model.compat
+    flow_q, rot_q = flow_views(flow_a, view_q.boxes, view_q.flips, angles, out_size=size, compat=compat)
+    flow_k, rot_k = flow_views(flow_b, view_k.boxes, view_k.flips, angles, out_size=size, compat=compat)
+    return MSCLInputs(rgb_q=view_q.frames, rgb_k=view_k.frames, flow_q=flow_q, flow_k=flow_k,
+                      rot_q=rot_q, rot_k=rot_k)
