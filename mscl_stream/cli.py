@@ -1,8 +1,8 @@
 """`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, demo.
 
 Each subcommand parses its arguments here, validates the config before any heavy import, and calls one
-plain function in the package. Configuration
-problems and bad input end as a one-line error with exit code 2, never a traceback.
+plain function in the package. Configuration problems and bad input end as a one-line error with
+exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _cmd_flow_check(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.train.bench import run_bench
-    run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines)
+    run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators))
     return 0
 
 
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="end-to-end and per-stage throughput against baselines")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--baselines", action="store_true", help="also run the PyAV and precomputed-flow loaders")
+    p.add_argument("--baselines", action="store_true", help="also run the PyAV DataLoader baseline")
+    p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)
 

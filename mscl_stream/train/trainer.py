@@ -55,8 +55,14 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
-def pretrain(cfg: Config) -> dict:
-    """Run MSCL pretraining as configured; returns the final metrics (loss terms, throughput)."""
+def pretrain(cfg: Config, loader=None) -> dict:
+    """Run MSCL pretraining as configured; returns the final metrics (loss terms, throughput).
+
+    Args:
+        cfg: the validated configuration.
+        loader: an iterable of ClipBatch to use instead of the streaming loader (benchmarks feed
+            device-resident batches through it to measure the step without decode).
+    """
     dist = init_distributed(cfg.dist.backend, device=cfg.train.device)
     device = dist.device
     torch.manual_seed(cfg.train.seed + dist.rank)
@@ -68,8 +74,9 @@ def pretrain(cfg: Config) -> dict:
         dump_config(cfg, out / "config.yaml")
 
     # ---- data, flow, model, optimiser
-    records = read_manifest(cfg.data.manifest, cfg.data.split)
-    loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
+    records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
+    if loader is None:
+        loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
     estimator = build_flow_estimator(cfg, device)
     model = MSCL(cfg).to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
@@ -141,7 +148,7 @@ def pretrain(cfg: Config) -> dict:
         log.info("pretrain: %d videos, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, device %s",
                  len(records), steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
                  dtype or "fp32", device)
-    t_start, clips_done, last_terms = time.perf_counter(), 0, {}
+    t_start, clips_done, last_terms, step_ends = time.perf_counter(), 0, {}, []
 
     # ---- the loop
     mid_epoch = ckpt_path is not None  # a resumed loader continues its epoch where it stopped
@@ -207,6 +214,7 @@ def pretrain(cfg: Config) -> dict:
                 core.enqueue(out_terms["keys_rgb"], out_terms["keys_flow"])
             step += 1
             clips_done += global_batch
+            step_ends.append(time.perf_counter() - t_start)
 
             if step % cfg.log.every == 0 or step == total:
                 elapsed = time.perf_counter() - t_start
@@ -232,7 +240,8 @@ def pretrain(cfg: Config) -> dict:
     checkpoint("last")
     elapsed = time.perf_counter() - t_start
     result = {"steps": step, "epochs": epoch, "clips_per_s": clips_done / max(elapsed, 1e-9),
-              "skipped_steps": bad_total, "loader": loader.stats, **{f"loss/{k}": v for k, v in last_terms.items()}}
+              "skipped_steps": bad_total, "loader": getattr(loader, "stats", {}),
+              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), **{f"loss/{k}": v for k, v in last_terms.items()}}
     metrics.log({"final": True, **result})
     metrics.close()
     if dist.is_main:

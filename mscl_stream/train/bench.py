@@ -1,0 +1,169 @@
+"""`mscl-stream bench`: end-to-end training throughput, stream efficiency, stages and baselines.
+
+(a) end-to-end pretraining steps through the streaming loader; (b) the same step fed from one
+device-resident batch (no decode): stream efficiency = (a) / (b); (c) per-stage times of (a);
+(d) with --baselines, the same flow + model fed by a PyAV + torch DataLoader (N workers); (e) every
+estimator listed in --estimators swapped into the full loop. Throughput is measured on the second
+half of the steps (after warm-up: pipeline start, cuDNN autotuning, allocator growth).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mscl_stream.config import Config, to_dict
+from mscl_stream.data.batch import ClipBatch
+from mscl_stream.train.step import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def machine_info() -> dict:
+    """Machine and library versions recorded with every benchmark result."""
+    import torchvision
+    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    for mod in ("nvidia.dali", "kornia", "av", "triton", "cv2"):
+        try:
+            info[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception:  # optional dependency absent on this machine
+            info[mod.split(".")[-1]] = None
+    return info
+
+
+class ResidentLoader:
+    """Replays one decoded batch from device memory: the training step without decode."""
+
+    def __init__(self, batch: ClipBatch, steps: int):
+        self.batch, self.steps, self.stats = batch, steps, {}
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def steady_rate(result: dict, clips_per_step: int) -> float:
+    """Clips/s over the second half of the steps (warm-up excluded)."""
+    ends = result["step_end_seconds"]
+    if len(ends) < 4:
+        return result["clips_per_s"]
+    half = len(ends) // 2
+    return clips_per_step * (len(ends) - half) / max(ends[-1] - ends[half - 1], 1e-9)
+
+
+def _run(cfg: Config, loader=None) -> dict:
+    from mscl_stream.train.trainer import pretrain
+    res = pretrain(cfg, loader=loader)
+    rate = steady_rate(res, cfg.data.batch_size)
+    stages = res.get("stage_seconds", {})
+    total = sum(stages.values()) or 1.0
+    return {"clips_per_s": rate, "steps_per_s": rate / cfg.data.batch_size,
+            "stage_share": {k: v / total for k, v in stages.items()}, "stage_seconds": stages,
+            "loss": res.get("loss/loss"), "loader": res.get("loader", {})}
+
+
+def _ensure_data(cfg: Config, workdir: Path) -> Config:
+    if cfg.data.manifest:
+        return cfg
+    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.sample import make_sample_dataset
+    data = workdir / "videos"
+    make_sample_dataset(data, videos=16, codec="vp9")
+    build_manifest(data, workdir / "manifest.jsonl", data=cfg.data)
+    return replace(cfg, data=replace(cfg.data, manifest=str(workdir / "manifest.jsonl"), split="train"))
+
+
+def _first_batch(cfg: Config) -> ClipBatch:
+    from mscl_stream.data.loader import build_loader
+    from mscl_stream.data.manifest import read_manifest
+    loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split),
+                          device=resolve_device(cfg.train.device))
+    loader.set_epoch(0)
+    return next(iter(loader))
+
+
+def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
+              estimators: tuple[str, ...] = ()) -> dict:
+    """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mscl-bench-"))
+    cfg = _ensure_data(cfg, work)
+    cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, ckpt_every=0, out_dir=str(work / "run"),
+                                     resume=""), log=replace(cfg.log, tensorboard=False))
+    result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps, "runs": {}}
+
+    print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
+    result["runs"]["end_to_end"] = _run(cfg)
+    print("bench (b): device-resident batches (no decode)", flush=True)
+    result["runs"]["resident"] = _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps))
+    a, b = result["runs"]["end_to_end"]["clips_per_s"], result["runs"]["resident"]["clips_per_s"]
+    result["stream_efficiency"] = a / b
+    if baselines:
+        from mscl_stream.train.baseline import pyav_dataloader
+        print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
+        result["runs"]["pyav_dataloader"] = _run(cfg, loader=pyav_dataloader(cfg))
+        result["speedup_vs_pyav"] = a / result["runs"]["pyav_dataloader"]["clips_per_s"]
+    for name in estimators:
+        print(f"bench (e): flow estimator {name}", flush=True)
+        c = replace(cfg, flow=replace(cfg.flow, estimator=name))
+        result["runs"][f"flow={name}"] = _run(c)
+
+    tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
+    stamp = _dt.date.today().isoformat()
+    path = out / f"{tag}_{stamp}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    _plot(result, path.with_suffix(".png"))
+    print(f"\n{'run':<24}{'clips/s':>10}{'flow share':>12}")
+    for name, r in result["runs"].items():
+        print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}")
+    print(f"stream efficiency (a)/(b): {result['stream_efficiency']:.3f}; results in {path}")
+    return result
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = result["runs"]
+    names = list(runs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.barh(names, [runs[n]["clips_per_s"] for n in names])
+    ax1.set_xlabel("clips/s (steady state)")
+    stages = sorted({s for n in names for s in runs[n]["stage_share"]})
+    left = np.zeros(len(names))
+    for s in stages:
+        vals = np.array([runs[n]["stage_share"].get(s, 0.0) for n in names])
+        ax2.barh(names, vals, left=left, label=s)
+        left += vals
+    ax2.set_xlabel("share of step time (sampled, synchronised)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"mscl-stream bench on {result['machine']['gpu'] or result['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
