@@ -8,8 +8,9 @@ lists, tuples, numbers, strings, bools and None: model/optimizer ``state_dict()`
 
 Layout used by the trainer (``--resume auto`` relies on it)::
 
-    <out_dir>/checkpoints/step_00000500.pt     one file per save, zero-padded step
-    <out_dir>/checkpoints/step_00001000.pt     the newest ``keep`` files are kept
+    <out_dir>/checkpoints/step_00000500.pt     periodic saves, zero-padded step (prune_checkpoints keeps k)
+    <out_dir>/checkpoints/last.pt              the end of a run
+    <out_dir>/checkpoints/diverged.pt          written before stopping on NaN losses; never auto-resumed
 
 Errors a user can cause (missing, corrupt or truncated file, a checkpoint from another model or config)
 are one-line :class:`UserError`\\ s; a mismatch never silently starts training from scratch.
@@ -36,19 +37,7 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
-# Dotted keys of the saved resolved config that must equal the current config when resuming: anything
-# that changes parameter shapes, queue sizes or what a "step" means. Pass ``expect_from_config(...)``
-# as ``load_checkpoint(..., expect=...)``.
-RESUME_MUST_MATCH = (
-    "config.model",
-    "config.loss",
-    "config.data.frames_per_clip",
-    "config.data.frame_stride",
-    "config.data.flow_frames",
-    "config.augment.out_size",
-    "config.flow.estimator",
-)
-
+LAST_NAME = "last.pt"
 _SCALARS = (int, float, bool, str, type(None))
 
 
@@ -189,17 +178,18 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def expect_from_config(cfg_dict: Mapping[str, Any], keys: Iterable[str] = RESUME_MUST_MATCH) -> dict:
+def expect_from_config(cfg_dict: Mapping[str, Any], keys: Iterable[str]) -> dict:
     """``expect`` mapping for :func:`load_checkpoint` from the current ``config.to_dict(cfg)``.
 
-    ``keys`` are dotted paths starting with ``config.`` (as stored in the checkpoint under "config").
+    ``keys`` are dotted config paths ("model", "data.frames_per_clip"); the checkpoint is expected to
+    hold the resolved config under "config", so the result maps "config.<key>" -> current value.
     """
     out = {}
     for key in keys:
-        v = _lookup({"config": cfg_dict}, key)
+        v = _lookup(cfg_dict, key)
         if v is _MISSING:
             raise KeyError(f"{key}: not a key of the config")
-        out[key] = v
+        out[f"config.{key}"] = v
     return out
 
 
@@ -249,18 +239,38 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def find_latest(out_dir: str | os.PathLike) -> Path | None:
-    """The newest step checkpoint of a run, or None when there is none (``--resume auto``)."""
+    """The checkpoint ``--resume auto`` continues from, or None when the run has none.
+
+    Candidates are the highest-step ``step_*.pt`` and ``last.pt``; the more recently written one wins
+    (``last.pt`` of a finished run is newer than its step files; a longer re-run that crashed later has
+    newer step files). ``diverged.pt`` and temporary files are never picked.
+    """
     found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
+    cands = [found[-1][1]] if found else []
+    last = Path(out_dir) / CKPT_DIR / LAST_NAME
+    if last.is_file():
+        cands.append(last)
+    return max(cands, key=lambda p: p.stat().st_mtime_ns) if cands else None
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` step files (``keep <= 0`` keeps all); returns what was deleted.
+
+    Call it on the main rank after each periodic save; ``last.pt``/``diverged.pt`` are not touched.
+    """
+    if keep <= 0:
+        return []
+    old = [p for _, p in list_checkpoints(out_dir)[:-keep]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def save_step_checkpoint(out_dir: str | os.PathLike, step: int, state: Mapping[str, Any],
                          keep: int = 3) -> Path:
-    """Save ``state`` as the step file of ``step`` and delete all but the newest ``keep`` (0 = keep all)."""
+    """Save ``state`` as the step file of ``step``, then :func:`prune_checkpoints` to ``keep``."""
     path = save_checkpoint(checkpoint_path(out_dir, step), state)
-    if keep > 0:
-        for _, old in list_checkpoints(out_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+    prune_checkpoints(out_dir, keep)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Learning-rate and momentum schedules as plain functions of the step (no optimizer state).
+"""Learning-rate schedules as plain functions of the step (no optimizer state).
 
 The trainer calls :func:`lr_at` every step and writes the value into each param group, so a resumed run
 gets exactly the same schedule from the step counter alone (nothing schedule-related in checkpoints).
@@ -40,18 +40,6 @@ def scaled_lr(lr: float, global_batch: int, base_batch: int) -> float:
     if global_batch <= 0 or base_batch <= 0:
         raise ValueError(f"batch sizes must be > 0, got global {global_batch}, base {base_batch}")
     return lr * global_batch / base_batch
-
-
-def ema_momentum(base: float, seen: int, total: int) -> float:
-    """MoCo key-encoder momentum ramped from ``base`` to 1 by a half cosine (MSCL_METHOD.md section 6).
-
-    ``m = 1 - (1 - base) * (1 + cos(pi * seen / total)) / 2`` with ``seen`` the samples (or steps) done
-    and ``total`` those of the whole run; ``seen >= total`` gives 1.
-    """
-    if total <= 0:
-        raise ValueError(f"total must be > 0, got {total}")
-    p = min(max(seen / total, 0.0), 1.0)
-    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * p)) / 2.0
 
 
 def multistep_lr(base_lr: float, epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> float:

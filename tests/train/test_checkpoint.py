@@ -107,7 +107,9 @@ def test_expect_mismatch_is_an_error_not_a_fresh_start(tmp_path):
     _, _, state = _state()
     path = ck.save_checkpoint(tmp_path / "a.pt", state)
     same = {"model": {"feat_dim": 128, "queue_size": 256}, "data": {"frames_per_clip": 8}}
-    ck.load_checkpoint(path, expect=ck.expect_from_config(same, ["config.model", "config.data.frames_per_clip"]))
+    exp = ck.expect_from_config(same, ["model", "data.frames_per_clip"])
+    assert exp == {"config.model": same["model"], "config.data.frames_per_clip": 8}
+    ck.load_checkpoint(path, expect=exp)
     ck.load_checkpoint(path, expect={"format": 1})
 
     with pytest.raises(UserError, match=r"config\.model\.queue_size is 256 in the checkpoint, 512 now"):
@@ -144,6 +146,18 @@ def test_find_latest_and_keep(tmp_path):
     assert latest.name == "step_00003000.pt" and ck.load_checkpoint(latest)["step"] == 3000
     ck.save_step_checkpoint(tmp_path, 3500, {"step": 3500}, keep=0)
     assert len(ck.list_checkpoints(tmp_path)) == 4
+    # last.pt of a finished run is newer than its step files -> picked; diverged.pt never is
+    ck.save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 4000})
+    os.utime(tmp_path / "checkpoints" / "step_00003500.pt", ns=(1, 1))   # make sure "older"
+    ck.save_checkpoint(tmp_path / "checkpoints" / "diverged.pt", {"step": 3999})
+    assert ck.load_checkpoint(ck.find_latest(tmp_path))["step"] == 4000
+    # a longer re-run that saved a later step file after last.pt resumes from the step file
+    ck.save_checkpoint(tmp_path / "checkpoints" / "step_00004500.pt", {"step": 4500})
+    os.utime(tmp_path / "checkpoints" / "last.pt", ns=(2, 2))
+    assert ck.load_checkpoint(ck.find_latest(tmp_path))["step"] == 4500
+    deleted = ck.prune_checkpoints(tmp_path, keep=1)
+    assert len(deleted) == 4 and {p.name for p in (tmp_path / "checkpoints").iterdir()} == {
+        "last.pt", "diverged.pt", "step_00004500.pt", ".step_00009999.pt.tmp-1"}
 
 
 def test_rng_round_trip(tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mscl_stream.train.schedule import ema_momentum, lr_at, multistep_lr, scaled_lr
+from mscl_stream.train.schedule import lr_at, multistep_lr, scaled_lr
 
 
 def test_warmup_is_linear_and_starts_above_zero():
@@ -36,12 +36,6 @@ def test_scaled_lr_linear_rule():
     assert scaled_lr(0.02, 256, 128) == pytest.approx(0.04)
     with pytest.raises(ValueError):
         scaled_lr(0.02, 0, 128)
-
-
-def test_ema_momentum_ramp():
-    assert ema_momentum(0.994, 0, 100) == pytest.approx(0.994)
-    assert ema_momentum(0.994, 50, 100) == pytest.approx(0.997)
-    assert ema_momentum(0.994, 100, 100) == pytest.approx(1.0)
 
 
 def test_multistep():
