@@ -1,0 +1,97 @@
+"""Distributed helpers: single-process identity and a real 2-process gloo job on localhost."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mscl_stream.errors import UserError
+from mscl_stream.train import distributed as D
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch
+    from mscl_stream.train import distributed as D
+    info = D.init_distributed(backend="auto", device="cpu")
+    r = info.rank
+    # rank r contributes r + 2 rows whose values encode (rank, row): unequal shares
+    x = torch.stack([torch.tensor([100.0 * r + i, -r]) for i in range(r + 2)])
+    cat = D.all_gather_cat(x)
+    same = D.all_gather_cat(torch.full((3,), float(r)), same_size=True)
+    objs = D.all_gather_objects({"rank": r, "cursor": 10 * r})
+    chosen = D.broadcast_object("picked-by-%d" % r)
+    mean = D.all_reduce_mean(torch.tensor(float(r + 1)))
+    D.barrier()
+    out = {"info": [info.rank, info.world_size, info.local_rank, str(info.device), info.is_main, info.backend],
+           "cat": cat.tolist(), "same": same.tolist(), "objs": objs, "chosen": chosen, "mean": mean.item(),
+           "is_main": D.is_main(), "world": D.get_world_size()}
+    D.cleanup()
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port, world = _free_port(), 2
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=90)
+            assert p.returncode == 0, out.decode()[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(world)]
+    want_cat = [[0.0, 0.0], [1.0, 0.0], [100.0, -1.0], [101.0, -1.0], [102.0, -1.0]]
+    for r, got in enumerate(res):
+        assert got["info"] == [r, 2, r, "cpu", r == 0, "gloo"]
+        assert got["cat"] == want_cat
+        assert got["same"] == [0.0] * 3 + [1.0] * 3
+        assert got["objs"] == [{"rank": 0, "cursor": 0}, {"rank": 1, "cursor": 10}]
+        assert got["chosen"] == "picked-by-0"
+        assert got["mean"] == pytest.approx(1.5)
+        assert got["is_main"] == (r == 0) and got["world"] == 2
+
+
+def test_single_process_identity(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    info = D.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.is_main, info.backend, info.device) == (0, 1, True, None, torch.device("cpu"))
+    x = torch.randn(4, 3)
+    assert D.all_gather_cat(x) is x
+    assert D.all_gather_objects(5) == [5] and D.broadcast_object("a") == "a"
+    D.barrier()
+    D.cleanup()
+
+
+def test_partial_env_and_bad_backend(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="RANK.*not set"):
+        D.init_distributed(device="cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(UserError, match="nccl needs CUDA"):
+        D.init_distributed(backend="nccl", device="cpu")
