@@ -1,0 +1,109 @@
+"""Metrics: JSONL content, stage timer accumulation, progress line, FLOPs and MFU by hand."""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from mscl_stream.train import metrics as M
+
+
+def test_jsonl_records(tmp_path):
+    logger = M.MetricsLogger(tmp_path, is_main=True, tensorboard=True, jsonl=True)
+    logger.log({"step": 10, "epoch": 0, "lr": 0.01, "loss/total": torch.tensor(2.5), "clips_per_s": 12.0,
+                "time/flow": 0.25, "gpu_mem_gb": 1.5})
+    logger.log({"step": 20, "loss/total": float("nan"), "stage_seconds": {"flow": 1.0}, "ends": [0.5, 1.0]})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    a, b = (json.loads(x) for x in lines)
+    assert a["step"] == 10 and a["loss/total"] == 2.5 and a["lr"] == 0.01 and a["time/flow"] == 0.25
+    assert abs(a["time"] - time.time()) < 60
+    assert b["loss/total"] is None          # NaN written as null: every line stays valid JSON
+    assert b["stage_seconds"] == {"flow": 1.0} and b["ends"] == [0.5, 1.0]
+    # appending (resume) keeps the earlier lines
+    logger = M.MetricsLogger(tmp_path, is_main=True, tensorboard=False)
+    logger.log({"step": 30})
+    logger.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    logger = M.MetricsLogger(tmp_path / "run", is_main=False)
+    logger.log({"step": 1, "loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_timer_accumulates_and_disables():
+    timer = M.StageTimer("cpu")
+    for _ in range(2):
+        with timer("flow"):
+            time.sleep(0.03)
+    with timer("optimizer"):
+        time.sleep(0.01)
+    s = timer.summary()
+    assert 0.03 <= s["time/flow"] < 0.03 + 0.05        # mean per call, sleeps are lower bounds
+    assert 0.01 <= s["time/optimizer"] < 0.01 + 0.05
+    assert timer.totals()["flow"] >= 0.06 and timer.counts() == {"flow": 2, "optimizer": 1}
+    timer.enabled = False
+    with timer("flow"):
+        time.sleep(0.02)
+    assert timer.counts()["flow"] == 2 and timer.summary() == {}   # window reset, nothing measured
+    timer.enabled = True
+    with pytest.raises(RuntimeError):
+        with timer("forward_backward"):   # an exception still records the stage's time
+            raise RuntimeError("x")
+    assert timer.counts()["forward_backward"] == 1
+
+
+def test_format_progress():
+    line = M.format_progress(250, 1000, 100.0, 41.25)
+    # 250 steps in 100 s -> 0.4 s/step -> 750 steps left = 300 s
+    assert line == "step 250/1000 (25.0%) | 41.2 clips/s | elapsed 0:01:40 | eta 0:05:00"
+    assert "eta ?" in M.format_progress(0, 10, 0.0, 0.0)
+    assert "elapsed 1:01:01" in M.format_progress(1, 2, 3661.0, 1.0)
+
+
+def test_peak_and_mfu():
+    assert M.peak_flops("cpu") is None
+    assert M.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert M.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert M.peak_flops("NVIDIA H200") == 989e12
+    assert M.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert M.peak_flops("Some Future GPU") is None
+    # 100 GFLOP per clip at 1000 clips/s on a 989 TFLOP/s part
+    assert M.mfu(100e9, 1000.0, 989e12) == pytest.approx(100e12 / 989e12)
+    assert M.mfu(100e9, 1000.0, None) is None
+
+
+@dataclass
+class _Inputs:
+    x: torch.Tensor
+
+
+class _Net(nn.Module):
+    def __init__(self, a, b, c):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(a, b, bias=False), nn.Linear(b, c, bias=False)
+
+    def forward(self, inp):
+        return {"loss": self.l2(torch.relu(self.l1(inp.x))).square().mean()}
+
+
+def test_flops_per_clip_by_hand():
+    a, b, c, batch = 16, 32, 8, 4
+    net = _Net(a, b, c)
+    got = M.estimate_flops_per_clip(net, _Inputs(torch.randn(batch, a)))
+    # forward: 2ab + 2bc; backward: l2 grad-weight 2bc + grad-input 2bc, l1 grad-weight 2ab (the input
+    # needs no gradient) -> 4ab + 6bc per sample
+    assert got == 4 * a * b + 6 * b * c
+    assert net.l1.weight.grad is not None
+    conv = nn.Conv3d(3, 4, kernel_size=(1, 3, 3), bias=False)
+    fwd = M.count_flops(lambda: conv(torch.randn(2, 3, 2, 5, 5)))
+    # output 2 x 4 x 2 x 3 x 3 positions, each 3*1*3*3 multiply-adds
+    assert fwd == 2 * (2 * 4 * 2 * 3 * 3) * (3 * 9)
