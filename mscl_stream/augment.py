@@ -215,7 +215,8 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return kornia.color.rgb_to_grayscale(x)  # ITU-R 601 weights, as torchvision
+    # ITU-R 601 luma 0.299/0.587/0.114 (PIL's; torchvision's tensor path uses 0.2989 for R).
+    return kornia.color.rgb_to_grayscale(x)
 
 
 def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
