@@ -1,0 +1,497 @@
+"""RAFT (torchvision raft_small / raft_large) as an in-batch flow estimator.
+
+The network's modules come from torchvision; the inference loop is our own: it keeps the correlation
+pyramid in fp32, samples it with a lookup grid built once on the device, and upsamples only after
+the last update (torchvision upsamples after every update, ~3.4 GFLOP/pair wasted for raft_large at
+12 updates). The result equals torchvision's last prediction (tests check 1e-4 in fp32).
+
+Weights (:func:`load_raft_weights`): a local file (torchvision state_dict or an original princeton-vl
+checkpoint, whose key names are remapped), a torchvision weights enum name, or "none" (random init,
+with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mscl_stream.errors import UserError
+from mscl_stream.flow.base import (auto_chunk_size, check_pair, crop_padding, pad_to_multiple, reject_unknown_options,
+                                   resolve_device, run_chunked)
+
+log = logging.getLogger(__name__)
+
+MIN_SIZE = 128          # the 4-level correlation pyramid needs feature maps >= 16 px (inputs / 8)
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def suggest_size(h: int, w: int) -> tuple[int, int]:
+    """Smallest working size >= 128 px per side with the same aspect ratio, multiples of 8."""
+    s = MIN_SIZE / min(h, w)
+    return int(math.ceil(h * s / 8) * 8), int(math.ceil(w * s / 8) * 8)
+
+
+def coords_grid(n: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(n, 2, h, w) float32 pixel coordinates, channel 0 = x, channel 1 = y."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    return torch.stack([xs, ys])[None].expand(n, 2, h, w)
+
+
+def corr_pyramid(fmap1: torch.Tensor, fmap2: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """All-pairs correlation pyramid in fp32.
+
+    Args:
+        fmap1, fmap2: (n, c, h, w) feature maps.
+
+    Returns:
+        ``levels`` tensors of shape (n*h*w, 1, h / 2^l, w / 2^l): for each pixel of fmap1 its dot
+        products with every pixel of fmap2 / sqrt(c), average-pooled per level.
+    """
+    n, c, h, w = fmap1.shape
+    # bf16 dot products over 128-256 channels lose too much precision for the lookup: stay in fp32.
+    with torch.autocast(fmap1.device.type, enabled=False):
+        f1 = fmap1.float().flatten(2)
+        f2 = fmap2.float().flatten(2)
+        corr = torch.bmm(f1.transpose(1, 2), f2) / math.sqrt(c)
+    vol = corr.reshape(n * h * w, 1, h, w)
+    pyramid = [vol]
+    for _ in range(levels - 1):
+        vol = F.avg_pool2d(vol, 2, stride=2)
+        pyramid.append(vol)
+    return pyramid
+
+
+def lookup_offsets(radius: int, device: torch.device) -> torch.Tensor:
+    """(1, 2r+1, 2r+1, 2) offsets; the x offset varies along the first window axis (the order the
+    pretrained motion encoders expect)."""
+    d = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    dx, dy = torch.meshgrid(d, d, indexing="ij")
+    return torch.stack([dx, dy], dim=-1)[None]
+
+
+def corr_lookup(pyramid: list[torch.Tensor], coords: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookup of a (2r+1)^2 window around ``coords`` at every pyramid level.
+
+    Args:
+        pyramid: from :func:`corr_pyramid`.
+        coords: (n, 2, h, w) positions in fmap2 pixels (x, y).
+        offsets: from :func:`lookup_offsets`.
+
+    Returns:
+        (n, levels * (2r+1)^2, h, w) correlation features.
+    """
+    n, _, h, w = coords.shape
+    centre = coords.permute(0, 2, 3, 1).reshape(n * h * w, 1, 1, 2)
+    feats = []
+    for level, vol in enumerate(pyramid):
+        hl, wl = vol.shape[-2:]
+        pts = centre / (2 ** level) + offsets
+        # absolute pixel -> [-1, 1] with align_corners=True (pixel centres at the ends)
+        scale = torch.tensor([2.0 / max(wl - 1, 1), 2.0 / max(hl - 1, 1)], device=pts.device)
+        grid = pts * scale - 1.0
+        feats.append(F.grid_sample(vol, grid, mode="bilinear", align_corners=True).view(n, h, w, -1))
+    return torch.cat(feats, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+def convex_upsample(flow: torch.Tensor, mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """RAFT's learned upsampling: each fine pixel is a softmax-weighted mix of the 3x3 coarse
+    neighbourhood of 8x-scaled flow.
+
+    Args:
+        flow: (n, 2, h, w) coarse flow; mask: (n, 9*factor^2, h, w) logits.
+
+    Returns:
+        (n, 2, h*factor, w*factor).
+    """
+    n, _, h, w = flow.shape
+    weights = torch.softmax(mask.float().view(n, 1, 9, factor, factor, h, w), dim=2)
+    patches = F.unfold(factor * flow, kernel_size=3, padding=1).view(n, 2, 9, 1, 1, h, w)
+    up = (weights * patches).sum(dim=2)                     # (n, 2, factor, factor, h, w)
+    return up.permute(0, 1, 4, 2, 5, 3).reshape(n, 2, h * factor, w * factor)
+
+
+def lean_raft_flow(model: torch.nn.Module, image1: torch.Tensor, image2: torch.Tensor, iters: int,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RAFT inference with torchvision's modules, upsampling once at the end.
+
+    Args:
+        model: a torchvision ``RAFT`` in eval mode.
+        image1, image2: (n, 3, H, W) float in [-1, 1], H and W multiples of 8, >= 128.
+        iters: number of GRU updates.
+        amp_dtype: autocast dtype for the convolutional parts (None = fp32).
+
+    Returns:
+        (n, 2, H, W) float32 flow in pixels (torchvision's last prediction).
+    """
+    n, _, h, w = image1.shape
+    dev = image1.device
+    amp = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
+    with amp:
+        fmaps = model.feature_encoder(torch.cat([image1, image2], dim=0))
+    fmap1, fmap2 = fmaps.chunk(2, dim=0)
+    corr_block = model.corr_block
+    pyramid = corr_pyramid(fmap1, fmap2, corr_block.num_levels)
+    offsets = lookup_offsets(corr_block.radius, dev)
+    update = model.update_block
+    hidden_size = update.hidden_state_size
+    with amp:
+        ctx = model.context_encoder(image1)
+        hidden, context = torch.split(ctx, [hidden_size, ctx.shape[1] - hidden_size], dim=1)
+        hidden = torch.tanh(hidden)
+        context = F.relu(context)
+    coords0 = coords_grid(n, h // 8, w // 8, dev)
+    coords1 = coords0.clone()
+    for _ in range(iters):
+        corr = corr_lookup(pyramid, coords1, offsets)
+        with amp:
+            hidden, delta = update(hidden, context, corr, coords1 - coords0)
+        coords1 = coords1 + delta.float()      # coordinates accumulate in fp32 whatever the autocast
+    flow = coords1 - coords0
+    if model.mask_predictor is None:
+        return 8 * F.interpolate(flow, scale_factor=8, mode="bilinear", align_corners=True)
+    with amp:
+        mask = model.mask_predictor(hidden)
+    return convex_upsample(flow, mask)
+
+
+class _GraphCache:
+    """CUDA-graph replay of ``fn(image1, image2)`` per input shape (a few shapes: chunk tails)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], max_graphs: int = 4):
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x1.shape), x1.dtype, x1.device)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = self._capture(x1, x2)
+        graph, s1, s2, out = self.graphs[key]
+        s1.copy_(x1)
+        s2.copy_(x2)
+        graph.replay()
+        return out.clone()   # the static output is overwritten by the next replay
+
+    def _capture(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple:
+        s1, s2 = x1.clone(), x2.clone()
+        side = torch.cuda.Stream(device=x1.device)
+        side.wait_stream(torch.cuda.current_stream(x1.device))
+        with torch.cuda.stream(side):          # warm-up outside capture (cuDNN autotuning, allocator)
+            for _ in range(2):
+                self.fn(s1, s2)
+        torch.cuda.current_stream(x1.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(s1, s2)
+        return graph, s1, s2, out
+
+
+class RAFT:
+    """RAFT flow estimator (see the module docstring and mscl_stream.flow.base for the protocol).
+
+    Args:
+        model: "small" or "large".
+        weights: file path, torchvision enum name ("C_T_V2", "Raft_Large_Weights.C_T_SKHT_V2",
+            "DEFAULT"), or "none" for a random init (a warning).
+        iters: GRU updates (12 is RAFT's default; 6 saves ~35-40 %).
+        precision: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"; CPU always runs fp32.
+        compile: torch.compile the inference loop (GPU only; falls back to eager with a warning).
+        cuda_graph: capture the loop in CUDA graphs per input shape (GPU only; falls back likewise).
+        chunk_size: pairs per forward (0 = from a memory budget).
+        loop: "lean" (ours) or "torchvision" (the model's own forward; for comparisons).
+        device: "auto", "cpu", "cuda", ...
+    """
+
+    OPTIONS = ("model", "weights", "iters", "precision", "compile", "cuda_graph", "chunk_size", "loop", "device")
+
+    def __init__(self, **options):
+        reject_unknown_options("raft", options, self.OPTIONS)
+        model = options.get("model", "small")
+        if model not in ("small", "large"):
+            raise UserError(f"RAFT model must be 'small' or 'large', got {model!r}")
+        self.name = f"raft_{model}"
+        self.device = resolve_device(options.get("device", "auto"))
+        self.iters = int(options.get("iters", 12))
+        if self.iters < 1:
+            raise UserError(f"{self.name}: iters must be >= 1, got {self.iters}")
+        self.chunk_size = int(options.get("chunk_size", 0))
+        if self.chunk_size < 0:
+            raise UserError(f"{self.name}: chunk_size must be >= 0, got {self.chunk_size}")
+        self.loop = options.get("loop", "lean")
+        if self.loop not in ("lean", "torchvision"):
+            raise UserError(f"{self.name}: loop must be 'lean' or 'torchvision', got {self.loop!r}")
+        self.precision = self._resolve_precision(options.get("precision", "auto"))
+        on_gpu = self.device.type == "cuda"
+        self.compile = bool(options.get("compile", False))
+        self.cuda_graph = bool(options.get("cuda_graph", False))
+        for flag in ("compile", "cuda_graph"):
+            if getattr(self, flag) and not on_gpu:
+                warnings.warn(f"{self.name}: {flag}=True needs a CUDA device; running eager on {self.device}",
+                              stacklevel=2)
+                setattr(self, flag, False)
+
+        from torchvision.models.optical_flow import raft_large, raft_small
+        self.model = (raft_small if model == "small" else raft_large)(weights=None, progress=False)
+        self.weights_source = load_raft_weights(self.model, model, options.get("weights", "none"))
+        self.model.eval().requires_grad_(False).to(self.device)
+        self._fn = self._build_fn()
+
+    def _resolve_precision(self, precision: str) -> str:
+        if precision == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in _PRECISIONS:
+            raise UserError(f"{self.name}: precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if precision != "fp32" and self.device.type != "cuda":
+            warnings.warn(f"{self.name}: precision {precision} is GPU-only here; using fp32 on {self.device}",
+                          stacklevel=3)
+            return "fp32"
+        return precision
+
+    def _eager(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        amp_dtype = _PRECISIONS[self.precision]
+        if self.loop == "torchvision":
+            with torch.autocast(x1.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                return self.model(x1, x2, num_flow_updates=self.iters)[-1].float()
+        return lean_raft_flow(self.model, x1, x2, self.iters, amp_dtype)
+
+    def _build_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        fn = self._eager
+        if self.compile:
+            # with graphs too, let inductor do the capture ("reduce-overhead") instead of our cache
+            mode = "reduce-overhead" if self.cuda_graph else None
+            compiled = torch.compile(self._eager, mode=mode, dynamic=False)
+            fn = self._with_fallback(lambda a, b: compiled(a, b).clone(), "torch.compile")
+        elif self.cuda_graph:
+            fn = self._with_fallback(_GraphCache(self._eager), "CUDA graph capture")
+        return fn
+
+    def _with_fallback(self, fast: Callable, what: str) -> Callable:
+        """Use ``fast``; on its first failure warn once and stay eager for good."""
+        state = {"ok": True}
+
+        def run(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+            if state["ok"]:
+                try:
+                    return fast(x1, x2)
+                except Exception as e:  # compile/capture failures come in many types
+                    state["ok"] = False
+                    msg = f"{self.name}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager"
+                    warnings.warn(msg, stacklevel=2)
+                    log.warning(msg)
+                    torch.cuda.synchronize(self.device)
+            return self._eager(x1, x2)
+        return run
+
+    def bytes_per_pair(self, h: int, w: int) -> float:
+        """Rough peak working memory per pair: the fp32 correlation pyramid plus encoder activations."""
+        cells = math.ceil(h / 8) * math.ceil(w / 8)
+        return 4.0 * cells * cells * 4 / 3 + 256.0 * h * w
+
+    def __call__(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) uint8/float [0,255] x2 on ``device`` -> (N,2,H,W) float32 forward flow in pixels."""
+        check_pair(frames_a, frames_b, self.name, device=self.device)
+        n, _, h, w = frames_a.shape
+        if min(h, w) < MIN_SIZE:
+            sh, sw = suggest_size(h, w)
+            raise UserError(f"{self.name} needs frames of at least {MIN_SIZE} px per side, got {h}x{w}; "
+                            f"compute flow at e.g. {sh}x{sw} (data.frame_size) and crop afterwards")
+        if n == 0:
+            return torch.zeros(0, 2, h, w, device=self.device)
+        chunk = self.chunk_size or auto_chunk_size(self.bytes_per_pair(h, w), self.device, n)
+        with torch.inference_mode():
+            flow = run_chunked(self._run, frames_a, frames_b, chunk)
+        # a plain (non-inference) tensor, so later autograd code may save it for backward
+        return flow.clone()
+
+    def _run(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> torch.Tensor:
+        x1, pads = pad_to_multiple(frames_a.float() / 127.5 - 1.0, 8)   # [0,255] -> [-1,1]
+        x2, _ = pad_to_multiple(frames_b.float() / 127.5 - 1.0, 8)
+        return crop_padding(self._fn(x1, x2), pads).float()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "weights": self.weights_source,
+                "options": {"iters": self.iters, "precision": self.precision, "compile": self.compile,
+                            "cuda_graph": self.cuda_graph, "chunk_size": self.chunk_size, "loop": self.loop,
+                            "device": str(self.device)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+# Original princeton-vl RAFT names (after the DataParallel "module." prefix is dropped) -> torchvision.
+_PRINCETON_UPDATE = [
+    (r"update_block\.encoder\.convc(\d)\.", r"update_block.motion_encoder.convcorr\1.0."),
+    (r"update_block\.encoder\.convf(\d)\.", r"update_block.motion_encoder.convflow\1.0."),
+    (r"update_block\.encoder\.conv\.", r"update_block.motion_encoder.conv.0."),
+    (r"update_block\.gru\.conv([zrq])(\d)\.", r"update_block.recurrent_block.convgru\2.conv\1."),
+    (r"update_block\.gru\.conv([zrq])\.", r"update_block.recurrent_block.convgru1.conv\1."),
+    (r"update_block\.flow_head\.", r"update_block.flow_head."),
+    (r"update_block\.mask\.0\.", r"mask_predictor.convrelu.0."),
+    (r"update_block\.mask\.2\.", r"mask_predictor.conv."),
+]
+_PRINCETON_ENCODERS = {"fnet": "feature_encoder", "cnet": "context_encoder"}
+
+
+def is_princeton_checkpoint(state: dict) -> bool:
+    """True for the original RAFT layout (fnet/cnet/update_block.encoder names, maybe 'module.')."""
+    return any(k.startswith(("module.", "fnet.", "cnet.")) or k.startswith("update_block.encoder.") for k in state)
+
+
+def princeton_to_torchvision(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Rename an original princeton-vl RAFT state_dict to torchvision's RAFT names.
+
+    The original residual blocks register their downsample norm twice (``normK`` and
+    ``downsample.1``), so both names map to torchvision's ``downsample.1``. Residual blocks
+    (raft_large) have 2 convs, bottleneck blocks (raft_small) 3; the norm after the last conv is the
+    downsample norm.
+
+    Raises:
+        UserError: a key that fits neither layout (the file is not a RAFT checkpoint).
+    """
+    n_convs = 3 if arch == "small" else 2
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        new = None
+        enc = re.fullmatch(r"(fnet|cnet)\.(.+)", k)
+        if enc:
+            prefix, rest = _PRINCETON_ENCODERS[enc.group(1)], enc.group(2)
+            if m := re.fullmatch(r"conv1\.(.+)", rest):
+                new = f"{prefix}.convnormrelu.0.{m.group(1)}"
+            elif m := re.fullmatch(r"norm1\.(.+)", rest):
+                new = f"{prefix}.convnormrelu.1.{m.group(1)}"
+            elif m := re.fullmatch(r"conv2\.(.+)", rest):
+                new = f"{prefix}.conv.{m.group(1)}"
+            elif m := re.fullmatch(r"(layer\d\.\d)\.conv(\d)\.(.+)", rest):
+                new = f"{prefix}.{m.group(1)}.convnormrelu{m.group(2)}.0.{m.group(3)}"
+            elif m := re.fullmatch(r"(layer\d\.\d)\.norm(\d)\.(.+)", rest):
+                k_norm = int(m.group(2))
+                mid = f"convnormrelu{k_norm}.1" if k_norm <= n_convs else "downsample.1"
+                new = f"{prefix}.{m.group(1)}.{mid}.{m.group(3)}"
+            elif m := re.fullmatch(r"(layer\d\.\d\.downsample\.[01]\..+)", rest):
+                new = f"{prefix}.{m.group(1)}"
+        else:
+            for pattern, repl in _PRINCETON_UPDATE:
+                if re.match(pattern, k):
+                    new = re.sub(pattern, repl, k, count=1)
+                    break
+        if new is None:
+            raise UserError(f"unrecognised key {key!r} in a princeton-vl RAFT checkpoint")
+        out[new] = value
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types; the message is what matters
+        raise UserError(f"cannot load RAFT weights {path} with weights_only=True "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); save a state_dict") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"RAFT weights {path} do not hold a state_dict of tensors")
+    return obj
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    """load_state_dict with one-line errors for wrong keys and architecture mismatches."""
+    own = model.state_dict()
+    other = "large" if arch == "small" else "small"
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    hint = ""
+    if any(k.startswith("mask_predictor.") for k in state) != any(k.startswith("mask_predictor.") for k in own):
+        hint = f" (looks like a raft_{other} checkpoint)"
+    if missing or unexpected:
+        raise UserError(f"RAFT weights {source} do not match raft_{arch}{hint}: {len(missing)} missing keys "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"RAFT weights {source} do not fit raft_{arch}: {k} has shape {tuple(v.shape)} in "
+                            f"the file, {tuple(own[k].shape)} in the model (a raft_{other} checkpoint?)")
+    model.load_state_dict(state, strict=True)
+
+
+def _weights_enum(arch: str, spec: str):
+    """The torchvision weights enum member a name refers to, or None if it is not an enum name."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights
+    enums = {"small": Raft_Small_Weights, "large": Raft_Large_Weights}
+    cls_name, _, member = spec.rpartition(".")
+    own, other = enums[arch], enums["large" if arch == "small" else "small"]
+    if cls_name == other.__name__:
+        raise UserError(f"weights {spec!r} are for {other.__name__[:10].lower()}, not raft_{arch}")
+    if cls_name not in ("", own.__name__):
+        return None
+    try:
+        return own[member]
+    except KeyError:
+        if cls_name:
+            names = ", ".join(m for m in own.__members__)
+            raise UserError(f"{own.__name__} has no member {member!r}; choose one of {names}") from None
+        return None
+
+
+def load_raft_weights(model: torch.nn.Module, arch: str, weights: str | os.PathLike) -> str:
+    """Load weights into a torchvision RAFT model; return a description of the source for logs.
+
+    Args:
+        model: ``raft_small()`` / ``raft_large()`` built without weights.
+        arch: "small" or "large".
+        weights: "none" (keep the random init, warn), a file path (torchvision or princeton-vl
+            layout), or a torchvision enum name, looked up first in ``$TORCH_HOME/hub/checkpoints``
+            and otherwise downloaded by torchvision.
+
+    Raises:
+        UserError: missing file, unreadable file, wrong keys, mismatched architecture, unknown name,
+            or a download that fails (offline): the message says where to place the file.
+    """
+    spec = os.fspath(weights)
+    if spec.strip().lower() in ("", "none", "random"):
+        msg = (f"raft_{arch}: weights=none, RANDOM INITIALISATION: the flow is meaningless until real "
+               f"weights are given (a file path or a torchvision enum name such as "
+               f"{'C_T_V2' if arch == 'small' else 'C_T_SKHT_V2'})")
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        return "none (random init)"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        state = _read_state_dict(path)
+        layout = "torchvision"
+        if is_princeton_checkpoint(state):
+            state = princeton_to_torchvision(state, arch)
+            layout = "princeton-vl"
+        _load_into(model, state, arch, str(path))
+        return f"file:{path.resolve()} ({layout} layout)"
+    member = None if ("/" in spec or os.sep in spec or path.suffix in (".pth", ".pt", ".ckpt")) \
+        else _weights_enum(arch, spec)
+    if member is None:
+        if path.suffix or "/" in spec:
+            raise UserError(f"RAFT weights file not found: {spec}")
+        raise UserError(f"unknown RAFT weights {spec!r}: give a file path, a torchvision enum name "
+                        f"(e.g. {'C_T_V2' if arch == 'small' else 'C_T_SKHT_V2'}) or none")
+    label = f"torchvision:{type(member).__name__}.{member.name}"
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache_dir / os.path.basename(member.url)
+    if cached.is_file():
+        _load_into(model, _read_state_dict(cached), arch, str(cached))
+        return f"{label} (file:{cached})"
+    try:
+        state = member.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, socket timeouts, hash mismatch...
+        raise UserError(f"could not download {label} ({type(e).__name__}); offline, place {cached.name} in "
+                        f"{cache_dir}/ or pass weights=<path to a state_dict file>") from None
+    _load_into(model, state, arch, label)
+    return label
