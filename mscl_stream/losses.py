@@ -87,7 +87,7 @@ def lmcl(rgb_feats: torch.Tensor, flow_feats: torch.Tensor, rot_flow_feats: torc
     dt = _compute_dtype(rgb_feats, flow_feats, rot_flow_feats)
     b, _, t = rgb_feats.shape
     with torch.autocast(device_type=rgb_feats.device.type, enabled=False):
-        rgb = F.normalize(rgb_feats.to(dt), dim=2)
+        rgb = F.normalize(rgb_feats.to(dt), dim=1)
         cand = F.normalize(torch.cat([flow_feats.to(dt), rot_flow_feats.to(dt)], dim=2), dim=1)  # (B, C, 2T)
         logits = torch.bmm(rgb.transpose(1, 2), cand) / temperature             # (B, T, 2T)
         target = torch.arange(t, device=logits.device).repeat(b)                # step i -> base flow i
