@@ -3,11 +3,9 @@
 Pure functions on tensors (any device). The spec is MSCL_METHOD.md sections 2-4; flow convention:
 channel 0 = u (right), channel 1 = v (down), in pixels.
 
-Crop convention (shared with the RGB views so a view's flow and frames align exactly): a box is
-(x0, y0, x1, y1) relative to the frame's continuous extent, pixel edges at integers; output pixel j of
-S samples the frame at x = (x0 + (j + 0.5) (x1 - x0) / S) * W - 0.5 (pixel-centre coordinates),
-bilinearly, with edge clamping: ``grid_sample(align_corners=False, padding_mode="border")``, the
-same as ``roi_align(aligned=True, sampling_ratio=1)`` and, for the full box, ``F.interpolate``.
+The crop of a view (box, bilinear resize, flip) is ``mscl_stream.augment.crop_resize``, the same
+call the RGB view uses, so a view's flow and frames align exactly (pixel-edge boxes,
+``grid_sample(align_corners=False, padding_mode="border")``).
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from mscl_stream.augment import crop_resize
 from mscl_stream.errors import UserError
 
 FLOW_EPS = 1e-5          # added to the per-frame max magnitude before dividing (section 2 step 1)
@@ -142,37 +141,6 @@ def fra_angles(batch_size: int, generator: torch.Generator | None = None,
     c = torch.randint(0, FRA_BINS, (batch_size,), generator=generator, device=gen_dev)
     b = (0.2 + 0.2 * c.to(torch.float64)) * math.pi
     return b.to(device=device or gen_dev, dtype=torch.float32)
-
-
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, out_size: int,
-                flips: torch.Tensor | None = None) -> torch.Tensor:
-    """Crop each image with its relative box and resize bilinearly (module docstring convention).
-
-    Args:
-        images: (N, C, H, W) float.
-        boxes: (N, 4) relative (x0, y0, x1, y1), 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1.
-        out_size: S.
-        flips: optional (N,) bool: mirror the output horizontally (spatially only; vectors untouched).
-    Returns:
-        (N, C, S, S) in the dtype of ``images`` (float32 for integer input).
-    """
-    n = images.shape[0]
-    if images.dim() != 4 or boxes.shape != (n, 4):
-        raise UserError(f"crop_resize: need images (N,C,H,W) and boxes (N,4), got "
-                        f"{tuple(images.shape)} and {tuple(boxes.shape)}")
-    if not images.is_floating_point():
-        images = images.float()
-    bx = boxes.to(device=images.device, dtype=images.dtype)
-    x0, y0, x1, y1 = bx.unbind(-1)
-    sx = x1 - x0
-    if flips is not None:
-        # mirroring the output = sampling x from the right edge of the box leftwards
-        sx = torch.where(flips.to(device=images.device, dtype=torch.bool), -sx, sx)
-    zero = torch.zeros_like(x0)
-    theta = torch.stack((torch.stack((sx, zero, x0 + x1 - 1), -1),
-                         torch.stack((zero, y1 - y0, y0 + y1 - 1), -1)), -2)
-    grid = F.affine_grid(theta, [n, images.shape[1], out_size, out_size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def flow_views(flow: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,

@@ -238,19 +238,6 @@ def test_fra_angles_values_and_distribution():
 
 # ------------------------------------------------------------------ crop and flow views
 
-def test_crop_resize_full_box_matches_interpolate_and_boxes_match_numpy():
-    rng = np.random.default_rng(3)
-    img = rng.normal(size=(2, 1, 13, 17))
-    full = motion.crop_resize(torch.from_numpy(img), torch.tensor([[0, 0, 1, 1.0]] * 2), 9)
-    ref = F.interpolate(torch.from_numpy(img), size=(9, 9), mode="bilinear", align_corners=False)
-    assert torch.allclose(full, ref, atol=1e-10)
-    boxes = [(0.1, 0.25, 0.6, 0.9), (0.5, 0.0, 1.0, 0.4)]
-    got = motion.crop_resize(torch.from_numpy(img), torch.tensor(boxes, dtype=torch.float64), 6,
-                             flips=torch.tensor([False, True])).numpy()
-    assert np.allclose(got[0, 0], np_crop(img[0, 0], boxes[0], 6), atol=1e-10)
-    assert np.allclose(got[1, 0], np_crop(img[1, 0], boxes[1], 6)[:, ::-1], atol=1e-10)
-
-
 @pytest.mark.parametrize("compat", ["default", "released"])
 def test_flow_views_match_literal_order(compat):
     rng = np.random.default_rng(4)
