@@ -1,0 +1,357 @@
+"""Streaming clip loader: ClipSampler -> decode (DALI or PyAV per file) -> ClipBatch on the device.
+
+A background thread decodes the next batches (at most ``data.prefetch`` finished batches wait in a
+queue, plus the one being built) while the training loop consumes the current one. Each file goes to
+DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
+AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
+at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path.
+
+Failures at run time (a file damaged or removed after indexing) cost only their samples: a DALI batch
+that fails is retried sample by sample in a fresh pipeline, a sample DALI cannot decode is tried with
+PyAV (and its file goes to PyAV from then on), and a sample that neither decodes is skipped, counted and
+logged with its path; its file is not tried again. The batch is refilled with the next samples of the
+epoch, cycling to the epoch's first samples at its end, so every rank still yields exactly ``len()``
+batches per epoch and distributed ranks stay in step. Decoded frames are never padded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from contextlib import nullcontext
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mscl_stream.config import Config, DataConfig
+from mscl_stream.data.batch import ClipBatch
+from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder, canonical_codec, dali_available, dali_can_decode
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames
+from mscl_stream.data.sampler import ClipSampler, SampleSpec, flow_steps
+from mscl_stream.errors import UserError
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+@dataclass
+class _Work:
+    """One sample on its way through the decoders."""
+
+    position: int          # sampler position (may pass the epoch's end when refilling)
+    spec: SampleSpec
+    record: VideoRecord
+
+
+class ClipLoader:
+    """Iterable over :class:`ClipBatch` (``data.batch_size`` clips, already on ``device``).
+
+    Args:
+        sampler: the rank's :class:`ClipSampler` (its position is kept in step with consumed batches).
+        data: loader settings (batch_size, frame_size, decoder, num_threads, prefetch).
+        device: where batches are delivered; CUDA also selects DALI's NVDEC decoder.
+    """
+
+    def __init__(self, sampler: ClipSampler, data: DataConfig, device: torch.device) -> None:
+        self.sampler, self.data, self.device = sampler, data, torch.device(device)
+        self.records = sampler.records
+        self.steps = torch.from_numpy(flow_steps(data))
+        self._batch = 0                       # batches consumed in the current epoch
+        self._resumed = False
+        self._lock = threading.Lock()
+        self._stats = {"batches": 0, "samples": 0, "decode_seconds": 0.0, "skipped": 0, "skipped_files": [],
+                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0}
+        self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
+        self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
+        self._routes_logged: set[str] = set()
+        self._dali: DaliDecoder | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._active: tuple[threading.Event, threading.Thread] | None = None
+        self._use_dali = data.decoder != "pyav" and dali_available()
+        if data.decoder == "dali" and not dali_available():
+            raise UserError("data.decoder=dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+
+    # ------------------------------------------------------------------ epoch / state
+    def __len__(self) -> int:
+        """Batches per epoch (partial last batch dropped); the same on every rank."""
+        return len(self.sampler) // self.data.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (unless a state of this epoch was just loaded)."""
+        self._stop_active()
+        keep = self._resumed and epoch == self.sampler.epoch
+        self._resumed = False
+        self.sampler.set_epoch(epoch)
+        if not keep:
+            self._batch = 0
+
+    def state_dict(self) -> dict:
+        """Sampler state at the last batch handed out, plus the batch count of the epoch."""
+        return {"sampler": self.sampler.state_dict(), "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the batch at which ``state`` was taken (the same remaining batches follow)."""
+        self._stop_active()
+        self.sampler.load_state_dict(state["sampler"])
+        self._batch = int(state["batch"])
+        self._resumed = True
+
+    @property
+    def stats(self) -> dict:
+        """Counters: batches, samples (handed out), decode_seconds, skipped (samples), skipped_files
+        (list of {"path", "reason"}), dali_samples, pyav_samples, dali_rebuilds."""
+        with self._lock:
+            return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[ClipBatch]:
+        self._stop_active()
+        if self._batch >= len(self):
+            return
+        stop = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=self.data.prefetch)
+        th = threading.Thread(target=self._produce, name="clip-loader",
+                              args=(self.sampler.position, self._batch, q, stop), daemon=True)
+        self._active = (stop, th)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, cursor = item
+                if self.device.type == "cuda":
+                    stream = torch.cuda.current_stream(self.device)
+                    for t in vars(batch).values():   # made on the loader's stream: keep the memory alive
+                        t.record_stream(stream)
+                self._batch += 1
+                self.sampler.position = cursor
+                with self._lock:
+                    self._stats["batches"] += 1
+                    self._stats["samples"] += batch.batch_size
+                yield batch
+        finally:
+            self._stop_active()
+
+    def _stop_active(self) -> None:
+        if self._active is None:
+            return
+        stop, th = self._active
+        stop.set()
+        th.join()
+        self._active = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread and release DALI and the PyAV workers."""
+        self._stop_active()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._dali is not None:
+            self._dali.close()
+            self._dali = None
+
+    def _produce(self, cursor: int, batch_no: int, q: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            for _ in range(batch_no, len(self)):
+                if stop.is_set():
+                    return
+                t0 = time.perf_counter()
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    batch, cursor = self._next_batch(cursor, stop)
+                    if batch is None:
+                        return
+                if stream is not None:
+                    stream.synchronize()
+                with self._lock:
+                    self._stats["decode_seconds"] += time.perf_counter() - t0
+                if not put((batch, cursor)):
+                    return
+            put(_END)
+        except BaseException as e:          # surfaces in the consuming thread
+            put(e)
+
+    # ------------------------------------------------------------------ one batch
+    def _next_batch(self, cursor: int, stop: threading.Event) -> tuple[ClipBatch | None, int]:
+        """Decode samples from ``cursor`` on until a full batch decoded; returns it and the new cursor."""
+        bsz, got, failures = self.data.batch_size, [], 0
+        while len(got) < bsz:
+            if stop.is_set():
+                return None, cursor
+            need = bsz - len(got)
+            works = []
+            for pos in range(cursor, cursor + need):
+                spec = self.sampler.spec(pos)
+                works.append(_Work(pos, spec, self.records[spec.video_idx]))
+            cursor += need
+            done = self._decode(works)
+            failures = 0 if done else failures + need
+            if failures > max(64, 4 * bsz):
+                raise UserError(f"data: {failures} samples in a row failed to decode; last: "
+                                f"{self._stats['skipped_files'][-1]['path']}: "
+                                f"{self._stats['skipped_files'][-1]['reason']}")
+            got += done
+        return self._assemble(got), cursor
+
+    def _route(self, rec: VideoRecord) -> str:
+        codec = canonical_codec(rec.codec)
+        if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._dali_bad:
+            return "pyav"
+        if dali_can_decode(codec, self.device):
+            return "dali"
+        if self.data.decoder == "dali":
+            raise UserError(f"data.decoder=dali: {rec.path} is {codec or 'of unknown codec'}, which DALI cannot "
+                            f"decode on {self.device.type}; use data.decoder=auto")
+        if codec not in self._routes_logged:
+            self._routes_logged.add(codec)
+            log.info("codec %s: DALI cannot decode it on %s; those files use PyAV", codec, self.device.type)
+        return "pyav"
+
+    def _decode(self, works: list[_Work]) -> list[tuple[_Work, torch.Tensor]]:
+        """Decode ``works``; returns the successes in order as (work, (2T+2F, H, W, 3) uint8 on device)."""
+        out: dict[int, torch.Tensor] = {}
+        dali, pyav = [], []
+        for w in works:
+            if w.record.path in self._bad:
+                self._skip(w, f"{self._bad[w.record.path]} (failed before)", quiet=True)
+            else:
+                (dali if self._route(w.record) == "dali" else pyav).append(w)
+        futures = [(w, self._workers().submit(self._pyav_one, w)) for w in pyav]
+        if dali:
+            self._dali_batch(dali, out)
+        for w, fut in futures:
+            try:
+                out[w.position] = self._to_device(fut.result())
+                self._count("pyav_samples")
+            except DecodeError as e:
+                self._fail(w, f"PyAV: {e}")
+        return [(w, out[w.position]) for w in works if w.position in out]
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode")
+        return self._pool
+
+    def _pyav_one(self, w: _Work) -> np.ndarray:
+        return decode_frames(w.record.path, w.spec.all_frames(), tuple(self.data.frame_size), threads=1)
+
+    def _dali_batch(self, works: list[_Work], out: dict[int, torch.Tensor]) -> None:
+        if self._dali is None:
+            self._dali = DaliDecoder(self.data.batch_size, tuple(self.data.frame_size), self.data.num_threads,
+                                     self.device, seed=self.data.seed)
+        ok, encoded, lists = [], [], []
+        for w in works:
+            try:
+                encoded.append(np.fromfile(w.record.path, dtype=np.uint8))
+            except OSError as e:
+                self._fail(w, f"cannot read: {e.strerror or e}")
+                continue
+            ok.append((w,) + tuple(np.unique(w.spec.all_frames(), return_inverse=True)))
+            lists.append(ok[-1][1])
+        if not ok:
+            return
+        try:
+            decoded = self._dali.decode(encoded, lists)
+        except DaliDecodeError as e:
+            self._count("dali_rebuilds")
+            if len(ok) > 1:                   # find the culprit(s): one sample per run
+                for item, enc in zip(ok, encoded):
+                    self._dali_single(item, enc, out)
+            else:
+                self._dali_fallback(ok[0][0], str(e), out)
+            return
+        for (w, _, inv), frames in zip(ok, decoded):
+            out[w.position] = frames[torch.from_numpy(inv).to(frames.device)]
+            self._count("dali_samples")
+
+    def _dali_single(self, item, enc: np.ndarray, out: dict[int, torch.Tensor]) -> None:
+        w, uniq, inv = item
+        try:
+            (frames,) = self._dali.decode([enc], [uniq])
+        except DaliDecodeError as e:
+            self._count("dali_rebuilds")
+            self._dali_fallback(w, str(e), out)
+            return
+        out[w.position] = frames[torch.from_numpy(inv).to(frames.device)]
+        self._count("dali_samples")
+
+    def _dali_fallback(self, w: _Work, reason: str, out: dict[int, torch.Tensor]) -> None:
+        """DALI failed on this sample: its file goes to PyAV from now on; try PyAV right away."""
+        self._dali_bad.add(w.record.path)
+        log.warning("DALI could not decode %s (%s); trying PyAV for this file", w.record.path, reason)
+        try:
+            out[w.position] = self._to_device(self._pyav_one(w))
+            self._count("pyav_samples")
+        except DecodeError as e:
+            self._fail(w, f"DALI: {reason}; PyAV: {e}")
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, frames: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(frames)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def _fail(self, w: _Work, reason: str) -> None:
+        self._bad[w.record.path] = reason
+        self._skip(w, reason)
+
+    def _skip(self, w: _Work, reason: str, quiet: bool = False) -> None:
+        with self._lock:
+            self._stats["skipped"] += 1
+            self._stats["skipped_files"].append({"path": w.record.path, "reason": reason})
+        (log.debug if quiet else log.warning)("skipped a sample of %s: %s", w.record.path, reason)
+
+    def _assemble(self, got: list[tuple[_Work, torch.Tensor]]) -> ClipBatch:
+        t, f = self.data.frames_per_clip, len(self.steps)
+        # (B, 2T+2F, H, W, 3) -> (B, 2T+2F, 3, H, W): channels-first as the flow net and augmentation want
+        x = torch.stack([fr for _, fr in got]).permute(0, 1, 4, 2, 3)
+        specs = [w.spec for w, _ in got]
+        idx = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in specs]))  # noqa: E731
+        dev = self.device
+        return ClipBatch(
+            rgb_a=x[:, :t].contiguous(), rgb_b=x[:, t:2 * t].contiguous(),
+            partner_a=x[:, 2 * t:2 * t + f].contiguous(), partner_b=x[:, 2 * t + f:].contiguous(),
+            flow_steps=self.steps.to(dev), frames_a=idx("frames_a").to(dev), frames_b=idx("frames_b").to(dev),
+            partners_a=idx("partners_a").to(dev), partners_b=idx("partners_b").to(dev),
+            labels=torch.tensor([w.record.label for w, _ in got], dtype=torch.long, device=dev),
+            video_idx=torch.tensor([s.video_idx for s in specs], dtype=torch.long, device=dev))
+
+
+def build_loader(cfg: Config, records: list[VideoRecord], *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu") -> ClipLoader:
+    """The training loader of one rank: a :class:`ClipSampler` over ``records`` and the decode paths.
+
+    Raises:
+        UserError: no records, or ``data.decoder=dali`` with a codec DALI cannot decode on ``device``.
+    """
+    device = torch.device(device)
+    sampler = ClipSampler(records, cfg.data, rank=rank, world_size=world_size, seed=cfg.data.seed)
+    if cfg.data.decoder == "dali":
+        bad = [r for r in records if not dali_can_decode(r.codec, device)]
+        if bad:
+            raise UserError(f"data.decoder=dali: {len(bad)} videos (e.g. {bad[0].path}, codec {bad[0].codec!r}) "
+                            f"cannot be decoded by DALI on {device.type}; use data.decoder=auto")
+    return ClipLoader(sampler, cfg.data, device)
