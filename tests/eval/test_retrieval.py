@@ -1,0 +1,184 @@
+"""Retrieval recall on hand-worked toy galleries; clip positions, normalisation and encoder loading."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.video import r3d_18
+
+from mscl_stream.config import Config
+from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.errors import UserError
+from mscl_stream.eval import features as FE
+from mscl_stream.eval.retrieval import retrieval_recall
+
+T = torch.tensor
+
+
+def _ref_recall(q, ql, g, gl, k, centre=True):
+    """Loop reference in float64: cosine similarity after optional per-set centring."""
+    q, g = np.asarray(q, np.float64), np.asarray(g, np.float64)
+    if centre:
+        q, g = q - q.mean(0), g - g.mean(0)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    hits = 0
+    for i in range(len(q)):
+        order = sorted(range(len(g)), key=lambda j: -float(q[i] @ g[j]))
+        hits += any(gl[j] == ql[i] for j in order[:k])
+    return hits / len(q)
+
+
+def test_hand_worked_2d_gallery():
+    # Gallery and queries both have mean 0, so centring leaves them alone.
+    g = T([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    gl = T([0, 1, 2, 1])
+    q = T([[2.0, 0.5], [-2.0, -0.5], [0.0, 0.0]])
+    ql = T([1, 2, 7])
+    # q0 ~ (0.97, 0.24): order g0 (label 0), g1 (1), g3 (1), g2 (2) -> first hit at rank 2
+    # q1 ~ (-0.97, -0.24): order g2 (2) ... -> hit at rank 1
+    # q2 = 0: label 7 is not in the gallery -> never a hit
+    r = retrieval_recall(q, ql, g, gl, ks=(1, 2, 4, 50))
+    assert r == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3), "R@4": pytest.approx(2 / 3),
+                 "R@50": pytest.approx(2 / 3)}   # k = 50 > 4 gallery items is clipped to 4
+
+
+def test_each_set_is_centred_by_its_own_mean():
+    g = T([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    gl = T([0, 1, 2, 1])
+    q = T([[2.0, 0.5], [-2.0, -0.5], [0.0, 0.0]])
+    ql = T([1, 2, 7])
+    base = retrieval_recall(q, ql, g, gl, ks=(1, 2))
+    g_off, q_off = g + T([10.0, 10.0]), q + T([-5.0, 3.0])
+    assert retrieval_recall(q_off, ql, g_off, gl, ks=(1, 2)) == base
+    # Without centring a gallery offset alone changes the answer: g + (10, 10) puts the gallery at
+    # angles 42.3, 47.7, 48.0, 42.0 deg; q0 (14 deg) is then nearest g3 (label 1, a hit) and q1 (194 deg)
+    # nearest g2 (label 2, a hit): R@1 = 2/3 instead of 1/3. Centring removes the offset.
+    assert _ref_recall(q, ql.tolist(), g_off, gl.tolist(), 1, centre=False) == pytest.approx(2 / 3)
+    assert retrieval_recall(q, ql, g_off, gl, ks=(1,))["R@1"] == pytest.approx(1 / 3)
+
+
+def test_3d_points_against_loop_reference():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(30, 3, generator=gen) + 2.0
+    gl = torch.randint(0, 4, (30,), generator=gen)
+    q = torch.randn(17, 3, generator=gen) - 1.0
+    ql = torch.randint(0, 4, (17,), generator=gen)
+    got = retrieval_recall(q, ql, g, gl, ks=(1, 5, 10, 20, 50), chunk=5)
+    for k in (1, 5, 10, 20, 50):
+        assert got[f"R@{k}"] == pytest.approx(_ref_recall(q, ql.tolist(), g, gl.tolist(), min(k, 30)))
+    assert got["R@50"] == 1.0   # all 4 labels appear in the gallery of 30
+
+
+# ----------------------------------------------------------------------------- clips and features
+
+
+def _rec(path="v.webm", n=100, label=0, start=0, end=-1):
+    return VideoRecord(path=path, label=label, label_name=str(label), split="test", num_frames=n, fps=25.0,
+                       width=64, height=64, codec="vp9", duration=n / 25, start=start, end=end)
+
+
+def test_centred_indices_hand_values():
+    # span = 3 * 10 + 1 = 31 raw frames; 100 frames leave 69 spare -> centred start 34
+    assert FE.centred_indices(_rec(n=100), 4, 10) == [[34, 44, 54, 64]]
+    assert FE.centred_indices(_rec(n=100), 4, 10, clips=3) == [[0, 10, 20, 30], [34, 44, 54, 64],
+                                                              [69, 79, 89, 99]]
+    # a short video is clamped at its last frame
+    assert FE.centred_indices(_rec(n=20), 4, 10) == [[0, 10, 19, 19]]
+    # start/end bounds of the record are respected
+    assert FE.centred_indices(_rec(n=100, start=10, end=51), 4, 10) == [[15, 25, 35, 45]]
+
+
+def test_normalise_clip_centre_crop_and_imagenet():
+    frames = torch.randint(0, 256, (2, 6, 8, 3), dtype=torch.uint8)
+    out = FE.normalise_clip(frames, 4)
+    assert out.shape == (3, 2, 4, 4)
+    f = frames.numpy().astype(np.float64)[:, 1:5, 2:6] / 255.0        # rows (6-4)//2, cols (8-4)//2
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    ref = ((f - mean) / std).transpose(3, 0, 1, 2)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
+
+
+def test_extract_features_clips_order_and_skips(monkeypatch):
+    """A fake decoder whose frame i has value i shows which frames reached the encoder."""
+    calls = []
+
+    def decode_frames(path, indices, size):
+        calls.append((path, list(indices), size))
+        if path == "bad.webm":
+            raise UserError("bad.webm: corrupt")
+        return np.stack([np.full((*size, 3), i, np.uint8) for i in indices])
+
+    monkeypatch.setitem(sys.modules, "mscl_stream.data.pyav_decode",
+                        types.SimpleNamespace(decode_frames=decode_frames))
+    cfg = Config()
+    cfg.data.frames_per_clip, cfg.data.frame_stride, cfg.data.frame_size = 4, 10, (16, 24)
+    cfg.augment.out_size = 8
+    cfg.data.num_threads = 2
+
+    class FirstPixel(torch.nn.Module):        # (B,3,T,S,S) -> (B,T): channel 0 at pixel (0,0)
+        def forward(self, x):
+            return x[:, 0, :, 0, 0]
+
+    recs = [_rec("a.webm", n=100, label=3), _rec("bad.webm", label=9), _rec("c.webm", n=20, label=5)]
+    feats, labels = FE.extract_features(FirstPixel(), recs, cfg, "cpu", clips=2, batch_size=2)
+    assert labels.tolist() == [3, 5]
+    norm = lambda i: (i / 255.0 - 0.485) / 0.229   # noqa: E731
+    # a.webm: clips at starts 0 and 69 -> frames [0,10,20,30] and [69,79,89,99], averaged
+    want_a = [(norm(a) + norm(b)) / 2 for a, b in zip([0, 10, 20, 30], [69, 79, 89, 99])]
+    want_c = [norm(i) for i in (0, 10, 19, 19)]
+    np.testing.assert_allclose(feats.numpy(), [want_a, want_c], atol=1e-5)
+    # every needed frame decoded once per video, sorted, at the working size
+    assert calls[0] == ("a.webm", [0, 10, 20, 30, 69, 79, 89, 99], (16, 24))
+    assert calls[2] == ("c.webm", [0, 10, 19], (16, 24))
+
+
+def _fake_mscl_state(seed):
+    torch.manual_seed(seed)
+    trunk = r3d_18(weights=None)
+    sd = {f"rgb_encoder.{k}": v for k, v in trunk.state_dict().items() if not k.startswith("fc.")}
+    # the momentum encoder's keys share the name start "rgb_encoder" but must not be picked
+    sd["rgb_encoder_k.stem.0.weight"] = torch.ones(64, 3, 3, 7, 7)
+    sd["flow_encoder.stem.0.weight"] = torch.zeros(16, 3, 1, 7, 7)
+    return trunk, {"model": sd, "step": 10}
+
+
+def test_encoder_from_checkpoint(tmp_path):
+    from mscl_stream.train.checkpoint import save_checkpoint
+
+    trunk, state = _fake_mscl_state(1)
+    ckpt = save_checkpoint(tmp_path / "last.pt", state)
+    net, desc = FE.build_r3d(str(ckpt))
+    assert desc == f"checkpoint:{ckpt}"
+    for k, v in trunk.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(net.state_dict()[k], v), k
+    x = torch.randn(1, 3, 2, 16, 16)
+    trunk.fc = torch.nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), trunk.eval()(x))
+    assert net.eval()(x).shape == (1, 512)
+    # DDP-style "module." prefixes are accepted; fc and the key encoder are left out
+    w = torch.randn(64, 3, 3, 7, 7)
+    small = {"model": {"module.rgb_encoder.stem.0.weight": w, "module.rgb_encoder.fc.weight": torch.ones(2),
+                       "module.rgb_encoder_k.stem.0.weight": torch.zeros(1)}}
+    sub = FE.encoder_state_from_checkpoint(str(save_checkpoint(tmp_path / "ddp.pt", small)))
+    assert list(sub) == ["stem.0.weight"] and torch.equal(sub["stem.0.weight"], w)
+    with pytest.raises(UserError, match=r"no encoder weights under prefix 'query\.'.*'module\.rgb_encoder\.'"):
+        FE.build_r3d(str(tmp_path / "ddp.pt"), prefix="query.")
+    # an incomplete trunk is an architecture mismatch, not a partial load
+    with pytest.raises(UserError, match="missing keys"):
+        FE.build_r3d(str(tmp_path / "ddp.pt"))
+
+
+def test_random_init_baseline_is_seeded():
+    a, da = FE.build_r3d(None, seed=3)
+    b, _ = FE.build_r3d(None, seed=3)
+    c, _ = FE.build_r3d(None, seed=4)
+    assert da == "random-init(seed=3)"
+    w = "layer1.0.conv1.0.weight"
+    assert torch.equal(a.state_dict()[w], b.state_dict()[w]) and not torch.equal(a.state_dict()[w], c.state_dict()[w])
+    head, _ = FE.build_r3d(None, num_classes=7)
+    assert head(torch.randn(2, 3, 2, 16, 16)).shape == (2, 7)
