@@ -1,0 +1,380 @@
+"""Batched TV-L1 optical flow (Zach, Pock & Bischof 2007; the scheme of OpenCV's DualTVL1) in torch.
+
+    est = TVL1(device="cuda")            # OpenCV's defaults
+    flow = est(frames_a, frames_b)       # (N,3,H,W) uint8/float [0,255] -> (N,2,H,W) float32 pixels
+
+All pairs of a batch go through the same coarse-to-fine schedule together: a pyramid of ``nscales``
+levels (factor ``zoom``, bilinear, stopping before a side falls under 16 px); at each level ``warps``
+times: warp I1 and its centred gradients by the current flow (bilinear, replicated border), linearise
+(rho_c), then up to ``outer_iterations`` x (median filter of the flow, up to ``inner_iterations``
+primal-dual iterations). The dual field p starts at zero on each level and persists across warps.
+Intensities stay on the 0-255 scale (lambda 0.15 is meant for it); RGB is converted to gray with the
+BT.601 weights (0.299, 0.587, 0.114).
+
+Stopping rule (OpenCV's, applied per pair): within one warp, a pair stops iterating -- and skips the
+remaining median filters of that warp -- after the iteration whose squared flow update summed over
+the pixels is <= epsilon^2 * H * W (mean squared update <= epsilon^2), or after
+outer_iterations * inner_iterations iterations. A stopped pair is frozen while the others go on, so
+a pair's flow does not depend on the rest of its batch. The host asks "has every pair stopped?" only
+every ``check_every`` iterations (every iteration on CPU, every 10 on CUDA: that question costs a
+device synchronisation); frozen pairs do not change, so the result does not depend on
+``check_every``, only the wasted work does.
+
+The inner iteration runs either as eager torch (:func:`tvl1_inner_reference`, ~40 small ops per
+iteration) or as two fused Triton launches per iteration over the whole batch
+(:mod:`mscl_stream.kernels.tvl1`, also a fused masked median). ``use_kernel="auto"`` picks Triton on
+CUDA when it imports, torch otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mscl_stream.errors import UserError
+from mscl_stream.flow.base import auto_chunk_size, check_pair, resolve_device, run_chunked, to_float255
+
+# OpenCV's estimateV skips the linearised solution where |grad I1w|^2 <= FLT_EPSILON.
+FLT_EPSILON = 1.1920928955078125e-07
+MIN_SIDE = 16                       # OpenCV stops the pyramid before a side gets smaller than this
+_GRAY = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class TVL1Params:
+    """Solver parameters (OpenCV DualTVL1 names and defaults; intensities 0-255)."""
+
+    tau: float = 0.25
+    lambda_: float = 0.15
+    theta: float = 0.3
+    nscales: int = 5
+    zoom: float = 0.8
+    warps: int = 5
+    epsilon: float = 0.01
+    inner_iterations: int = 30
+    outer_iterations: int = 10
+    median_filter: int = 5
+
+    def validate(self) -> None:
+        """Raise a one-line UserError for an impossible parameter."""
+        for key in ("tau", "lambda_", "theta"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"tvl1: {key} must be > 0, got {getattr(self, key)}")
+        if self.tau > 0.25 + 1e-12:
+            raise UserError(f"tvl1: tau must be <= 0.25 for the dual scheme to converge, got {self.tau}")
+        if not 0.0 < self.zoom < 1.0:
+            raise UserError(f"tvl1: zoom must be in (0, 1), got {self.zoom}")
+        if not self.epsilon >= 0:
+            raise UserError(f"tvl1: epsilon must be >= 0, got {self.epsilon}")
+        for key in ("nscales", "warps", "inner_iterations", "outer_iterations"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"tvl1: {key} must be an integer >= 1, got {v!r}")
+        k = self.median_filter
+        if not isinstance(k, int) or isinstance(k, bool) or not (k in (0, 1) or k in (3, 5, 7)):
+            raise UserError(f"tvl1: median_filter must be 0/1 (off) or 3, 5 or 7, got {k!r}")
+
+
+# ----------------------------------------------------------------------------- image helpers
+
+def rgb_to_gray(frames: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8/float [0,255] RGB -> (N, 1, H, W) float32 gray on the 0-255 scale."""
+    x = to_float255(frames)
+    return _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
+
+
+def pyramid_sizes(h: int, w: int, nscales: int, zoom: float) -> list[tuple[int, int]]:
+    """Level sizes, finest first: each level is the previous one times ``zoom`` (rounded), and the
+    pyramid stops before a level with a side under 16 px (OpenCV's rule)."""
+    sizes = [(h, w)]
+    for _ in range(1, nscales):
+        ph, pw = sizes[-1]
+        nh, nw = int(round(ph * zoom)), int(round(pw * zoom))
+        if nh < MIN_SIDE or nw < MIN_SIDE:
+            break
+        sizes.append((nh, nw))
+    return sizes
+
+
+def centered_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences with one-sided halves at the border (OpenCV's centeredGradient).
+
+    Args:
+        img: (N, 1, H, W), H, W >= 2.
+    Returns:
+        (dx, dy), each (N, 1, H, W).
+    """
+    p = F.pad(img, (1, 1, 1, 1), mode="replicate")
+    dx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
+    dy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
+    return dx, dy
+
+
+def warp(src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Sample ``src`` at (x + u, y + v), bilinear, replicated border.
+
+    Args:
+        src: (N, C, H, W).  flow: (N, 2, H, W) pixels.
+    Returns:
+        (N, C, H, W).
+    """
+    n, _, h, w = src.shape
+    ys = torch.arange(h, device=src.device, dtype=src.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=src.device, dtype=src.dtype).view(1, 1, w)
+    # align_corners=True: -1 and +1 are the centres of the first and last pixel
+    gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
+    gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    grid = torch.stack((gx, gy), dim=-1)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def median_filter_reference(u: torch.Tensor, k: int) -> torch.Tensor:
+    """K x K median of every channel, replicated border (cv2.medianBlur on float images).
+
+    Args:
+        u: (N, C, H, W).  k: odd window size.
+    Returns:
+        (N, C, H, W).
+    """
+    r = k // 2
+    n, c, h, w = u.shape
+    patches = F.pad(u, (r, r, r, r), mode="replicate").unfold(2, k, 1).unfold(3, k, 1)
+    return patches.reshape(n, c, h, w, k * k).median(dim=-1).values
+
+
+def tvl1_inner_reference(u: torch.Tensor, p: torch.Tensor, warped: torch.Tensor, active: torch.Tensor,
+                         *, l_t: float, theta: float, taut: float, eps2: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One primal-dual iteration for all pairs (torch reference of the fused kernel).
+
+    Args:
+        u: (N, 2, H, W) flow (u1, u2).
+        p: (N, 4, H, W) dual field (p11, p12, p21, p22): p1. is the dual of u1's gradient (x, y).
+        warped: (N, 3, H, W) (I1wx, I1wy, rho_c) of the current warp.
+        active: (N,) bool; inactive pairs are returned unchanged.
+        l_t: lambda * theta.  theta: tightness.  taut: tau / theta.
+        eps2: epsilon^2 * H * W.
+    Returns:
+        (u, p, active, err): updated u and p, ``active & (err > eps2)``, and err (N,) = sum over
+        pixels of |u_new - u|^2 (meaningful for pairs active on entry).
+    """
+    n, _, h, w = u.shape
+    ix, iy, rc = warped[:, 0:1], warped[:, 1:2], warped[:, 2:3]
+    grad = ix * ix + iy * iy
+    rho = rc + ix * u[:, 0:1] + iy * u[:, 1:2]
+    lg = l_t * grad
+    big = grad > FLT_EPSILON
+    fi = torch.where(big, -rho / torch.where(big, grad, torch.ones_like(grad)), torch.zeros_like(grad))
+    c = torch.where(rho < -lg, l_t, torch.where(rho > lg, -l_t, fi))
+    v = u + c * warped[:, 0:2]
+
+    pp = p.view(n, 2, 2, h, w)
+    px, py = pp[:, :, 0], pp[:, :, 1]
+    div = (px - F.pad(px[..., :, :-1], (1, 0))) + (py - F.pad(py[..., :-1, :], (0, 0, 1, 0)))
+    u_new = v + theta * div
+    err = (u_new - u).square().sum(dim=(1, 2, 3))
+
+    gx = F.pad(u_new[..., :, 1:] - u_new[..., :, :-1], (0, 1))
+    gy = F.pad(u_new[..., 1:, :] - u_new[..., :-1, :], (0, 0, 0, 1))
+    ng = 1.0 + taut * torch.sqrt(gx * gx + gy * gy)
+    p_new = ((pp + taut * torch.stack((gx, gy), dim=2)) / ng.unsqueeze(2)).view(n, 4, h, w)
+
+    a = active.view(n, 1, 1, 1)
+    return torch.where(a, u_new, u), torch.where(a, p_new, p), active & (err > eps2), err
+
+
+# ----------------------------------------------------------------------------- inner-loop backends
+
+class _TorchLevel:
+    """State of one pyramid level for the eager torch backend (functional updates)."""
+
+    def __init__(self, u: torch.Tensor, prm: TVL1Params):
+        n, _, h, w = u.shape
+        self.u = u
+        self.p = u.new_zeros(n, 4, h, w)
+        self.prm = prm
+        self.kw = dict(l_t=prm.lambda_ * prm.theta, theta=prm.theta, taut=prm.tau / prm.theta,
+                       eps2=prm.epsilon ** 2 * h * w)
+        self.warped = None
+        self.active = torch.ones(n, dtype=torch.bool, device=u.device)
+
+    def begin_warp(self, warped: torch.Tensor) -> None:
+        self.warped = warped
+        self.active.fill_(True)
+
+    def median(self) -> None:
+        med = median_filter_reference(self.u, self.prm.median_filter)
+        self.u = torch.where(self.active.view(-1, 1, 1, 1), med, self.u)
+
+    def iterate(self, k: int) -> None:
+        for _ in range(k):
+            self.u, self.p, self.active, _ = tvl1_inner_reference(self.u, self.p, self.warped,
+                                                                   self.active, **self.kw)
+
+    def any_active(self) -> bool:
+        return bool(self.active.any())
+
+
+class _TritonLevel(_TorchLevel):
+    """State of one pyramid level for the fused Triton backend (in-place updates, static buffers)."""
+
+    def __init__(self, u: torch.Tensor, prm: TVL1Params):
+        from mscl_stream.kernels import tvl1 as K
+
+        super().__init__(u.contiguous(), prm)
+        n, _, h, w = u.shape
+        self.K = K
+        self.act = torch.ones(n, dtype=torch.int32, device=u.device)
+        self.conv = torch.zeros(n, dtype=torch.int32, device=u.device)
+        self.partials = u.new_zeros(n, K.tiles_per_pair(h, w))
+        self.scratch = torch.empty_like(self.u)
+
+    def begin_warp(self, warped: torch.Tensor) -> None:
+        self.warped = warped.contiguous()
+        self.act.fill_(1)
+        self.conv.zero_()
+
+    def median(self) -> None:
+        self.K.median_filter_(self.u, self.scratch, self.act, self.conv, self.prm.median_filter)
+
+    def iterate(self, k: int) -> None:
+        for _ in range(k):
+            self.K.tvl1_step(self.u, self.p, self.warped, self.act, self.conv, self.partials, **self.kw)
+
+    def any_active(self) -> bool:
+        return bool((self.act * (1 - self.conv)).any())
+
+
+# ----------------------------------------------------------------------------- the solver
+
+def tvl1_solve(gray_a: torch.Tensor, gray_b: torch.Tensor, prm: TVL1Params, fused: bool = False,
+               check_every: int = 1) -> torch.Tensor:
+    """Coarse-to-fine TV-L1 for a batch of gray pairs.
+
+    Args:
+        gray_a, gray_b: (N, 1, H, W) float32 on the 0-255 scale, H, W >= 2.
+        prm: solver parameters.
+        fused: use the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1).
+        check_every: iterations between the host's "all pairs stopped?" checks (>= 1).
+    Returns:
+        (N, 2, H, W) float32 forward flow (u right, v down) in pixels.
+    """
+    n, _, h, w = gray_a.shape
+    sizes = pyramid_sizes(h, w, prm.nscales, prm.zoom)
+    i0s, i1s = [gray_a], [gray_b]
+    for sh, sw in sizes[1:]:
+        i0s.append(F.interpolate(i0s[-1], size=(sh, sw), mode="bilinear", align_corners=False))
+        i1s.append(F.interpolate(i1s[-1], size=(sh, sw), mode="bilinear", align_corners=False))
+    level_cls = _TritonLevel if fused else _TorchLevel
+    u = gray_a.new_zeros(n, 2, *sizes[-1])
+    for s in range(len(sizes) - 1, -1, -1):
+        u = _solve_level(i0s[s], i1s[s], level_cls(u, prm), prm, max(1, check_every))
+        if s > 0:
+            (fh, fw), (ch, cw) = sizes[s - 1], sizes[s]
+            u = F.interpolate(u, size=(fh, fw), mode="bilinear", align_corners=False)
+            u = u * torch.tensor([fw / cw, fh / ch], device=u.device, dtype=u.dtype).view(1, 2, 1, 1)
+    return u
+
+
+def _solve_level(i0: torch.Tensor, i1: torch.Tensor, lev: _TorchLevel, prm: TVL1Params,
+                 check_every: int) -> torch.Tensor:
+    gx, gy = centered_gradient(i1)
+    src = torch.cat((i1, gx, gy), dim=1)                      # (N, 3, h, w)
+    for _ in range(prm.warps):
+        i1w = warp(src, lev.u)
+        u1, u2 = lev.u[:, 0:1], lev.u[:, 1:2]
+        rho_c = i1w[:, 0:1] - i1w[:, 1:2] * u1 - i1w[:, 2:3] * u2 - i0
+        lev.begin_warp(torch.cat((i1w[:, 1:3], rho_c), dim=1))
+        for outer in range(prm.outer_iterations):
+            if outer > 0 and not lev.any_active():
+                break
+            if prm.median_filter > 1:
+                lev.median()
+            done = 0
+            while done < prm.inner_iterations:
+                step = min(check_every, prm.inner_iterations - done)
+                lev.iterate(step)
+                done += step
+                if not lev.any_active():
+                    break
+    return lev.u
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when ``device`` is CUDA and triton can be imported."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:   # a broken triton install: fall back to eager torch
+        return False
+    return True
+
+
+class TVL1:
+    """Batched TV-L1 flow estimator (see the module docstring for the algorithm and stopping rule).
+
+    Args:
+        device: "cpu", "cuda", "cuda:1" or "auto".
+        tau, lambda_, theta, nscales, zoom, warps, epsilon, inner_iterations, outer_iterations,
+            median_filter: as OpenCV's DualTVL1 (median_filter 0/1 disables it).
+        use_kernel: "auto" (Triton on CUDA when it imports), True (require it) or False (eager torch).
+        chunk_size: pairs per chunk; 0 = automatic from the memory budget of flow.base.
+        check_every: iterations between convergence checks; 0 = 1 on CPU, 10 on CUDA.
+    """
+
+    name = "tvl1"
+
+    def __init__(self, device: str | torch.device = "cpu", tau: float = 0.25, lambda_: float = 0.15,
+                 theta: float = 0.3, nscales: int = 5, zoom: float = 0.8, warps: int = 5,
+                 epsilon: float = 0.01, inner_iterations: int = 30, outer_iterations: int = 10,
+                 median_filter: int = 5, use_kernel: bool | str = "auto", chunk_size: int = 0,
+                 check_every: int = 0):
+        self.device = resolve_device(device)
+        self.params = TVL1Params(float(tau), float(lambda_), float(theta), nscales, float(zoom), warps,
+                                 float(epsilon), inner_iterations, outer_iterations, median_filter)
+        self.params.validate()
+        if use_kernel not in ("auto", True, False):
+            raise UserError(f"tvl1: use_kernel must be 'auto', True or False, got {use_kernel!r}")
+        if use_kernel is True and not triton_usable(self.device):
+            raise UserError(f"tvl1: use_kernel=True needs CUDA and triton (device {self.device})")
+        self.fused = triton_usable(self.device) if use_kernel == "auto" else bool(use_kernel)
+        for key, v in (("chunk_size", chunk_size), ("check_every", check_every)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"tvl1: {key} must be an integer >= 0, got {v!r}")
+        self.chunk_size = chunk_size
+        self.check_every = check_every or (10 if self.device.type == "cuda" else 1)
+
+    def bytes_per_pair(self, h: int, w: int) -> float:
+        """Rough peak working memory of one pair (float32 planes of the finest level)."""
+        planes = 40 if self.fused else 70
+        if not self.fused and self.params.median_filter > 1:
+            planes += 2 * self.params.median_filter ** 2 + 4    # unfold copy of the median
+        return planes * 4.0 * h * w
+
+    def __call__(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) uint8/float [0,255] twice -> (N,2,H,W) float32 forward flow in pixels."""
+        check_pair(frames_a, frames_b, self.name, device=self.device)
+        n, _, h, w = frames_a.shape
+        if h < 4 or w < 4:
+            raise UserError(f"{self.name}: frames must be at least 4x4 px, got {h}x{w}")
+        if n == 0:
+            return torch.zeros(0, 2, h, w, device=frames_a.device)
+        chunk = self.chunk_size or auto_chunk_size(self.bytes_per_pair(h, w), self.device, n)
+        with torch.no_grad():
+            return run_chunked(self._run, frames_a, frames_b, chunk)
+
+    def _run(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> torch.Tensor:
+        flow = tvl1_solve(rgb_to_gray(frames_a).contiguous(), rgb_to_gray(frames_b).contiguous(),
+                          self.params, fused=self.fused, check_every=self.check_every)
+        return flow.float().contiguous()
+
+    def describe(self) -> dict:
+        """Name, solver options and backend, for logs and checkpoints."""
+        opts = asdict(self.params)
+        opts.update(backend="triton" if self.fused else "torch", chunk_size=self.chunk_size,
+                    check_every=self.check_every, device=str(self.device))
+        return {"name": self.name, "options": opts, "weights": None}
