@@ -136,7 +136,8 @@ def _decode(decode_frames: Callable, rec: VideoRecord, clips: list[list[int]],
             size: tuple[int, int]) -> np.ndarray:
     """Decode every frame the clips need once; returns (clips, T, H, W, 3) uint8."""
     wanted = sorted({i for clip in clips for i in clip})
-    frames = np.asarray(decode_frames(rec.path, wanted, size=size))
+    # one FFmpeg thread per video: the pool already decodes several videos in parallel
+    frames = np.asarray(decode_frames(rec.path, wanted, size=size, threads=1))
     if frames.shape[0] != len(wanted):
         raise UserError(f"{rec.path}: decoder returned {frames.shape[0]} of {len(wanted)} frames")
     pos = {f: j for j, f in enumerate(wanted)}

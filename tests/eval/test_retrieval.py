@@ -105,7 +105,7 @@ def test_extract_features_clips_order_and_skips(monkeypatch):
     """A fake decoder whose frame i has value i shows which frames reached the encoder."""
     calls = []
 
-    def decode_frames(path, indices, size):
+    def decode_frames(path, indices, size, threads=0):
         calls.append((path, list(indices), size))
         if path == "bad.webm":
             raise UserError("bad.webm: corrupt")

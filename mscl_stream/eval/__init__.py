@@ -1,0 +1,147 @@
+"""`mscl-stream eval retrieval|linear|finetune`: evaluate a pretrain checkpoint on a labelled manifest.
+
+Data: ``cfg.data.manifest`` with rows of split "train" (gallery / training set) and "test" (queries /
+test set; "val" is used when there is no "test"). Rows with an unknown label (-1) are left out and
+counted. Without a checkpoint the same evaluation runs on a seeded random-init R3D-18: the baseline
+every number should be compared with.
+
+Settings taken from the configuration (there is no separate eval section):
+
+* clip geometry: data.frames_per_clip, data.frame_stride, data.frame_size, augment.out_size;
+  decode threads data.num_threads; batch data.batch_size; device train.device; seed train.seed.
+* fine-tune: train.epochs, train.max_steps, optim.lr scaled by data.batch_size / optim.base_batch,
+  optim.momentum, optim.weight_decay, optim.clip_grad; lr x0.1 at 14/22 and 18/22 of the epochs (the
+  SSv2 recipe's proportions). Give fine-tuning its own config file: a pretrain config's 400 epochs
+  would be taken literally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mscl_stream.config import Config, to_dict
+from mscl_stream.data.manifest import VideoRecord, read_manifest
+from mscl_stream.errors import UserError
+from mscl_stream.eval.features import ENCODER_PREFIX, build_r3d, extract_features
+from mscl_stream.eval.finetune import finetune
+from mscl_stream.eval.linear import linear_probe
+from mscl_stream.eval.retrieval import KS, retrieval_recall
+from mscl_stream.train.schedule import scaled_lr
+
+__all__ = ["run_eval", "split_records", "KINDS"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("retrieval", "linear", "finetune")
+
+
+def split_records(manifest: str) -> tuple[list[VideoRecord], list[VideoRecord], dict]:
+    """(train rows, test rows, counts) of a labelled manifest; raises UserError if a split is missing."""
+    if not manifest:
+        raise UserError("data.manifest: evaluation needs a manifest with train and test splits "
+                        "(pass data.manifest=PATH)")
+    rows = read_manifest(manifest)
+    by_split: dict[str, list[VideoRecord]] = {}
+    for r in rows:
+        by_split.setdefault(r.split, []).append(r)
+    test_name = "test" if "test" in by_split else "val" if "val" in by_split else None
+    if "train" not in by_split or test_name is None:
+        raise UserError(f"{manifest}: evaluation needs 'train' and 'test' splits, found "
+                        f"{sorted(by_split) or 'none'}")
+    train = [r for r in by_split["train"] if r.label >= 0]
+    test = [r for r in by_split[test_name] if r.label >= 0]
+    unlabelled = len(by_split["train"]) + len(by_split[test_name]) - len(train) - len(test)
+    if unlabelled:
+        log.warning("eval: %d rows without a label (-1) left out", unlabelled)
+    if not train or not test:
+        raise UserError(f"{manifest}: no labelled rows in split {'train' if not train else test_name!r}")
+    return train, test, {"train": len(train), "test": len(test), "test_split": test_name,
+                         "unlabelled_left_out": unlabelled}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name}: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(name)
+
+
+def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None, out: str | None = None,
+             prefix: str = ENCODER_PREFIX, clips: int = 1) -> dict:
+    """Run one evaluation and return its results (also written as JSON to ``out`` if given).
+
+    Args:
+        kind: "retrieval" (Recall@1/5/10/20/50, test queries vs train gallery), "linear" (top-1 of a
+            linear probe on frozen features) or "finetune" (top-1 after end-to-end fine-tuning).
+        checkpoint: pretrain checkpoint path; None evaluates a seeded random-init R3D-18.
+        cfg: configuration (see the module docstring for the keys used).
+        out: JSON file for the results.
+        prefix: key prefix of the query RGB encoder in the checkpoint's model state.
+        clips: centred clips per video whose features (logits) are averaged.
+
+    Returns:
+        The metrics as fractions at the top level ("R@1" .. "R@50"; or "top1", "train_top1",
+        "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict: video counts, skips,
+        seconds, device). The JSON file adds the checkpoint, the config, the machine and the date.
+    """
+    if kind not in KINDS:
+        raise UserError(f"eval: unknown kind {kind!r} (use {', '.join(KINDS)})")
+    cfg = cfg or Config()
+    if checkpoint and not Path(checkpoint).is_file():
+        raise UserError(f"--checkpoint {checkpoint}: no such file")
+    train, test, counts = split_records(cfg.data.manifest)
+    device = _device(cfg.train.device)
+    seed = cfg.train.seed
+    t0 = time.perf_counter()
+    log.info("eval %s: %d train / %d test videos, %s, device %s", kind, len(train), len(test),
+             checkpoint or "random init", device)
+
+    if kind == "finetune":
+        o, epochs, batch = cfg.optim, cfg.train.epochs, cfg.data.batch_size
+        res = finetune(checkpoint, train, test, cfg, device, epochs=epochs,
+                       lr=scaled_lr(o.lr, batch, o.base_batch), batch_size=batch, momentum=o.momentum,
+                       weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+                       milestones=(round(epochs * 14 / 22), round(epochs * 18 / 22)),
+                       max_steps=cfg.train.max_steps, prefix=prefix, seed=seed, test_clips=clips)
+        desc = res.pop("encoder")
+        counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
+        metrics = res
+    else:
+        encoder, desc = build_r3d(checkpoint, prefix, seed=seed)
+        gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
+        qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
+        counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
+        if kind == "retrieval":
+            metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
+        else:
+            metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
+
+    counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
+    result = {"kind": kind, "encoder": desc, **metrics, "info": counts}
+    shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
+                      if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
+    print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
+          f"{counts['seconds']:.1f} s)", flush=True)
+    if out:
+        _write_json(out, {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
+                          "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                      "torch": torch.__version__,
+                                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return result
+
+
+def _write_json(path: str, obj: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
