@@ -1,0 +1,209 @@
+"""ClipLoader: DALI (VP9) and PyAV (H.264) frames against an independent av decode, skip-and-refill of a
+file damaged after indexing, exact resume, ClipBatch shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import av
+import numpy as np
+import pytest
+import torch
+from av.video.reformatter import Interpolation
+
+from mscl_stream.config import Config
+from mscl_stream.data.batch import ClipBatch
+from mscl_stream.data.loader import build_loader
+from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data.pipeline import DaliDecoder
+from mscl_stream.data.sampler import ClipSampler
+from mscl_stream.errors import UserError
+
+CPU = torch.device("cpu")
+# reference conversion with bilinear chroma, as DALI does (FFmpeg's default repeats chroma samples,
+# ~3/255 off on this colourful texture; FACTS.md notes the BT.601 conversion differences)
+ACCURATE = (Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
+            | Interpolation.ACCURATE_RND)
+
+
+def reference(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.reformat(format="rgb24", interpolation=ACCURATE).to_ndarray()
+                         for f in c.decode(video=0)])
+
+
+def record(path, n, h, w, codec, label=0) -> VideoRecord:
+    return VideoRecord(path=str(path), label=label, label_name=f"c{label}", split="train", num_frames=n,
+                       fps=25.0, width=w, height=h, codec=codec, duration=n / 25)
+
+
+def config(**data) -> Config:
+    cfg = Config()
+    cfg.data = dataclasses.replace(cfg.data, **data)
+    return cfg
+
+
+def small(**kw) -> Config:
+    """Short clips for 40-frame 48x64 videos."""
+    base = dict(frames_per_clip=4, frame_stride=6, flow_gap=3, max_shift=8, batch_size=2, frame_size=(48, 64),
+                num_threads=2, prefetch=1)
+    return config(**{**base, **kw})
+
+
+def check_batch_frames(batch: ClipBatch, refs: dict[int, np.ndarray]) -> None:
+    """Every frame of the batch is the reference frame of its video at its raw index (< 3/255), and the
+    closest reference frame of that video."""
+    pairs = [(batch.rgb_a, batch.frames_a), (batch.rgb_b, batch.frames_b),
+             (batch.partner_a, batch.partners_a), (batch.partner_b, batch.partners_b)]
+    for b, v in enumerate(batch.video_idx.tolist()):
+        ref = refs[v].astype(np.float64)
+        for frames, idx in pairs:
+            for k, i in enumerate(idx[b].tolist()):
+                got = frames[b, k].permute(1, 2, 0).numpy().astype(np.float64)
+                diffs = np.abs(ref - got).mean(axis=(1, 2, 3))
+                assert diffs[i] < 3.0 and int(np.argmin(diffs)) == i, (v, i, diffs[i], int(np.argmin(diffs)))
+
+
+def test_dali_vp9_frames_equal_reference(vp9_video):
+    ref = reference(vp9_video)
+    n, h, w = ref.shape[:3]
+    cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", num_threads=2)
+    recs = [record(vp9_video, n, h, w, "vp9", label=3)] * 4        # 64 frames: windows wrap around
+    loader = build_loader(cfg, recs, device=CPU)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2
+    for b in batches:
+        check_batch_frames(b, {i: ref for i in range(4)})
+        assert b.labels.tolist() == [3, 3]
+    assert loader.stats["dali_samples"] == 4 and loader.stats["pyav_samples"] == 0
+
+
+def test_dali_decoder_sorted_unique_lists(vp9_video):
+    ref = reference(vp9_video)
+    dec = DaliDecoder(batch_size=3, frame_size=ref.shape[1:3], num_threads=1, device=CPU)
+    enc = np.fromfile(vp9_video, dtype=np.uint8)
+    lists = [np.array([0, 1, 17, 40, 63]), np.array([5]), np.array([20, 21, 22, 50])]
+    for frames, idx in zip(dec.decode([enc] * 3, lists), lists):
+        assert frames.shape == (len(idx),) + ref.shape[1:] and frames.dtype == torch.uint8
+        for k, i in enumerate(idx):
+            assert np.abs(frames[k].numpy().astype(float) - ref[i]).mean() < 3.0
+
+
+def test_pyav_path_for_h264_on_cpu(h264_video, caplog):
+    ref = reference(h264_video)
+    n, h, w = ref.shape[:3]
+    recs = [record(h264_video, n, h, w, "h264")] * 2
+    with caplog.at_level(logging.INFO, logger="mscl_stream.data.loader"):
+        loader = build_loader(config(batch_size=2, frame_size=(h, w)), recs, device=CPU)
+        loader.set_epoch(0)
+        (batch,) = list(loader)
+    check_batch_frames(batch, {0: ref, 1: ref})
+    assert loader.stats["pyav_samples"] == 2 and loader.stats["dali_samples"] == 0
+    assert "h264" in caplog.text                  # the routing is logged once per codec
+    with pytest.raises(UserError, match="h264"):
+        build_loader(config(decoder="dali"), recs, device=CPU)
+
+
+def test_dali_and_pyav_paths_agree_after_resize(vp9_video):
+    ref = reference(vp9_video)
+    recs = [record(vp9_video, *ref.shape[:3], "vp9")] * 2
+    out = {}
+    for decoder in ("dali", "pyav"):
+        loader = build_loader(config(batch_size=2, frame_size=(96, 96), decoder=decoder), recs, device=CPU)
+        loader.set_epoch(1)
+        out[decoder] = next(iter(loader))
+    a, b = out["dali"], out["pyav"]
+    assert torch.equal(a.frames_a, b.frames_a) and torch.equal(a.partners_b, b.partners_b)
+    for name in ("rgb_a", "rgb_b", "partner_a", "partner_b"):
+        x, y = getattr(a, name).double(), getattr(b, name).double()
+        assert x.shape[-2:] == (96, 96) and (x - y).abs().mean() < 1.5
+
+
+@pytest.fixture
+def dataset(make_video):
+    """Eight 40-frame 48x64 VP9 videos with different textures, and their reference decodes."""
+    paths = [make_video(n=40, h=48, w=64, codec="vp9", seed=10 + i, gop=8, velocity=(1.0 + i % 3, 1.0))
+             for i in range(8)]
+    recs = [record(p, 40, 48, 64, "vp9", label=i % 2) for i, p in enumerate(paths)]
+    return recs, {i: reference(p) for i, p in enumerate(paths)}
+
+
+def test_clipbatch_shapes_and_dtypes(dataset):
+    recs, _ = dataset
+    loader = build_loader(small(), recs[:5], device=CPU)
+    assert len(loader) == 2                       # 5 samples, batch 2: the partial batch is dropped
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 2
+    b = batches[0]
+    assert b.rgb_a.shape == b.rgb_b.shape == (2, 4, 3, 48, 64)
+    assert b.partner_a.shape == b.partner_b.shape == (2, 2, 3, 48, 64)
+    for t in (b.rgb_a, b.rgb_b, b.partner_a, b.partner_b):
+        assert t.dtype == torch.uint8 and t.is_contiguous() and t.device == CPU
+    assert b.flow_steps.tolist() == [0, 2]
+    for t in (b.frames_a, b.frames_b, b.partners_a, b.partners_b, b.labels, b.video_idx):
+        assert t.dtype == torch.long
+    assert b.frames_a.shape == (2, 4) and b.partners_a.shape == (2, 2)
+    assert b.labels.tolist() == [recs[v].label for v in b.video_idx.tolist()]
+    assert loader.stats["batches"] == 2 and loader.stats["samples"] == 4
+
+
+@pytest.mark.parametrize("decoder", ["dali", "pyav"])
+def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, caplog):
+    recs, refs = dataset
+    cfg = small(decoder=decoder)
+    order = ClipSampler(recs, cfg.data, seed=cfg.data.seed)
+    order.set_epoch(0)
+    planned = [s.video_idx for s in order]
+    victim = planned[6]                           # a sample of the last batch: not prefetched yet
+    loader = build_loader(cfg, recs, device=CPU)
+    loader.set_epoch(0)
+    got = []
+    with caplog.at_level(logging.WARNING):
+        for k, batch in enumerate(loader):
+            if k == 0:                            # damage the file mid-epoch
+                size = len(open(recs[victim].path, "rb").read())
+                with open(recs[victim].path, "wb") as f:
+                    f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+            check_batch_frames(batch, refs)
+            got += batch.video_idx.tolist()
+    st = loader.stats
+    assert len(got) == 8 and st["batches"] == len(loader) == 4
+    assert victim not in got
+    assert got == planned[:6] + [planned[7], planned[0]]   # refilled with the epoch's next (cycled) sample
+    assert st["skipped"] == 1 and st["skipped_files"][0]["path"] == recs[victim].path
+    assert recs[victim].path in caplog.text
+    # the next epoch skips the file without trying again and keeps decoding the others
+    loader.set_epoch(1)
+    got1 = [v for b in loader for v in b.video_idx.tolist()]
+    assert len(got1) == 8 and victim not in got1 and loader.stats["skipped"] == 2
+    if decoder == "dali":
+        assert st["dali_rebuilds"] >= 1 and loader.stats["dali_samples"] >= 14
+
+
+def test_resume_yields_the_same_remaining_batches(dataset):
+    recs, _ = dataset
+    cfg = small(clips_per_video=2)
+    full = build_loader(cfg, recs, device=CPU)
+    full.set_epoch(2)
+    expected = list(full)
+    assert len(expected) == 8
+    first = build_loader(cfg, recs, device=CPU)
+    first.set_epoch(2)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    resumed = build_loader(cfg, recs, device=CPU)
+    resumed.load_state_dict(state)
+    rest = list(resumed)                          # the trainer iterates a resumed loader directly
+    assert len(head) + len(rest) == len(expected)
+    for a, b in zip(head + rest, expected):
+        assert torch.equal(a.video_idx, b.video_idx) and torch.equal(a.frames_b, b.frames_b)
+        assert torch.equal(a.rgb_a, b.rgb_a) and torch.equal(a.partner_b, b.partner_b)
+    assert list(resumed) == []                    # the epoch is over until set_epoch
+    resumed.set_epoch(3)
+    full.set_epoch(3)
+    assert [b.video_idx.tolist() for b in resumed] == [b.video_idx.tolist() for b in full]
