@@ -27,7 +27,7 @@ _CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "h264": ("libx264", ".mp4", "yuv420p", {"preset": "ultrafast", "crf": "23"}),
     "hevc": ("libx265", ".mp4", "yuv420p", {"preset": "ultrafast", "crf": "28",
                                             "x265-params": "log-level=error"}),
-    "mjpeg": ("mjpeg", ".avi", "yuvj420p", {"qmin": "2", "qmax": "4"}),
+    "mjpeg": ("mjpeg", ".avi", "yuvj420p", {"qmin": "3", "qmax": "3"}),   # constant quality
 }
 
 CODECS = tuple(_CODECS)
@@ -151,6 +151,7 @@ def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] 
     bg = _smooth_texture(rng, h, w, cutoff=rng.uniform(4.0, 8.0))
     fg = _smooth_texture(rng, h, w, cutoff=rng.uniform(6.0, 12.0))
     bg_mean, fg_mean = rng.uniform(70, 130, 3), rng.uniform(110, 170, 3)
+    bg_mean, fg_mean = (x.astype(np.float32)[:, None, None] for x in (bg_mean, fg_mean))
     bg_amp, fg_amp = rng.uniform(20, 30), rng.uniform(35, 50)
     ph, pw = patch if patch is not None else (h / 2, w / 2)
     cx0, cy0 = rng.uniform(0, w), rng.uniform(0, h)
@@ -158,11 +159,13 @@ def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] 
     chunk = 16                                   # frames per vectorised FFT call (bounded memory)
     for t0 in range(0, n, chunk):
         t = np.arange(t0, min(n, t0 + chunk), dtype=np.float64)
-        f = fg_mean[:, None, None] + fg_amp * _shifted(fg, h, w, velocity[0] * t, velocity[1] * t)
-        b = bg_mean[:, None, None] + bg_amp * _shifted(bg, h, w, bg_velocity[0] * t, bg_velocity[1] * t)
-        m = np.stack([_soft_box(h, w, cx0 + velocity[0] * ti, cy0 + velocity[1] * ti, ph, pw) for ti in t])
-        img = m[:, None] * f + (1.0 - m[:, None]) * b
-        out[t0:t0 + len(t)] = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        f = _shifted(fg, h, w, velocity[0] * t, velocity[1] * t) * np.float32(fg_amp) + fg_mean
+        b = _shifted(bg, h, w, bg_velocity[0] * t, bg_velocity[1] * t) * np.float32(bg_amp) + bg_mean
+        m = np.stack([_soft_box(h, w, cx0 + velocity[0] * ti, cy0 + velocity[1] * ti, ph, pw)
+                      for ti in t]).astype(np.float32)[:, None]
+        img = b + m * (f - b)
+        np.rint(img, out=img)
+        out[t0:t0 + len(t)] = np.clip(img, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     return out
 
 
