@@ -28,7 +28,9 @@ CUDA when it imports, torch otherwise.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow.base import auto_chunk_size, check_pair, resolve_device, run_chunked, to_float255
+
+log = logging.getLogger(__name__)
 
 # OpenCV's estimateV skips the linearised solution where |grad I1w|^2 <= FLT_EPSILON.
 FLT_EPSILON = 1.1920928955078125e-07
@@ -219,9 +223,14 @@ class _TorchLevel:
 
 
 class _TritonLevel(_TorchLevel):
-    """State of one pyramid level for the fused Triton backend (in-place updates, static buffers)."""
+    """State of one pyramid level for the fused Triton backend (in-place updates, static buffers).
 
-    def __init__(self, u: torch.Tensor, prm: TVL1Params):
+    With ``cuda_graph``, a run of k iterations (2k launches) is captured once per level and k, then
+    replayed: the buffers never move, so one capture serves every warp of the level. The first run of
+    each length goes eagerly (it also compiles the kernels); a failed capture falls back to launches.
+    """
+
+    def __init__(self, u: torch.Tensor, prm: TVL1Params, cuda_graph: bool = False):
         from mscl_stream.kernels import tvl1 as K
 
         super().__init__(u.contiguous(), prm)
@@ -231,18 +240,43 @@ class _TritonLevel(_TorchLevel):
         self.conv = torch.zeros(n, dtype=torch.int32, device=u.device)
         self.partials = u.new_zeros(n, K.tiles_per_pair(h, w))
         self.scratch = torch.empty_like(self.u)
+        self.warped = u.new_empty(n, 3, h, w)
+        self.cuda_graph = cuda_graph and u.is_cuda
+        self.graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
+        self.runs: dict[int, int] = {}
 
     def begin_warp(self, warped: torch.Tensor) -> None:
-        self.warped = warped.contiguous()
+        self.warped.copy_(warped)
         self.act.fill_(1)
         self.conv.zero_()
 
     def median(self) -> None:
         self.K.median_filter_(self.u, self.scratch, self.act, self.conv, self.prm.median_filter)
 
-    def iterate(self, k: int) -> None:
+    def _launch(self, k: int) -> None:
         for _ in range(k):
             self.K.tvl1_step(self.u, self.p, self.warped, self.act, self.conv, self.partials, **self.kw)
+
+    def iterate(self, k: int) -> None:
+        graph = self.graphs.get(k)
+        if graph is None and self.cuda_graph and self.runs.get(k, 0) >= 1 and k not in self.graphs:
+            graph = self.graphs[k] = self._capture(k)
+        self.runs[k] = self.runs.get(k, 0) + 1
+        if graph is not None:
+            graph.replay()
+        else:
+            self._launch(k)
+
+    def _capture(self, k: int) -> torch.cuda.CUDAGraph | None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._launch(k)     # recorded, not run: the state is untouched
+            return graph
+        except Exception as e:      # capture is an optimisation: fall back to plain launches
+            log.warning("tvl1: CUDA graph capture failed (%s: %s); launching kernels directly",
+                        type(e).__name__, e)
+            return None
 
     def any_active(self) -> bool:
         return bool((self.act * (1 - self.conv)).any())
@@ -251,7 +285,7 @@ class _TritonLevel(_TorchLevel):
 # ----------------------------------------------------------------------------- the solver
 
 def tvl1_solve(gray_a: torch.Tensor, gray_b: torch.Tensor, prm: TVL1Params, fused: bool = False,
-               check_every: int = 1) -> torch.Tensor:
+               check_every: int = 1, stats: dict | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Coarse-to-fine TV-L1 for a batch of gray pairs.
 
     Args:
@@ -259,6 +293,8 @@ def tvl1_solve(gray_a: torch.Tensor, gray_b: torch.Tensor, prm: TVL1Params, fuse
         prm: solver parameters.
         fused: use the Triton kernels (CUDA tensors, or CPU under TRITON_INTERPRET=1).
         check_every: iterations between the host's "all pairs stopped?" checks (>= 1).
+        stats: if given, gets "iterations" (batch iterations launched, all levels) and "medians" added.
+        cuda_graph: with ``fused`` on CUDA, replay captured graphs of the fixed-length iteration runs.
     Returns:
         (N, 2, H, W) float32 forward flow (u right, v down) in pixels.
     """
@@ -268,10 +304,10 @@ def tvl1_solve(gray_a: torch.Tensor, gray_b: torch.Tensor, prm: TVL1Params, fuse
     for sh, sw in sizes[1:]:
         i0s.append(F.interpolate(i0s[-1], size=(sh, sw), mode="bilinear", align_corners=False))
         i1s.append(F.interpolate(i1s[-1], size=(sh, sw), mode="bilinear", align_corners=False))
-    level_cls = _TritonLevel if fused else _TorchLevel
+    level_cls = functools.partial(_TritonLevel, cuda_graph=cuda_graph) if fused else _TorchLevel
     u = gray_a.new_zeros(n, 2, *sizes[-1])
     for s in range(len(sizes) - 1, -1, -1):
-        u = _solve_level(i0s[s], i1s[s], level_cls(u, prm), prm, max(1, check_every))
+        u = _solve_level(i0s[s], i1s[s], level_cls(u, prm), prm, max(1, check_every), stats)
         if s > 0:
             (fh, fw), (ch, cw) = sizes[s - 1], sizes[s]
             u = F.interpolate(u, size=(fh, fw), mode="bilinear", align_corners=False)
@@ -280,7 +316,8 @@ def tvl1_solve(gray_a: torch.Tensor, gray_b: torch.Tensor, prm: TVL1Params, fuse
 
 
 def _solve_level(i0: torch.Tensor, i1: torch.Tensor, lev: _TorchLevel, prm: TVL1Params,
-                 check_every: int) -> torch.Tensor:
+                 check_every: int, stats: dict | None) -> torch.Tensor:
+    stats = stats if stats is not None else {}
     gx, gy = centered_gradient(i1)
     src = torch.cat((i1, gx, gy), dim=1)                      # (N, 3, h, w)
     for _ in range(prm.warps):
@@ -293,11 +330,13 @@ def _solve_level(i0: torch.Tensor, i1: torch.Tensor, lev: _TorchLevel, prm: TVL1
                 break
             if prm.median_filter > 1:
                 lev.median()
+                stats["medians"] = stats.get("medians", 0) + 1
             done = 0
             while done < prm.inner_iterations:
                 step = min(check_every, prm.inner_iterations - done)
                 lev.iterate(step)
                 done += step
+                stats["iterations"] = stats.get("iterations", 0) + step
                 if not lev.any_active():
                     break
     return lev.u
@@ -324,6 +363,8 @@ class TVL1:
         use_kernel: "auto" (Triton on CUDA when it imports), True (require it) or False (eager torch).
         chunk_size: pairs per chunk; 0 = automatic from the memory budget of flow.base.
         check_every: iterations between convergence checks; 0 = 1 on CPU, 10 on CUDA.
+        cuda_graph: "auto" (on with the fused backend on CUDA), True or False: replay the fused
+            iteration runs as captured CUDA graphs (launch overhead matters once most pairs stopped).
     """
 
     name = "tvl1"
@@ -332,7 +373,7 @@ class TVL1:
                  theta: float = 0.3, nscales: int = 5, zoom: float = 0.8, warps: int = 5,
                  epsilon: float = 0.01, inner_iterations: int = 30, outer_iterations: int = 10,
                  median_filter: int = 5, use_kernel: bool | str = "auto", chunk_size: int = 0,
-                 check_every: int = 0):
+                 check_every: int = 0, cuda_graph: bool | str = "auto"):
         self.device = resolve_device(device)
         self.params = TVL1Params(float(tau), float(lambda_), float(theta), nscales, float(zoom), warps,
                                  float(epsilon), inner_iterations, outer_iterations, median_filter)
@@ -347,6 +388,10 @@ class TVL1:
                 raise UserError(f"tvl1: {key} must be an integer >= 0, got {v!r}")
         self.chunk_size = chunk_size
         self.check_every = check_every or (10 if self.device.type == "cuda" else 1)
+        if cuda_graph not in ("auto", True, False):
+            raise UserError(f"tvl1: cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        self.cuda_graph = self.fused and self.device.type == "cuda" and cuda_graph in ("auto", True)
+        self.last_stats: dict = {}     # iterations / medians of the last call (summed over chunks)
 
     def bytes_per_pair(self, h: int, w: int) -> float:
         """Rough peak working memory of one pair (float32 planes of the finest level)."""
@@ -364,17 +409,20 @@ class TVL1:
         if n == 0:
             return torch.zeros(0, 2, h, w, device=frames_a.device)
         chunk = self.chunk_size or auto_chunk_size(self.bytes_per_pair(h, w), self.device, n)
+        self.last_stats = {}
         with torch.no_grad():
             return run_chunked(self._run, frames_a, frames_b, chunk)
 
     def _run(self, frames_a: torch.Tensor, frames_b: torch.Tensor) -> torch.Tensor:
         flow = tvl1_solve(rgb_to_gray(frames_a).contiguous(), rgb_to_gray(frames_b).contiguous(),
-                          self.params, fused=self.fused, check_every=self.check_every)
+                          self.params, fused=self.fused, check_every=self.check_every,
+                          cuda_graph=self.cuda_graph,
+                          stats=self.last_stats)
         return flow.float().contiguous()
 
     def describe(self) -> dict:
         """Name, solver options and backend, for logs and checkpoints."""
         opts = asdict(self.params)
         opts.update(backend="triton" if self.fused else "torch", chunk_size=self.chunk_size,
-                    check_every=self.check_every, device=str(self.device))
+                    check_every=self.check_every, cuda_graph=self.cuda_graph, device=str(self.device))
         return {"name": self.name, "options": opts, "weights": None}
