@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -100,9 +101,12 @@ class _Entry:
 
 
 def min_raw_frames(data: DataConfig) -> int:
-    """Raw frames one training sample needs: T sampled frames ``frame_stride`` apart plus the flow
-    partner of the last one; without wrap-around window B may also start ``max_shift`` later."""
-    need = (data.frames_per_clip - 1) * data.frame_stride + data.flow_gap + 1
+    """Raw frames one training sample needs: one window (T sampled frames ``frame_stride`` apart and
+    the flow partners of the frames that get flow, i.e. the sampler's ``clip_span``); without
+    wrap-around, window B may also start ``max_shift`` later."""
+    from mscl_stream.data.sampler import clip_span     # lazy: the sampler imports this module
+
+    need = clip_span(data)
     return need if data.wrap else need + data.max_shift
 
 
@@ -205,9 +209,6 @@ def _probe_entry(entry: _Entry, cuda: bool, need: int, mds_estimator: str | None
                 p.mds_starts = mds_starts_for_video(entry.path, mds_estimator, entry.start, end, flow_gap)
                 if p.mds_starts is None:
                     p.notes.append(f"{usable} frames: too long for index-time MDS, no mds_starts")
-                elif not p.mds_starts:     # stored as None: "no preference", never "no start allowed"
-                    p.mds_starts = None
-                    p.notes.append("MDS: all clip scores equal (static video?): no start preferred")
             except (av.FFmpegError, UserError, RuntimeError, ValueError) as e:
                 p.notes.append(f"MDS failed ({type(e).__name__}: {e}): no mds_starts")
     return entry, p
@@ -225,17 +226,16 @@ def _probe_all(entries: list[_Entry], workers: int, cuda: bool, need: int,
                mds_estimator: str | None, flow_gap: int) -> list[tuple[_Entry, Probe]]:
     """Probe entries (in this process for workers == 1, else a process pool), in input order."""
     progress = _Progress(len(entries), "index" if not mds_estimator else "index+mds")
-    if workers == 1 or len(entries) <= 1:
-        if mds_estimator:
-            _init_worker(True)
+    if workers == 1 or len(entries) <= 1:     # in this process: its thread settings stay untouched
         results = []
         for i, e in enumerate(entries, 1):
             results.append(_probe_entry(e, cuda, need, mds_estimator, flow_gap))
             progress.update(i)
         return results
     results: list[tuple[_Entry, Probe] | None] = [None] * len(entries)
+    # spawn: fresh workers whatever the parent has started (torch/OpenCV thread pools, CUDA)
     with ProcessPoolExecutor(max_workers=min(workers, len(entries)), initializer=_init_worker,
-                             initargs=(bool(mds_estimator),)) as pool:
+                             initargs=(bool(mds_estimator),), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_probe_entry, e, cuda, need, mds_estimator, flow_gap): i
                    for i, e in enumerate(entries)}
         for done, fut in enumerate(as_completed(futures), 1):
@@ -324,7 +324,8 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
         "excluded_by_reason": by_reason,
         "excluded": sorted(excluded, key=lambda x: (x["reason"], x["path"])),
         "notes": notes,
-        "mds": {"estimator": mds_estimator, "videos": sum(r.mds_starts is not None for r in records)} if mds else None,
+        "mds": {"estimator": mds_estimator, "videos": sum(r.mds_starts is not None for r in records),
+                "without_starts": [r.path for r in records if r.mds_starts is None]} if mds else None,
         "seconds": round(time.monotonic() - t0, 3),
     }
     if not records:
@@ -358,5 +359,8 @@ def _print_summary(report: dict, output: Path) -> None:
         why = ", ".join(f"{k} {v}" for k, v in report["excluded_by_reason"].items())
         print(f"excluded {sum(report['excluded_by_reason'].values())}: {why} "
               f"(details in {_report_path(output)})")
+    if report["mds"] and report["mds"]["without_starts"]:
+        print(f"MDS: {len(report['mds']['without_starts'])} usable videos have no mds_starts "
+              "(too long or failed; see the report's notes)")
     if report["notes"]:
         print(f"{len(report['notes'])} files with notes (truncated tails, unverified decode): see the report")

@@ -203,7 +203,7 @@ def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
 # allowed starts. Computed once per video with a cheap estimator; only the start list is kept.
 
 MDS_SHORT_SIDE = 112      # flow resolution for scoring: both sides are multiples of 8
-MDS_MAX_FRAMES = 20000    # longer ranges are not scored at index time (memory: ~1 GB of small frames)
+MDS_MAX_FRAMES = 9000     # longer ranges are not scored at index time (memory: ~0.45 GB per worker)
 _ESTIMATORS: dict[str, object] = {}
 
 
@@ -244,8 +244,9 @@ def mds_starts_for_video(path: str | os.PathLike, estimator: str, start: int, en
 
     The range [start, end) is decoded at a small size (:func:`mds_size`) and scored by
     :func:`mscl_stream.motion.mds_video_starts` (flows F_j = flow(2j -> 2j + flow_gap), computed in
-    batches). Memory is about 50 kB per raw frame, so ranges over ``MDS_MAX_FRAMES`` are not scored
-    (returns None: the sampler then draws from all starts).
+    batches). When every clip scores the same (a static video), no start is preferred and all scored
+    starts are returned. Memory is about 50 kB per raw frame, so ranges over ``MDS_MAX_FRAMES`` are
+    not scored (returns None).
     """
     import torch
 
@@ -258,4 +259,6 @@ def mds_starts_for_video(path: str | os.PathLike, estimator: str, start: int, en
         size = mds_size(cc.height, cc.width)
     frames = torch.from_numpy(decode_resized(path, start, end, size))
     starts = motion.mds_video_starts(frames, mds_estimator(estimator), flow_gap=flow_gap)
+    if not starts:      # all scores equal: the median rule prefers nothing, so every start is allowed
+        starts = list(range(0, frames.shape[0] - flow_gap, 2))
     return [start + s for s in starts]

