@@ -56,11 +56,14 @@ def _decode_frames_av(path: Path, indices: list[int], size: tuple[int, int]) -> 
 
 
 def _decode(path: Path, indices: list[int], size: tuple[int, int]) -> np.ndarray:
-    try:   # the data package's PyAV path, where present (same output contract)
+    try:   # the data package's PyAV path (same colours and resize as the training loader)
         from mscl_stream.data.pyav_decode import decode_frames
     except ImportError:
         return _decode_frames_av(path, indices, size)
-    return np.asarray(decode_frames(path, indices, size))
+    try:
+        return np.asarray(decode_frames(path, indices, size))
+    except RuntimeError as e:     # its DecodeError: a damaged file or a short video
+        raise UserError(f"cannot decode {path}: {str(e).splitlines()[0]}") from None
 
 
 def _colour(flows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -75,10 +78,9 @@ def _colour(flows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _write_png(path: Path, chw_uint8: torch.Tensor) -> None:
-    from torchvision.io import encode_png
-    data = encode_png(chw_uint8.cpu().contiguous()).numpy().tobytes()
+    from PIL import Image      # a torchvision dependency
     tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(data)
+    Image.fromarray(chw_uint8.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
