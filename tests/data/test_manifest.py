@@ -38,12 +38,13 @@ def decoded_count(path: Path) -> int:
     return n
 
 
-def encode_raw(path: Path, encoder: str, options: dict, n: int = 40, bframes: int | None = None) -> Path:
+def encode_raw(path: Path, encoder: str, options: dict, n: int = 40, bframes: int | None = None,
+               h: int = 64, w: int = 96) -> Path:
     """Encode with PyAV directly (B-frames, alt-ref frames: settings write_video does not use)."""
-    frames = moving_texture_frames(n, 64, 96, (1.5, 0.5), seed=2)
+    frames = moving_texture_frames(n, h, w, (1.5, 0.5), seed=2)
     with av.open(str(path), "w") as out:
         st = out.add_stream(encoder, rate=25, options=options)
-        st.width, st.height, st.pix_fmt = 96, 64, "yuv420p"
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
         if bframes is not None:
             st.codec_context.max_b_frames = bframes
         for i, f in enumerate(frames):
@@ -307,3 +308,44 @@ def test_index_mds_static_video_allows_every_start(tmp_path):
     build_manifest(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True)
     (rec,) = read_manifest(tmp_path / "m.jsonl")
     assert rec.mds_starts == list(range(0, 40 - 8, 2))      # flows 2j -> 2j + 8 exist for 2j + 8 < 40
+
+
+def dali_decoded_count(path: Path, device: str) -> int:
+    """Frames DALI's video decoder returns for a whole file (CPU: device_id None; GPU: "mixed")."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    data = np.fromfile(path, np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None if device == "cpu" else 0)
+    def pipe():
+        enc = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+        return fn.decoders.video(enc, device=device)
+
+    p = pipe()
+    p.build()
+    out = p.run()[0]
+    return int((out.as_cpu() if device == "mixed" else out).as_array().shape[1])
+
+
+def test_probe_counts_equal_dali_cpu_decode(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    full = video(tmp_path / "v", 40, "vp9")
+    half = tmp_path / "half.webm"
+    half.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    alt = encode_raw(tmp_path / "alt.webm", "libvpx-vp9", {"deadline": "good", "cpu-used": "5",
+                                                            "auto-alt-ref": "1", "lag-in-frames": "16"})
+    for path in (full, half, alt, video(tmp_path / "m", 30, "mjpeg")):
+        assert probe_video(path).num_frames == dali_decoded_count(path, "cpu"), path.name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_probe_counts_equal_dali_gpu_decode(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    # NVDEC has minimum sizes (HEVC: 144x144 on many GPUs): use 144x176
+    paths = [video(tmp_path / "h", 40, "h264", h=144, w=176), video(tmp_path / "x", 40, "hevc", h=144, w=176),
+             encode_raw(tmp_path / "b.mp4", "libx264", {"preset": "fast", "bf": "3"}, bframes=3, h=144, w=176)]
+    for path in paths:
+        p = probe_video(path, cuda=True)
+        assert "dali_gpu" in p.decoders
+        assert p.num_frames == dali_decoded_count(path, "mixed"), path.name
