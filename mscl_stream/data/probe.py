@@ -1,13 +1,15 @@
 """Probe one video file with PyAV: exact frame count, fps, codec, size, and proof that it decodes.
 
 Frame count: the number of non-empty video packets up to the first corrupt one (demuxing only, no
-decode). Each packet of a video stream holds one displayed frame for the codecs used here (VP9 in WebM
-packs hidden alt-ref frames into superframes; H.264/HEVC carry one access unit per packet, with or
-without B-frames), and tests check this against a full PyAV decode of VP9, H.264, HEVC and MJPEG files.
-Decodability: the first frame is decoded, and the last group of pictures (from the last keyframe to
-the end) is decoded too, because a truncated or damaged tail would otherwise only surface at training
-time, where a DALI decode error invalidates the whole pipeline. A tail that decodes fewer frames than
-it has packets lowers ``num_frames`` to what decoded (noted in the report).
+decode). Each packet of a video stream holds one displayed frame for the codecs seen here (VP9/VP8 in
+WebM pack hidden alt-ref frames into superframes; H.264/HEVC/MPEG-4 carry one picture per packet, with
+or without B-frames); tests check the count against a full PyAV decode (VP9, VP9/VP8 with alt-ref,
+H.264 with B-frames, HEVC, MPEG-4, MJPEG) and against DALI's CPU decoder (VP9, truncated VP9, MJPEG).
+Decodability: the first frame is decoded, and so are the last two groups of pictures (the earlier one
+as warm-up for open GOPs), because a truncated or damaged tail would otherwise only surface at training
+time, where a DALI decode error invalidates the whole pipeline. Frames from the first one that fails
+(in display order) on are cut from ``num_frames`` (noted in the report). Damage in the middle of a
+long file is not looked for: that would cost a full decode.
 """
 
 from __future__ import annotations
