@@ -219,7 +219,7 @@ def pretrain(cfg: Config, loader=None) -> dict:
             if step % cfg.log.every == 0 or step == total:
                 elapsed = time.perf_counter() - t_start
                 rate = clips_done / max(elapsed, 1e-9)
-                last_terms = {k: float(v) for k, v in out_terms.items() if torch.is_tensor(v) and v.dim() == 0}
+                last_terms = {k: float(v.detach()) for k, v in out_terms.items() if torch.is_tensor(v) and v.dim() == 0}
                 rec = {"step": step, "epoch": epoch, "lr": lr, "momentum": m, "clips_per_s": rate,
                        **{f"loss/{k}": v for k, v in last_terms.items()}, **timer.summary()}
                 if grad_norm is not None:
