@@ -95,9 +95,9 @@ def corr_lookup(pyramid: list[torch.Tensor], coords: torch.Tensor, offsets: torc
     for level, vol in enumerate(pyramid):
         hl, wl = vol.shape[-2:]
         pts = centre / (2 ** level) + offsets
-        # absolute pixel -> [-1, 1] with align_corners=True (pixel centres at the ends)
-        scale = torch.tensor([2.0 / max(wl - 1, 1), 2.0 / max(hl - 1, 1)], device=pts.device)
-        grid = pts * scale - 1.0
+        # absolute pixel -> [-1, 1] with align_corners=True (pixel centres at the ends); Python
+        # scalars only: no host-to-device copies inside the loop (they break CUDA-graph capture)
+        grid = torch.stack([pts[..., 0] * (2.0 / max(wl - 1, 1)), pts[..., 1] * (2.0 / max(hl - 1, 1))], -1) - 1.0
         feats.append(F.grid_sample(vol, grid, mode="bilinear", align_corners=True).view(n, h, w, -1))
     return torch.cat(feats, dim=-1).permute(0, 3, 1, 2).contiguous()
 
@@ -157,7 +157,7 @@ def lean_raft_flow(model: torch.nn.Module, image1: torch.Tensor, image2: torch.T
         coords1 = coords1 + delta.float()      # coordinates accumulate in fp32 whatever the autocast
     flow = coords1 - coords0
     if model.mask_predictor is None:
-        return 8 * F.interpolate(flow, scale_factor=8, mode="bilinear", align_corners=True)
+        return 8 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=True)
     with amp:
         mask = model.mask_predictor(hidden)
     return convex_upsample(flow, mask)

@@ -27,7 +27,7 @@ def video(tmp_path_factory):
 
 
 def read_png(path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
 
 
 def decode_all(path) -> np.ndarray:

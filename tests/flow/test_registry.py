@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mscl_stream.flow as flow_pkg
 from mscl_stream.config import FlowConfig
@@ -245,3 +246,23 @@ def test_run_chunked_matches_unchunked_and_sizes():
     assert auto_chunk_size(1e12, torch.device("cpu"), 10) == 1
     assert auto_chunk_size(1.0, torch.device("cpu"), 10) == 10
     assert auto_chunk_size(2 ** 28, torch.device("cpu"), 100, cpu_budget=2 ** 30) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_of_translation_or_clear_error():
+    """Hardware flow of a (3 right, 1 down) shift; a GPU without the engine gives a UserError."""
+    if importlib.util.find_spec("nvidia.dali") is None:
+        pytest.skip("nvidia-dali not installed")
+    g = torch.Generator().manual_seed(0)
+    base = F.interpolate(torch.rand(2, 3, 24, 32, generator=g), size=(136, 184), mode="bicubic",
+                         align_corners=False).clamp(0, 1) * 255
+    a = base[..., 4:132, 4:180].round().to(torch.uint8).cuda()
+    b = base[..., 3:131, 1:177].round().to(torch.uint8).cuda()   # content moves by (+3, +1)
+    try:
+        est = get_estimator("dali_of")
+        flow = est(a.contiguous(), b.contiguous())
+    except UserError as e:
+        pytest.skip(f"optical-flow hardware not usable here: {e}")
+    assert flow.shape == (2, 2, 128, 176) and flow.dtype == torch.float32 and flow.is_cuda
+    inner = flow[..., 16:-16, 16:-16]
+    assert abs(inner[:, 0].median().item() - 3.0) < 0.5 and abs(inner[:, 1].median().item() - 1.0) < 0.5
