@@ -263,15 +263,3 @@ def test_cuda_matches_cpu():
     assert gpu.frames.is_cuda and gpu.boxes.is_cuda and gpu.flips.is_cuda
     torch.testing.assert_close(gpu.frames.cpu(), cpu.frames, atol=2e-3, rtol=0)
     assert torch.equal(gpu.boxes.cpu(), cpu.boxes) and torch.equal(gpu.flips.cpu(), cpu.flips)
-
-
-def test_flow_side_crop_matches_rgb_crop():
-    """motion.flow_views crops flow with motion.crop_resize: it must sample exactly where the RGB crop does."""
-    from mscl_stream import motion
-
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(6, 2, 32, 44, generator=g, dtype=torch.float64)
-    p = sample_params(6, 32, 44, AugmentConfig(flip_p=0.5), g)
-    assert p.flips.any() and not p.flips.all()
-    torch.testing.assert_close(motion.crop_resize(x, p.boxes, 20, p.flips), crop_resize(x, p.boxes, 20, p.flips),
-                               atol=1e-10, rtol=0)
