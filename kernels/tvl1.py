@@ -32,6 +32,7 @@ import triton.language as tl
 
 # OpenCV's estimateV skips the linearised solution where |grad I1w|^2 <= FLT_EPSILON.
 FLT_EPSILON = 1.1920928955078125e-07
+_FLT_EPS = tl.constexpr(FLT_EPSILON)     # kernels may only read constexpr globals
 
 
 @triton.jit
@@ -60,7 +61,7 @@ def _primal_kernel(u_ptr, p_ptr, wd_ptr, act_ptr, conv_ptr, part_ptr, H, W, T,
     grad = ix * ix + iy * iy
     rho = rc + ix * u1 + iy * u2
     lg = l_t * grad
-    big = grad > FLT_EPSILON
+    big = grad > _FLT_EPS
     fi = tl.where(big, -rho / tl.where(big, grad, 1.0), 0.0)
     c = tl.where(rho < -lg, l_t, tl.where(rho > lg, -l_t, fi))
     v1 = u1 + c * ix
@@ -133,13 +134,160 @@ def _dual_kernel(u_ptr, p_ptr, act_ptr, conv_ptr, part_ptr, H, W, T,
     tl.store(pb + 3 * hw + offs, (p22 + taut * u2y) / ng2, mask=m)
 
 
+# Median selection networks: Batcher's odd-even merge sort on 16 / 32 wires, the wires past 9 / 25
+# holding +inf resolved away, and every compare-exchange that cannot reach the middle output pruned
+# (one-sided ones keep only the min or the max). Generated once and checked on random inputs with
+# ties; tests/kernels/test_tvl1_kernel.py compares the kernel with torch.median. Pure element-wise
+# min/max in registers: no sorting, no cross-lane reductions.
 @triton.jit
-def _median_kernel(src_ptr, dst_ptr, act_ptr, conv_ptr, C, H, W, K: tl.constexpr,
-                   KK: tl.constexpr, BLOCK: tl.constexpr):
-    # one program: BLOCK pixels of one channel of one pair; the K x K window (replicated border) is
-    # a (BLOCK, KK) tile padded with +inf past K*K. The median (rank (K*K)//2) is found by peeling
-    # off the smallest value (all its copies) (K*K)//2 + 1 times: only row min/sum reductions, which
-    # compile to a few warp shuffles (a full tl.sort costs more and crawls under the interpreter).
+def _median9(v0, v1, v2, v3, v4, v5, v6, v7, v8):
+    v0, v1 = tl.minimum(v0, v1), tl.maximum(v0, v1)
+    v2, v3 = tl.minimum(v2, v3), tl.maximum(v2, v3)
+    v0, v2 = tl.minimum(v0, v2), tl.maximum(v0, v2)
+    v1, v3 = tl.minimum(v1, v3), tl.maximum(v1, v3)
+    v1, v2 = tl.minimum(v1, v2), tl.maximum(v1, v2)
+    v4, v5 = tl.minimum(v4, v5), tl.maximum(v4, v5)
+    v6, v7 = tl.minimum(v6, v7), tl.maximum(v6, v7)
+    v4, v6 = tl.minimum(v4, v6), tl.maximum(v4, v6)
+    v5, v7 = tl.minimum(v5, v7), tl.maximum(v5, v7)
+    v5, v6 = tl.minimum(v5, v6), tl.maximum(v5, v6)
+    v0, v4 = tl.minimum(v0, v4), tl.maximum(v0, v4)
+    v2, v6 = tl.minimum(v2, v6), tl.maximum(v2, v6)
+    v2, v4 = tl.minimum(v2, v4), tl.maximum(v2, v4)
+    v1, v5 = tl.minimum(v1, v5), tl.maximum(v1, v5)
+    v3 = tl.minimum(v3, v7)
+    v3, v5 = tl.minimum(v3, v5), tl.maximum(v3, v5)
+    v2 = tl.maximum(v1, v2)
+    v3, v4 = tl.minimum(v3, v4), tl.maximum(v3, v4)
+    v5 = tl.minimum(v5, v6)
+    v8 = tl.maximum(v0, v8)
+    v4 = tl.minimum(v4, v8)
+    v4 = tl.maximum(v2, v4)
+    v3 = tl.minimum(v3, v5)
+    v4 = tl.maximum(v3, v4)
+    return v4
+
+@triton.jit
+def _median25(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23, v24):
+    v0, v1 = tl.minimum(v0, v1), tl.maximum(v0, v1)
+    v2, v3 = tl.minimum(v2, v3), tl.maximum(v2, v3)
+    v0, v2 = tl.minimum(v0, v2), tl.maximum(v0, v2)
+    v1, v3 = tl.minimum(v1, v3), tl.maximum(v1, v3)
+    v1, v2 = tl.minimum(v1, v2), tl.maximum(v1, v2)
+    v4, v5 = tl.minimum(v4, v5), tl.maximum(v4, v5)
+    v6, v7 = tl.minimum(v6, v7), tl.maximum(v6, v7)
+    v4, v6 = tl.minimum(v4, v6), tl.maximum(v4, v6)
+    v5, v7 = tl.minimum(v5, v7), tl.maximum(v5, v7)
+    v5, v6 = tl.minimum(v5, v6), tl.maximum(v5, v6)
+    v0, v4 = tl.minimum(v0, v4), tl.maximum(v0, v4)
+    v2, v6 = tl.minimum(v2, v6), tl.maximum(v2, v6)
+    v2, v4 = tl.minimum(v2, v4), tl.maximum(v2, v4)
+    v1, v5 = tl.minimum(v1, v5), tl.maximum(v1, v5)
+    v3, v7 = tl.minimum(v3, v7), tl.maximum(v3, v7)
+    v3, v5 = tl.minimum(v3, v5), tl.maximum(v3, v5)
+    v1, v2 = tl.minimum(v1, v2), tl.maximum(v1, v2)
+    v3, v4 = tl.minimum(v3, v4), tl.maximum(v3, v4)
+    v5, v6 = tl.minimum(v5, v6), tl.maximum(v5, v6)
+    v8, v9 = tl.minimum(v8, v9), tl.maximum(v8, v9)
+    v10, v11 = tl.minimum(v10, v11), tl.maximum(v10, v11)
+    v8, v10 = tl.minimum(v8, v10), tl.maximum(v8, v10)
+    v9, v11 = tl.minimum(v9, v11), tl.maximum(v9, v11)
+    v9, v10 = tl.minimum(v9, v10), tl.maximum(v9, v10)
+    v12, v13 = tl.minimum(v12, v13), tl.maximum(v12, v13)
+    v14, v15 = tl.minimum(v14, v15), tl.maximum(v14, v15)
+    v12, v14 = tl.minimum(v12, v14), tl.maximum(v12, v14)
+    v13, v15 = tl.minimum(v13, v15), tl.maximum(v13, v15)
+    v13, v14 = tl.minimum(v13, v14), tl.maximum(v13, v14)
+    v8, v12 = tl.minimum(v8, v12), tl.maximum(v8, v12)
+    v10, v14 = tl.minimum(v10, v14), tl.maximum(v10, v14)
+    v10, v12 = tl.minimum(v10, v12), tl.maximum(v10, v12)
+    v9, v13 = tl.minimum(v9, v13), tl.maximum(v9, v13)
+    v11, v15 = tl.minimum(v11, v15), tl.maximum(v11, v15)
+    v11, v13 = tl.minimum(v11, v13), tl.maximum(v11, v13)
+    v9, v10 = tl.minimum(v9, v10), tl.maximum(v9, v10)
+    v11, v12 = tl.minimum(v11, v12), tl.maximum(v11, v12)
+    v13, v14 = tl.minimum(v13, v14), tl.maximum(v13, v14)
+    v0, v8 = tl.minimum(v0, v8), tl.maximum(v0, v8)
+    v4, v12 = tl.minimum(v4, v12), tl.maximum(v4, v12)
+    v4, v8 = tl.minimum(v4, v8), tl.maximum(v4, v8)
+    v2, v10 = tl.minimum(v2, v10), tl.maximum(v2, v10)
+    v6, v14 = tl.minimum(v6, v14), tl.maximum(v6, v14)
+    v6, v10 = tl.minimum(v6, v10), tl.maximum(v6, v10)
+    v2, v4 = tl.minimum(v2, v4), tl.maximum(v2, v4)
+    v6, v8 = tl.minimum(v6, v8), tl.maximum(v6, v8)
+    v10, v12 = tl.minimum(v10, v12), tl.maximum(v10, v12)
+    v1, v9 = tl.minimum(v1, v9), tl.maximum(v1, v9)
+    v5, v13 = tl.minimum(v5, v13), tl.maximum(v5, v13)
+    v5, v9 = tl.minimum(v5, v9), tl.maximum(v5, v9)
+    v3, v11 = tl.minimum(v3, v11), tl.maximum(v3, v11)
+    v7 = tl.minimum(v7, v15)
+    v7, v11 = tl.minimum(v7, v11), tl.maximum(v7, v11)
+    v3, v5 = tl.minimum(v3, v5), tl.maximum(v3, v5)
+    v7, v9 = tl.minimum(v7, v9), tl.maximum(v7, v9)
+    v11, v13 = tl.minimum(v11, v13), tl.maximum(v11, v13)
+    v1, v2 = tl.minimum(v1, v2), tl.maximum(v1, v2)
+    v3, v4 = tl.minimum(v3, v4), tl.maximum(v3, v4)
+    v5, v6 = tl.minimum(v5, v6), tl.maximum(v5, v6)
+    v7, v8 = tl.minimum(v7, v8), tl.maximum(v7, v8)
+    v9, v10 = tl.minimum(v9, v10), tl.maximum(v9, v10)
+    v11, v12 = tl.minimum(v11, v12), tl.maximum(v11, v12)
+    v13 = tl.minimum(v13, v14)
+    v16, v17 = tl.minimum(v16, v17), tl.maximum(v16, v17)
+    v18, v19 = tl.minimum(v18, v19), tl.maximum(v18, v19)
+    v16, v18 = tl.minimum(v16, v18), tl.maximum(v16, v18)
+    v17, v19 = tl.minimum(v17, v19), tl.maximum(v17, v19)
+    v17, v18 = tl.minimum(v17, v18), tl.maximum(v17, v18)
+    v20, v21 = tl.minimum(v20, v21), tl.maximum(v20, v21)
+    v22, v23 = tl.minimum(v22, v23), tl.maximum(v22, v23)
+    v20, v22 = tl.minimum(v20, v22), tl.maximum(v20, v22)
+    v21, v23 = tl.minimum(v21, v23), tl.maximum(v21, v23)
+    v21, v22 = tl.minimum(v21, v22), tl.maximum(v21, v22)
+    v16, v20 = tl.minimum(v16, v20), tl.maximum(v16, v20)
+    v18, v22 = tl.minimum(v18, v22), tl.maximum(v18, v22)
+    v18, v20 = tl.minimum(v18, v20), tl.maximum(v18, v20)
+    v17, v21 = tl.minimum(v17, v21), tl.maximum(v17, v21)
+    v19, v23 = tl.minimum(v19, v23), tl.maximum(v19, v23)
+    v19, v21 = tl.minimum(v19, v21), tl.maximum(v19, v21)
+    v17, v18 = tl.minimum(v17, v18), tl.maximum(v17, v18)
+    v19, v20 = tl.minimum(v19, v20), tl.maximum(v19, v20)
+    v21, v22 = tl.minimum(v21, v22), tl.maximum(v21, v22)
+    v16, v24 = tl.minimum(v16, v24), tl.maximum(v16, v24)
+    v20, v24 = tl.minimum(v20, v24), tl.maximum(v20, v24)
+    v18, v20 = tl.minimum(v18, v20), tl.maximum(v18, v20)
+    v22, v24 = tl.minimum(v22, v24), tl.maximum(v22, v24)
+    v19, v21 = tl.minimum(v19, v21), tl.maximum(v19, v21)
+    v17, v18 = tl.minimum(v17, v18), tl.maximum(v17, v18)
+    v19, v20 = tl.minimum(v19, v20), tl.maximum(v19, v20)
+    v21, v22 = tl.minimum(v21, v22), tl.maximum(v21, v22)
+    v23, v24 = tl.minimum(v23, v24), tl.maximum(v23, v24)
+    v16 = tl.maximum(v0, v16)
+    v8 = tl.minimum(v8, v24)
+    v16 = tl.maximum(v8, v16)
+    v20 = tl.maximum(v4, v20)
+    v12 = tl.minimum(v12, v20)
+    v12 = tl.minimum(v12, v16)
+    v18 = tl.maximum(v2, v18)
+    v10 = tl.minimum(v10, v18)
+    v6 = tl.minimum(v6, v22)
+    v10 = tl.maximum(v6, v10)
+    v12 = tl.maximum(v10, v12)
+    v17 = tl.maximum(v1, v17)
+    v17 = tl.maximum(v9, v17)
+    v21 = tl.maximum(v5, v21)
+    v13 = tl.minimum(v13, v21)
+    v13 = tl.minimum(v13, v17)
+    v19 = tl.maximum(v3, v19)
+    v11 = tl.minimum(v11, v19)
+    v7 = tl.minimum(v7, v23)
+    v11 = tl.maximum(v7, v11)
+    v11 = tl.minimum(v11, v13)
+    v12 = tl.maximum(v11, v12)
+    return v12
+
+
+@triton.jit
+def _median_kernel(src_ptr, dst_ptr, act_ptr, conv_ptr, C, H, W, K: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK pixels of one channel of one pair; K x K window with replicated border
     t = tl.program_id(0)
     nc = tl.program_id(1).to(tl.int64)
     n = nc // C
@@ -150,22 +298,44 @@ def _median_kernel(src_ptr, dst_ptr, act_ptr, conv_ptr, C, H, W, K: tl.constexpr
     x = offs % W
     y = offs // W
     base = nc * hw
-    kk = tl.arange(0, KK)
-    r = K // 2
-    xx = tl.minimum(tl.maximum(x[:, None] + (kk[None, :] % K - r), 0), W - 1)
-    yy = tl.minimum(tl.maximum(y[:, None] + (kk[None, :] // K - r), 0), H - 1)
-    win = tl.load(src_ptr + base + yy * W + xx, mask=m[:, None] & (kk[None, :] < K * K),
-                  other=float("inf"))
-    med = tl.zeros([BLOCK], dtype=tl.float32)
-    seen = tl.zeros([BLOCK], dtype=tl.int32)          # values peeled off so far
-    for _ in tl.static_range((K * K) // 2 + 1):
-        lo = tl.min(win, axis=1)
-        hit = win == lo[:, None]
-        cnt = tl.sum(hit.to(tl.int32), axis=1)
-        # the median is this value when it covers rank (K*K)//2
-        med = tl.where((seen <= (K * K) // 2) & (seen + cnt > (K * K) // 2), lo, med)
-        seen = seen + cnt
-        win = tl.where(hit, float("inf"), win)
+    if K == 3:
+        r0 = base + tl.minimum(tl.maximum(y - 1, 0), H - 1) * W
+        r1 = base + tl.minimum(tl.maximum(y + 0, 0), H - 1) * W
+        r2 = base + tl.minimum(tl.maximum(y + 1, 0), H - 1) * W
+        c0 = tl.minimum(tl.maximum(x - 1, 0), W - 1)
+        c1 = tl.minimum(tl.maximum(x + 0, 0), W - 1)
+        c2 = tl.minimum(tl.maximum(x + 1, 0), W - 1)
+        med = _median9(
+            tl.load(src_ptr + r0 + c0, mask=m, other=0.0), tl.load(src_ptr + r0 + c1, mask=m, other=0.0),
+            tl.load(src_ptr + r0 + c2, mask=m, other=0.0), tl.load(src_ptr + r1 + c0, mask=m, other=0.0),
+            tl.load(src_ptr + r1 + c1, mask=m, other=0.0), tl.load(src_ptr + r1 + c2, mask=m, other=0.0),
+            tl.load(src_ptr + r2 + c0, mask=m, other=0.0), tl.load(src_ptr + r2 + c1, mask=m, other=0.0),
+            tl.load(src_ptr + r2 + c2, mask=m, other=0.0))
+    else:
+        r0 = base + tl.minimum(tl.maximum(y - 2, 0), H - 1) * W
+        r1 = base + tl.minimum(tl.maximum(y - 1, 0), H - 1) * W
+        r2 = base + tl.minimum(tl.maximum(y + 0, 0), H - 1) * W
+        r3 = base + tl.minimum(tl.maximum(y + 1, 0), H - 1) * W
+        r4 = base + tl.minimum(tl.maximum(y + 2, 0), H - 1) * W
+        c0 = tl.minimum(tl.maximum(x - 2, 0), W - 1)
+        c1 = tl.minimum(tl.maximum(x - 1, 0), W - 1)
+        c2 = tl.minimum(tl.maximum(x + 0, 0), W - 1)
+        c3 = tl.minimum(tl.maximum(x + 1, 0), W - 1)
+        c4 = tl.minimum(tl.maximum(x + 2, 0), W - 1)
+        med = _median25(
+            tl.load(src_ptr + r0 + c0, mask=m, other=0.0), tl.load(src_ptr + r0 + c1, mask=m, other=0.0),
+            tl.load(src_ptr + r0 + c2, mask=m, other=0.0), tl.load(src_ptr + r0 + c3, mask=m, other=0.0),
+            tl.load(src_ptr + r0 + c4, mask=m, other=0.0), tl.load(src_ptr + r1 + c0, mask=m, other=0.0),
+            tl.load(src_ptr + r1 + c1, mask=m, other=0.0), tl.load(src_ptr + r1 + c2, mask=m, other=0.0),
+            tl.load(src_ptr + r1 + c3, mask=m, other=0.0), tl.load(src_ptr + r1 + c4, mask=m, other=0.0),
+            tl.load(src_ptr + r2 + c0, mask=m, other=0.0), tl.load(src_ptr + r2 + c1, mask=m, other=0.0),
+            tl.load(src_ptr + r2 + c2, mask=m, other=0.0), tl.load(src_ptr + r2 + c3, mask=m, other=0.0),
+            tl.load(src_ptr + r2 + c4, mask=m, other=0.0), tl.load(src_ptr + r3 + c0, mask=m, other=0.0),
+            tl.load(src_ptr + r3 + c1, mask=m, other=0.0), tl.load(src_ptr + r3 + c2, mask=m, other=0.0),
+            tl.load(src_ptr + r3 + c3, mask=m, other=0.0), tl.load(src_ptr + r3 + c4, mask=m, other=0.0),
+            tl.load(src_ptr + r4 + c0, mask=m, other=0.0), tl.load(src_ptr + r4 + c1, mask=m, other=0.0),
+            tl.load(src_ptr + r4 + c2, mask=m, other=0.0), tl.load(src_ptr + r4 + c3, mask=m, other=0.0),
+            tl.load(src_ptr + r4 + c4, mask=m, other=0.0))
     centre = tl.load(src_ptr + base + offs, mask=m, other=0.0)
     tl.store(dst_ptr + base + offs, tl.where(act != 0, med, centre), mask=m)
 
@@ -212,11 +382,12 @@ def median_filter_(u: torch.Tensor, scratch: torch.Tensor, act: torch.Tensor, co
         u: (N, C, H, W) float32, contiguous; pairs with ``act & !conv`` are filtered.
         scratch: tensor like ``u`` (output of the launch, copied back into ``u``).
         act, conv: (N,) int32 flags as in :func:`tvl1_step`.
-        k: odd window size (3, 5 or 7).
+        k: window size, 3 or 5 (as cv2.medianBlur on float images).
     """
+    if k not in (3, 5):
+        raise ValueError(f"median window must be 3 or 5, got {k}")
     n, c, h, w = u.shape
-    block = 128 if k <= 5 else 32
+    block = 256
     grid = (triton.cdiv(h * w, block), n * c)
-    _median_kernel[grid](u, scratch, act, conv, c, h, w, K=k,
-                         KK=triton.next_power_of_2(k * k), BLOCK=block, num_warps=4)
+    _median_kernel[grid](u, scratch, act, conv, c, h, w, K=k, BLOCK=block, num_warps=4)
     u.copy_(scratch)

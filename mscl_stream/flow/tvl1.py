@@ -78,8 +78,9 @@ class TVL1Params:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"tvl1: {key} must be an integer >= 1, got {v!r}")
         k = self.median_filter
-        if not isinstance(k, int) or isinstance(k, bool) or not (k in (0, 1) or k in (3, 5, 7)):
-            raise UserError(f"tvl1: median_filter must be 0/1 (off) or 3, 5 or 7, got {k!r}")
+        # cv2.medianBlur takes only 3 and 5 for float images; so do we
+        if not isinstance(k, int) or isinstance(k, bool) or k not in (0, 1, 3, 5):
+            raise UserError(f"tvl1: median_filter must be 0/1 (off), 3 or 5, got {k!r}")
 
 
 # ----------------------------------------------------------------------------- image helpers

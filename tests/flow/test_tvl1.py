@@ -233,7 +233,7 @@ def test_registry_and_describe():
     assert d["name"] == "tvl1" and d["options"]["nscales"] == 2 and d["options"]["backend"] == "torch"
 
 
-@pytest.mark.parametrize("kwargs", [dict(zoom=1.2), dict(median_filter=4), dict(tau=0.5),
+@pytest.mark.parametrize("kwargs", [dict(zoom=1.2), dict(median_filter=4), dict(median_filter=7), dict(tau=0.5),
                                     dict(warps=0), dict(use_kernel="yes"), dict(chunk_size=-1)])
 def test_bad_options_are_user_errors(kwargs):
     with pytest.raises(UserError):
