@@ -192,7 +192,7 @@ class ClipLoader:
     # ------------------------------------------------------------------ one batch
     def _next_batch(self, cursor: int, stop: threading.Event) -> tuple[ClipBatch | None, int]:
         """Decode samples from ``cursor`` on until a full batch decoded; returns it and the new cursor."""
-        bsz, got, failures = self.data.batch_size, [], 0
+        bsz, got, failures = self.data.batch_size, [], 0   # got: (work, frames, rows) per sample
         while len(got) < bsz:
             if stop.is_set():
                 return None, cursor
@@ -225,9 +225,10 @@ class ClipLoader:
             log.info("codec %s: DALI cannot decode it on %s; those files use PyAV", codec, self.device.type)
         return "pyav"
 
-    def _decode(self, works: list[_Work]) -> list[tuple[_Work, torch.Tensor]]:
-        """Decode ``works``; returns the successes in order as (work, (2T+2F, H, W, 3) uint8 on device)."""
-        out: dict[int, torch.Tensor] = {}
+    def _decode(self, works: list[_Work]) -> list[tuple[_Work, torch.Tensor, torch.Tensor]]:
+        """Decode ``works``; returns the successes in order as (work, frames, where): frames (U, H, W, 3)
+        uint8 on the device, where (2T+2F,) long: row of ``frames`` for each of ``spec.all_frames()``."""
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         dali, pyav = [], []
         for w in works:
             if w.record.path in self._bad:
@@ -239,11 +240,11 @@ class ClipLoader:
             self._dali_batch(dali, out)
         for w, fut in futures:
             try:
-                out[w.position] = self._to_device(fut.result())
+                out[w.position] = self._from_pyav(fut.result())
                 self._count("pyav_samples")
             except DecodeError as e:
                 self._fail(w, f"PyAV: {e}")
-        return [(w, out[w.position]) for w in works if w.position in out]
+        return [(w, *out[w.position]) for w in works if w.position in out]
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -253,10 +254,10 @@ class ClipLoader:
     def _pyav_one(self, w: _Work) -> np.ndarray:
         return decode_frames(w.record.path, w.spec.all_frames(), tuple(self.data.frame_size), threads=1)
 
-    def _dali_batch(self, works: list[_Work], out: dict[int, torch.Tensor]) -> None:
+    def _dali_batch(self, works: list[_Work], out: dict) -> None:
         if self._dali is None:
             self._dali = DaliDecoder(self.data.batch_size, tuple(self.data.frame_size), self.data.num_threads,
-                                     self.device, seed=self.data.seed)
+                                     self.device, seed=self.data.seed, executor=self._workers())
         ok, encoded, lists = [], [], []
         for w in works:
             try:
@@ -279,10 +280,10 @@ class ClipLoader:
                 self._dali_fallback(ok[0][0], str(e), out)
             return
         for (w, _, inv), frames in zip(ok, decoded):
-            out[w.position] = frames[torch.from_numpy(inv).to(frames.device)]
+            out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
             self._count("dali_samples")
 
-    def _dali_single(self, item, enc: np.ndarray, out: dict[int, torch.Tensor]) -> None:
+    def _dali_single(self, item, enc: np.ndarray, out: dict) -> None:
         w, uniq, inv = item
         try:
             (frames,) = self._dali.decode([enc], [uniq])
@@ -290,25 +291,26 @@ class ClipLoader:
             self._count("dali_rebuilds")
             self._dali_fallback(w, str(e), out)
             return
-        out[w.position] = frames[torch.from_numpy(inv).to(frames.device)]
+        out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
         self._count("dali_samples")
 
-    def _dali_fallback(self, w: _Work, reason: str, out: dict[int, torch.Tensor]) -> None:
+    def _dali_fallback(self, w: _Work, reason: str, out: dict) -> None:
         """DALI failed on this sample: its file goes to PyAV from now on; try PyAV right away."""
         self._dali_bad.add(w.record.path)
         log.warning("DALI could not decode %s (%s); trying PyAV for this file", w.record.path, reason)
         try:
-            out[w.position] = self._to_device(self._pyav_one(w))
+            out[w.position] = self._from_pyav(self._pyav_one(w))
             self._count("pyav_samples")
         except DecodeError as e:
             self._fail(w, f"DALI: {reason}; PyAV: {e}")
 
     # ------------------------------------------------------------------ helpers
-    def _to_device(self, frames: np.ndarray) -> torch.Tensor:
+    def _from_pyav(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyAV output (already in ``all_frames()`` order) -> (frames on the device, identity rows)."""
         t = torch.from_numpy(frames)
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t, torch.arange(len(frames), device=self.device)
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -324,19 +326,25 @@ class ClipLoader:
             self._stats["skipped_files"].append({"path": w.record.path, "reason": reason})
         (log.debug if quiet else log.warning)("skipped a sample of %s: %s", w.record.path, reason)
 
-    def _assemble(self, got: list[tuple[_Work, torch.Tensor]]) -> ClipBatch:
+    def _assemble(self, got: list[tuple[_Work, torch.Tensor, torch.Tensor]]) -> ClipBatch:
+        """Gather each sample's frames straight into the batch tensors (one copy per delivered frame),
+        HWC -> CHW on the way: (B, T or F, 3, H, W) uint8."""
         t, f = self.data.frames_per_clip, len(self.steps)
-        # (B, 2T+2F, H, W, 3) -> (B, 2T+2F, 3, H, W): channels-first as the flow net and augmentation want
-        x = torch.stack([fr for _, fr in got]).permute(0, 1, 4, 2, 3)
-        specs = [w.spec for w, _ in got]
-        idx = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in specs]))  # noqa: E731
-        dev = self.device
+        (h, w), n, dev = self.data.frame_size, len(got), self.device
+        parts = {"rgb_a": slice(0, t), "rgb_b": slice(t, 2 * t), "partner_a": slice(2 * t, 2 * t + f),
+                 "partner_b": slice(2 * t + f, 2 * t + 2 * f)}
+        out = {k: torch.empty((n, sl.stop - sl.start, 3, h, w), dtype=torch.uint8, device=dev)
+               for k, sl in parts.items()}
+        for b, (_, frames, where) in enumerate(got):
+            src = frames.permute(0, 3, 1, 2)
+            for k, sl in parts.items():
+                torch.index_select(src, 0, where[sl], out=out[k][b])
+        specs = [wk.spec for wk, _, _ in got]
+        idx = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in specs])).to(dev)  # noqa: E731
         return ClipBatch(
-            rgb_a=x[:, :t].contiguous(), rgb_b=x[:, t:2 * t].contiguous(),
-            partner_a=x[:, 2 * t:2 * t + f].contiguous(), partner_b=x[:, 2 * t + f:].contiguous(),
-            flow_steps=self.steps.to(dev), frames_a=idx("frames_a").to(dev), frames_b=idx("frames_b").to(dev),
-            partners_a=idx("partners_a").to(dev), partners_b=idx("partners_b").to(dev),
-            labels=torch.tensor([w.record.label for w, _ in got], dtype=torch.long, device=dev),
+            **out, flow_steps=self.steps.to(dev), frames_a=idx("frames_a"), frames_b=idx("frames_b"),
+            partners_a=idx("partners_a"), partners_b=idx("partners_b"),
+            labels=torch.tensor([wk.record.label for wk, _, _ in got], dtype=torch.long, device=dev),
             video_idx=torch.tensor([s.video_idx for s in specs], dtype=torch.long, device=dev))
 
 

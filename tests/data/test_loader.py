@@ -207,3 +207,51 @@ def test_resume_yields_the_same_remaining_batches(dataset):
     resumed.set_epoch(3)
     full.set_epoch(3)
     assert [b.video_idx.tolist() for b in resumed] == [b.video_idx.tolist() for b in full]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,codec", [("vp9_video", "vp9"), ("h264_video", "h264")])
+def test_dali_nvdec_frames_equal_reference(request, name, codec):
+    path = request.getfixturevalue(name)
+    ref = reference(path)
+    n, h, w = ref.shape[:3]
+    recs = [record(path, n, h, w, codec)] * 4
+    loader = build_loader(config(batch_size=2, frame_size=(h, w), decoder="dali"), recs, device=torch.device("cuda"))
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 2 and loader.stats["dali_samples"] == 4
+    for b in batches:
+        assert b.rgb_a.is_cuda and b.frames_a.is_cuda
+        check_batch_frames(b.to("cpu"), {0: ref})
+
+
+@needs_cuda
+def test_nvdec_and_pyav_agree_after_resize(h264_video):
+    ref = reference(h264_video)
+    recs = [record(h264_video, *ref.shape[:3], "h264")] * 2
+    out = {}
+    for decoder in ("dali", "pyav"):
+        loader = build_loader(config(batch_size=2, frame_size=(96, 96), decoder=decoder), recs,
+                              device=torch.device("cuda"))
+        loader.set_epoch(1)
+        out[decoder] = next(iter(loader)).to("cpu")
+    for name in ("rgb_a", "rgb_b", "partner_a", "partner_b"):
+        x, y = getattr(out["dali"], name).double(), getattr(out["pyav"], name).double()
+        assert (x - y).abs().mean() < 1.5
+
+
+@needs_cuda
+def test_damaged_file_skipped_with_nvdec(dataset):
+    recs, refs = dataset
+    with open(recs[3].path, "r+b") as f:
+        f.write(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    loader = build_loader(small(decoder="dali"), recs, device=torch.device("cuda"))
+    loader.set_epoch(0)
+    got = []
+    for batch in loader:
+        check_batch_frames(batch.to("cpu"), refs)
+        got += batch.video_idx.tolist()
+    assert len(got) == 8 and 3 not in got and loader.stats["skipped"] == 1
