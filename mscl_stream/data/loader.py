@@ -16,11 +16,13 @@ batches per epoch and distributed ranks stay in step. Decoded frames are never p
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 from contextlib import nullcontext
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,6 +40,18 @@ from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 _END = object()
+_LIVE: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
+
+
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
+
+
+# Stop prefetch threads at interpreter exit before thread pools refuse work and DALI tears its
+# pipelines down (both would otherwise fail under a still-running producer). concurrent.futures uses
+# this same hook; handlers run last-registered first, so this one runs before the pools shut down.
+getattr(threading, "_register_atexit", atexit.register)(_close_live_loaders)
 
 
 @dataclass
@@ -51,6 +65,10 @@ class _Work:
 
 class ClipLoader:
     """Iterable over :class:`ClipBatch` (``data.batch_size`` clips, already on ``device``).
+
+    One iteration covers the rest of the current epoch; call :meth:`set_epoch` before each epoch.
+    Frames of at most ``prefetch + 2`` batches are alive at once (the queue, the batch being built and
+    the one being consumed). Starting a new iteration ends an older, unfinished one.
 
     Args:
         sampler: the rank's :class:`ClipSampler` (its position is kept in step with consumed batches).
@@ -74,6 +92,7 @@ class ClipLoader:
         self._pool: ThreadPoolExecutor | None = None
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
+        _LIVE.add(self)
         if data.decoder == "dali" and not dali_available():
             raise UserError("data.decoder=dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
 
@@ -122,7 +141,12 @@ class ClipLoader:
         th.start()
         try:
             while True:
-                item = q.get()
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    if stop.is_set():             # a newer iterator or set_epoch took over: end here
+                        return
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -216,6 +240,9 @@ class ClipLoader:
         if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._dali_bad:
             return "pyav"
         if dali_can_decode(codec, self.device):
+            if codec not in self._routes_logged:
+                self._routes_logged.add(codec)
+                log.info("codec %s: decoded by DALI (%s)", codec, "NVDEC" if self.device.type == "cuda" else "CPU")
             return "dali"
         if self.data.decoder == "dali":
             raise UserError(f"data.decoder=dali: {rec.path} is {codec or 'of unknown codec'}, which DALI cannot "

@@ -144,13 +144,13 @@ class DaliDecoder:
             pipe.feed_input("encoded", encoded)
             pipe.feed_input("frames", [np.ascontiguousarray(f, dtype=np.int32) for f in frames])
             (out,) = pipe.run()
-            return self._to_torch(out, len(encoded))
         except RuntimeError as e:
             # any runtime error may leave the pipeline unusable: drop it, rebuild before the next batch
             self.close()
             self.rebuilds += 1
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             raise DaliDecodeError(lines[-1] if lines else type(e).__name__) from None
+        return self._to_torch(out, len(encoded))
 
     def _to_torch(self, out, n: int) -> list[torch.Tensor]:
         if self.device.type != "cuda":

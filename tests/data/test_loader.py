@@ -255,3 +255,15 @@ def test_damaged_file_skipped_with_nvdec(dataset):
         check_batch_frames(batch.to("cpu"), refs)
         got += batch.video_idx.tolist()
     assert len(got) == 8 and 3 not in got and loader.stats["skipped"] == 1
+
+
+def test_new_iteration_ends_an_abandoned_one(dataset):
+    recs, _ = dataset
+    loader = build_loader(small(), recs, device=CPU)
+    loader.set_epoch(0)
+    old = iter(loader)
+    first = next(old)
+    rest = list(loader)                           # takes over from the batch after `first`
+    assert len(rest) == len(loader) - 1
+    assert list(old) == []                        # the abandoned iterator ends instead of hanging
+    assert first.video_idx.shape == (2,)
