@@ -19,8 +19,8 @@ from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import read_manifest
 from mscl_stream.errors import UserError
 from mscl_stream.models.mscl import MSCL, momentum_at
-from mscl_stream.train.checkpoint import (find_latest, load_checkpoint, rng_state, save_checkpoint,
-                                          set_rng_state)
+from mscl_stream.train.checkpoint import (expect_from_config, find_latest, load_checkpoint, load_model_state,
+                                          rng_state, save_checkpoint, set_rng_state)
 from mscl_stream.train.distributed import cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
@@ -37,31 +37,19 @@ class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses; a checkpoint was written before stopping."""
 
 
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d
-
-
-def check_resumable(saved: dict, cfg: Config) -> None:
-    now = to_dict(cfg)
-    for key in RESUME_MUST_MATCH:
-        if _get(saved, key) != _get(now, key):
-            raise UserError(f"train.resume: checkpoint has {key}={_get(saved, key)!r}, this run "
-                            f"{_get(now, key)!r}; resume with the checkpoint's settings or start a new run")
-
-
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
 
 
-def pretrain(cfg: Config, loader=None) -> dict:
+def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     """Run MSCL pretraining as configured; returns the final metrics (loss terms, throughput).
 
     Args:
         cfg: the validated configuration.
         loader: an iterable of ClipBatch to use instead of the streaming loader (benchmarks feed
             device-resident batches through it to measure the step without decode).
+        on_step: optional ``on_step(step, model, batch)`` called after every optimiser step (tests,
+            custom probes); ``model`` is the plain MSCL module.
     """
     dist = init_distributed(cfg.dist.backend, device=cfg.train.device)
     device = dist.device
@@ -111,9 +99,8 @@ def pretrain(cfg: Config, loader=None) -> dict:
     # ---- resume
     ckpt_path = find_latest(out) if cfg.train.resume == "auto" else (Path(cfg.train.resume) if cfg.train.resume else None)
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        check_resumable(state["config"], cfg)
-        core.load_state_dict(state["model"])
+        state = load_checkpoint(ckpt_path, expect=expect_from_config(to_dict(cfg), RESUME_MUST_MATCH))
+        load_model_state(core, state["model"])
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -215,6 +202,8 @@ def pretrain(cfg: Config, loader=None) -> dict:
             step += 1
             clips_done += global_batch
             step_ends.append(time.perf_counter() - t_start)
+            if on_step is not None:
+                on_step(step, core, batch)
 
             if step % cfg.log.every == 0 or step == total:
                 elapsed = time.perf_counter() - t_start
