@@ -40,7 +40,7 @@ class DataConfig:
     decoder: Literal["auto", "dali", "pyav"] = "auto"  # auto: DALI where it can decode, else PyAV
     num_threads: int = 2                # DALI threads / PyAV workers
     prefetch: int = 2                   # batches decoded ahead
-    mds: Literal["off", "index", "online"] = "off"
+    mds: Literal["off", "index"] = "off"   # index: starts stored by `mscl-stream index --mds`
     seed: int = 0
 
 

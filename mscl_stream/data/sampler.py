@@ -112,20 +112,23 @@ class ClipSampler:
         self._resumed = False
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._short_logged = False
-        self._allowed: list[list[int]] | None = None        # sorted allowed MDS starts per video
+        self._allowed: list[list[int] | None] | None = None  # sorted allowed MDS starts per video
         self._allowed_set: list[set[int]] = []
         for r in records:
             if r.frame_end - r.start < 1:
                 raise UserError(f"{r.path}: empty frame range [{r.start}, {r.frame_end}) in the manifest")
         if data.mds == "index":
+            # Videos without stored starts (indexed without --mds, or too long for index-time MDS) are
+            # sampled uniformly; they are counted and logged, never silently treated as "all allowed".
             missing = [r.path for r in records if not r.mds_starts]
-            if missing:
-                raise UserError(f"data.mds=index: {len(missing)} videos have no MDS starts (e.g. {missing[0]}); "
+            if len(missing) == len(records):
+                raise UserError(f"data.mds=index: no video has MDS starts (e.g. {missing[0]}); "
                                 "re-run `mscl-stream index --mds`")
-            self._allowed = [sorted(int(s) for s in r.mds_starts) for r in records]
-            self._allowed_set = [set(a) for a in self._allowed]
-        elif data.mds == "online":
-            log.info("data.mds=online: the sampler draws uniform starts; scoring happens in-batch")
+            if missing:
+                log.warning("data.mds=index: %d of %d videos have no MDS starts (e.g. %s); they use uniform "
+                            "starts", len(missing), len(records), missing[0])
+            self._allowed = [sorted(int(s) for s in r.mds_starts) if r.mds_starts else None for r in records]
+            self._allowed_set = [set(a) if a else set() for a in self._allowed]
 
     # ------------------------------------------------------------------ epoch plan
     def __len__(self) -> int:
@@ -163,7 +166,8 @@ class ClipSampler:
             hi = end - self.span if (fits and not d.wrap) else end - 1
             short += not (fits or d.wrap)
             a = self._draw_start(rng, start, hi)
-            if self._allowed is not None:
+            mds = self._allowed is not None and self._allowed[v] is not None
+            if mds:
                 allowed = self._allowed_set[v]
                 for k in range(MDS_DRAWS):
                     if k:
@@ -173,7 +177,7 @@ class ClipSampler:
                 else:
                     a = self._allowed[v][0]
             target = a + 2 * int(rng.integers(-half, half + 1))
-            b = _pick_mds_b(self._allowed[v], target, start) if self._allowed is not None else target
+            b = _pick_mds_b(self._allowed[v], target, start) if mds else target
             if not d.wrap and fits:
                 # clamp both starts into [start, hi], keeping the even offset from start
                 a = min(max(a, start), start + (hi - start) // 2 * 2)

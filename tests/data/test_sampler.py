@@ -249,6 +249,19 @@ def test_mds_rule_on_a_hand_made_allowed_set(allowed, max_shift):
             assert abs(counts[b] / m - c / len(shifts)) < 0.04, (ra, b)
 
 
-def test_mds_needs_starts_for_every_video():
+def test_mds_needs_starts_for_some_video():
     with pytest.raises(UserError, match="MDS"):
-        ClipSampler(records([200, 200], mds=[[0, 2], []]), data(mds="index"))
+        ClipSampler(records([200, 200], mds=[[], []]), data(mds="index"))
+
+
+def test_mds_videos_without_starts_sample_uniformly(caplog):
+    d = data(mds="index", clips_per_video=200)
+    with caplog.at_level("WARNING"):
+        s = ClipSampler(records([200, 200], mds=[[40], []]), d)
+    assert "1 of 2 videos have no MDS starts" in caplog.text
+    s.set_epoch(0)
+    starts = {v: set() for v in (0, 1)}
+    for spec in s:
+        starts[spec.video_idx].add(int(spec.frames_a[0]))
+    assert starts[0] == {40}               # MDS video: only its allowed start
+    assert len(starts[1]) > 20             # no starts stored: uniform over the video
