@@ -52,7 +52,7 @@ def test_lean_loop_equals_torchvision(arch):
 
 def test_padding_to_multiple_of_8_and_crop_back():
     torch.manual_seed(0)
-    est = get_estimator("raft_small", weights="none", iters=2)
+    est = get_estimator("raft_small", weights="none", iters=2, device="cpu")
     a, b = frames(1, 130, 141)
     out = est(a, b)
     assert out.shape == (1, 2, 130, 141)
@@ -66,18 +66,18 @@ def test_padding_to_multiple_of_8_and_crop_back():
 
 def test_float_and_uint8_inputs_agree_and_chunking():
     torch.manual_seed(0)
-    est = get_estimator("raft_small", weights="none", iters=2)
+    est = get_estimator("raft_small", weights="none", iters=2, device="cpu")
     a, b = frames(2, 128, 128, seed=2)
     full = est(a, b)
     assert (est(a.float(), b.float()) - full).abs().max() < 1e-5
-    chunked = get_estimator("raft_small", weights="none", iters=2, chunk_size=1)
+    chunked = get_estimator("raft_small", weights="none", iters=2, chunk_size=1, device="cpu")
     chunked.model.load_state_dict(est.model.state_dict())
     assert (chunked(a, b) - full).abs().max() < 1e-4
     assert not full.is_inference() and full.dtype == torch.float32
 
 
 def test_too_small_size_suggests_working_size():
-    est = get_estimator("raft_small", weights="none", iters=1)
+    est = get_estimator("raft_small", weights="none", iters=1, device="cpu")
     a, b = frames(1, 112, 112)
     with pytest.raises(UserError, match="at least 128 px.*112x112.*128x128"):
         est(a, b)
@@ -112,7 +112,7 @@ def test_torchvision_state_dict_round_trip(tmp_path):
     src = raft_small()
     path = tmp_path / "small.pth"
     torch.save(src.state_dict(), path)
-    est = get_estimator("raft_small", weights=str(path), iters=2)
+    est = get_estimator("raft_small", weights=str(path), iters=2, device="cpu")
     for k, v in src.state_dict().items():
         assert torch.equal(est.model.state_dict()[k], v), k
     assert str(path.resolve()) in est.describe()["weights"]
@@ -193,7 +193,7 @@ def test_princeton_checkpoint_round_trip(tmp_path, arch):
         assert tuple(ckpt[k].shape) == shape, k
     path = tmp_path / f"raft-{arch}.pth"
     torch.save(ckpt, path)
-    est = get_estimator(f"raft_{arch}", weights=str(path), iters=2)
+    est = get_estimator(f"raft_{arch}", weights=str(path), iters=2, device="cpu")
     own = est.model.state_dict()
     for k, v in src.state_dict().items():
         assert torch.equal(own[k], v), k

