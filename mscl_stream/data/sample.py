@@ -31,8 +31,10 @@ _CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
 }
 
 CODECS = tuple(_CODECS)
-CLASSES = ("right", "left", "down", "up")          # sample dataset: foreground direction of motion
-_DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}
+# Sample dataset classes: how the foreground moves. Left and right are one class on purpose: MoCo-style
+# training flips views horizontally, which makes features invariant to the sign of horizontal motion.
+CLASSES = ("horizontal", "up", "down", "still")
+_DIRECTIONS = {"horizontal": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
 
 
 def suffix_for(codec: str) -> str:
@@ -182,12 +184,12 @@ def _split_plan(videos: int, classes: int) -> list[tuple[str, int, int]]:
 
 def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", include_real: bool = False,
                         seed: int = 0) -> Path:
-    """Write a small labelled video dataset whose classes differ only by the direction of motion.
+    """Write a small labelled video dataset whose classes differ only by the motion of the foreground.
 
     Every video shows a random smooth texture patch over a random smooth background (same texture
-    distribution for every class); the class is the direction the patch moves (right, left, down, up)
-    at a random speed of 1-3 px/frame; half of the videos also have a slowly moving background in a
-    random direction. Lengths are 140-220 frames (one MSCL window at the default sampling spans 113-121
+    distribution for every class); the class is how the patch moves: horizontally (left or right, a
+    random sign), up, down (1-3 px/frame) or not at all (still); half of the videos also have a slowly
+    moving background (< 0.6 px/frame) in a random direction. Lengths are 140-220 frames (one MSCL window at the default sampling spans 113-121
     raw frames), sizes 120x160 to 144x192, 25 fps, keyframe every 16 frames. A single frame therefore
     says nothing about the label; only motion does.
 
@@ -219,7 +221,7 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", i
         n = int(rng.integers(140, 221))
         h = int(rng.choice([120, 128, 136, 144]))
         w = 2 * round(h * 4 / 3 / 2)
-        speed = rng.uniform(1.0, 3.0)
+        speed = rng.uniform(1.0, 3.0) * (1.0 if rng.random() < 0.5 or name != "horizontal" else -1.0)
         vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
         bg = (0.0, 0.0)
         if rng.random() < 0.5:
