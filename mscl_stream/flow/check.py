@@ -63,7 +63,7 @@ def _decode(path: Path, indices: list[int], size: tuple[int, int]) -> np.ndarray
     try:
         return np.asarray(decode_frames(path, indices, size))
     except RuntimeError as e:     # its DecodeError: a damaged file or a short video
-        raise UserError(f"cannot decode {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot decode {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def _colour(flows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

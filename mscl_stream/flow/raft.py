@@ -286,7 +286,8 @@ class RAFT:
                     return fast(x1, x2)
                 except Exception as e:  # compile/capture failures come in many types
                     state["ok"] = False
-                    msg = f"{self.name}: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager"
+                    first = (str(e).splitlines() or [""])[0][:200]
+                    msg = f"{self.name}: {what} failed ({type(e).__name__}: {first}); running eager"
                     warnings.warn(msg, stacklevel=2)
                     log.warning(msg)
                     torch.cuda.synchronize(self.device)
@@ -399,8 +400,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have many types; the message is what matters
+        first = (str(e).splitlines() or [""])[0][:160]
         raise UserError(f"cannot load RAFT weights {path} with weights_only=True "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); save a state_dict") from None
+                        f"({type(e).__name__}: {first}); save a state_dict") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

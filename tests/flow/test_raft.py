@@ -265,7 +265,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @gpu
-def test_gpu_precisions_graphs_and_compile_match_fp32():
+def test_gpu_precisions_and_graphs_match_fp32():
     torch.manual_seed(0)
     ref_est = get_estimator("raft_small", weights="none", iters=4, precision="fp32", device="cuda")
     sd = ref_est.model.state_dict()
