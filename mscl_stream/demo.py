@@ -34,12 +34,13 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
 
     from mscl_stream.data.loader import build_loader
     from mscl_stream.data.manifest import read_manifest
-    from mscl_stream.train.step import build_flow_estimator, compute_flow, make_inputs, resolve_device
+    from mscl_stream.flow import estimator_from_config
+    from mscl_stream.train.step import compute_flow, make_inputs, resolve_device
 
     device = resolve_device(cfg.train.device)
     loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split), device=device)
     loader.set_epoch(0)
-    est = build_flow_estimator(cfg, device)
+    est = estimator_from_config(cfg.flow, device)
     t0 = time.perf_counter()
     batch = next(iter(loader))
     flow_a, flow_b = compute_flow(batch, est)
@@ -71,7 +72,7 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     return {"first_batch_seconds": seconds, "clips_per_s": rate}
 
 
-def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int = 32) -> dict:
+def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int = 48) -> dict:
     """Run the whole demo into ``out``; returns the side-by-side evaluation results."""
     from mscl_stream.data.manifest import build_manifest
     from mscl_stream.data.sample import make_sample_dataset

@@ -14,12 +14,8 @@ import torch
 from mscl_stream.augment import augment_view
 from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
-from mscl_stream.flow import get_estimator
 from mscl_stream.models.mscl import MSCLInputs
 from mscl_stream.motion import flow_views, fra_angles
-
-RAFT_OPTIONS = ("weights", "iters", "precision", "compile", "cuda_graph")
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -37,22 +33,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def build_flow_estimator(cfg: Config, device: torch.device):
-    """The configured flow estimator; RAFT-family options are passed only to estimators that take them."""
-    f = cfg.flow
-    kwargs = dict(f.options)
-    kwargs["device"] = device
-    if f.chunk_size:
-        kwargs["chunk_size"] = f.chunk_size
-    if f.estimator.startswith("raft"):
-        precision = f.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        kwargs.update(weights=f.weights, iters=f.iters, precision=precision, compile=f.compile,
-                      cuda_graph=f.cuda_graph)
-    return get_estimator(f.estimator, **kwargs)
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ from mscl_stream.train.checkpoint import (expect_from_config, find_latest, load_
 from mscl_stream.train.distributed import cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
-from mscl_stream.train.step import amp_dtype, autocast, build_flow_estimator, compute_flow, make_inputs
+from mscl_stream.flow import estimator_from_config
+from mscl_stream.train.step import amp_dtype, autocast, compute_flow, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
     if loader is None:
         loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
-    estimator = build_flow_estimator(cfg, device)
+    estimator = estimator_from_config(cfg.flow, device)
     model = MSCL(cfg).to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
