@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from mscl_stream.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -201,30 +201,6 @@ def child(a: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def machine_info(device: str) -> dict:
-    import av
-    import numpy as np
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        import nvidia.dali as dali
-        dali_v = dali.__version__
-    except ImportError:
-        dali_v = None
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
-            "cpu_count": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "torch": torch.__version__,
-            "dali": dali_v, "av": av.__version__, "numpy": np.__version__}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def prepare(a: argparse.Namespace) -> Path:

@@ -25,8 +25,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,30 +35,12 @@ import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow import get_estimator
+from mscl_stream.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MOTIONS = ("translation", "rotation_zoom", "smooth_field", "occluding_object")
 BORDER = 8
 MARGIN = 16          # texture margin around the crop: covers |f| <= MARGIN at the crop's edge
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    for mod in ("torchvision", "cv2", "av"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # --- images -------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -27,24 +25,9 @@ import torch
 
 from mscl_stream import motion
 from mscl_stream.kernels import flow_encode as fe
+from mscl_stream.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "triton": getattr(fe.triton, "__version__", None)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:

@@ -20,8 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,29 +29,10 @@ import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow import get_estimator
+from mscl_stream.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(128, 128), (128, 176), (256, 340)]
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    for mod in ("torchvision", "cv2", "nvidia.dali", "triton"):
-        try:
-            info[mod] = __import__(mod, fromlist=["__version__"]).__version__
-        except Exception:
-            info[mod] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def textured_pairs(n: int, h: int, w: int, device: torch.device, seed: int = 0):

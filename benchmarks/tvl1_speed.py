@@ -19,8 +19,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,28 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from mscl_stream.flow.tvl1 import TVL1
+from mscl_stream.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def known_motion_pairs(n: int, h: int, w: int, device: torch.device, seed: int = 0, amplitude: float = 3.0):

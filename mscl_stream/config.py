@@ -116,6 +116,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation (`mscl-stream eval`); fine-tune defaults are the SSv2 recipe (section 8)."""
+    clips: int = 1                      # centred clips per video, features/logits averaged
+    epochs: int = 22                    # fine-tune
+    lr: float = 0.12                    # fine-tune, for base_batch clips; scaled by batch_size
+    base_batch: int = 32
+    batch_size: int = 32
+    weight_decay: float = 1e-6
+    clip_grad: float = 40.0
+    milestones: tuple[int, int] = (14, 18)   # epochs where the lr is multiplied by 0.1
+    max_steps: int = 0                  # > 0 stops fine-tuning early (smoke runs)
+
+
+@dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
@@ -136,6 +150,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -266,6 +281,11 @@ def validate(cfg: Config) -> Config:
     need(o.base_batch >= 1, "optim.base_batch", "must be >= 1")
     need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = no clipping)")
     need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    e = cfg.eval
+    need(e.clips >= 1, "eval.clips", "must be >= 1")
+    need(e.epochs >= 1 and e.batch_size >= 1 and e.base_batch >= 1, "eval.epochs",
+         "eval.epochs, eval.batch_size and eval.base_batch must be >= 1")
+    need(e.lr > 0, "eval.lr", "must be > 0")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
     need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")

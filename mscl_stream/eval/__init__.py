@@ -5,14 +5,13 @@ test set; "val" is used when there is no "test"). Rows with an unknown label (-1
 counted. Without a checkpoint the same evaluation runs on a seeded random-init R3D-18: the baseline
 every number should be compared with.
 
-Settings taken from the configuration (there is no separate eval section):
+Settings taken from the configuration:
 
 * clip geometry: data.frames_per_clip, data.frame_stride, data.frame_size, augment.out_size;
-  decode threads data.num_threads; batch data.batch_size; device train.device; seed train.seed.
-* fine-tune: train.epochs, train.max_steps, optim.lr scaled by data.batch_size / optim.base_batch,
-  optim.momentum, optim.weight_decay, optim.clip_grad; lr x0.1 at 14/22 and 18/22 of the epochs (the
-  SSv2 recipe's proportions). Give fine-tuning its own config file: a pretrain config's 400 epochs
-  would be taken literally.
+  decode threads data.num_threads; batch data.batch_size; device train.device; seed train.seed;
+  clips per video eval.clips.
+* fine-tune: the eval section (epochs 22, lr 0.12 per 32 clips scaled by eval.batch_size, weight
+  decay 1e-6, clip 40, lr x0.1 at eval.milestones 14 and 18: the SSv2 recipe), optim.momentum.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def _device(name: str) -> torch.device:
 
 
 def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None, out: str | None = None,
-             prefix: str = ENCODER_PREFIX, clips: int = 1) -> dict:
+             prefix: str = ENCODER_PREFIX, clips: int | None = None) -> dict:
     """Run one evaluation and return its results (also written as JSON to ``out`` if given).
 
     Args:
@@ -85,7 +84,7 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         cfg: configuration (see the module docstring for the keys used).
         out: JSON file for the results.
         prefix: key prefix of the query RGB encoder in the checkpoint's model state.
-        clips: centred clips per video whose features (logits) are averaged.
+        clips: centred clips per video whose features (logits) are averaged (default eval.clips).
 
     Returns:
         The metrics as fractions at the top level ("R@1" .. "R@50"; or "top1", "train_top1",
@@ -95,6 +94,7 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
     if kind not in KINDS:
         raise UserError(f"eval: unknown kind {kind!r} (use {', '.join(KINDS)})")
     cfg = cfg or Config()
+    clips = clips or cfg.eval.clips
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such file")
     train, test, counts = split_records(cfg.data.manifest)
@@ -105,12 +105,12 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
              checkpoint or "random init", device)
 
     if kind == "finetune":
-        o, epochs, batch = cfg.optim, cfg.train.epochs, cfg.data.batch_size
-        res = finetune(checkpoint, train, test, cfg, device, epochs=epochs,
-                       lr=scaled_lr(o.lr, batch, o.base_batch), batch_size=batch, momentum=o.momentum,
-                       weight_decay=o.weight_decay, clip_grad=o.clip_grad,
-                       milestones=(round(epochs * 14 / 22), round(epochs * 18 / 22)),
-                       max_steps=cfg.train.max_steps, prefix=prefix, seed=seed, test_clips=clips)
+        e = cfg.eval
+        res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
+                       lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
+                       momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
+                       milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=seed,
+                       test_clips=clips)
         desc = res.pop("encoder")
         counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
         metrics = res

@@ -12,37 +12,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import platform
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mscl_stream.config import Config, to_dict
 from mscl_stream.data.batch import ClipBatch
+from mscl_stream.machine import machine_info
 from mscl_stream.train.step import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def machine_info() -> dict:
-    """Machine and library versions recorded with every benchmark result."""
-    import torchvision
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "gpu": None}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    for mod in ("nvidia.dali", "kornia", "av", "triton", "cv2"):
-        try:
-            info[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
-        except Exception:  # optional dependency absent on this machine
-            info[mod.split(".")[-1]] = None
-    return info
 
 
 class ResidentLoader:

@@ -116,7 +116,8 @@ def test_run_eval_retrieval_and_linear_random_init(tiny_dataset, tmp_path, capsy
 
 
 def test_run_eval_finetune_smoke(tiny_dataset):
-    cfg = _cfg(tiny_dataset, "train.epochs=2", "train.max_steps=3", "optim.lr=0.01", "optim.base_batch=4")
+    cfg = _cfg(tiny_dataset, "eval.epochs=2", "eval.max_steps=3", "eval.lr=0.01", "eval.batch_size=4",
+               "eval.base_batch=4", "eval.milestones=[1, 2]")
     r = run_eval("finetune", checkpoint=None, cfg=cfg)
     # 8 videos / batch 4 = 2 steps per epoch; max_steps stops in epoch 2 after one more step
     assert r["info"]["steps"] == 3 and r["info"]["epochs"] == 2
