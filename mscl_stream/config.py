@@ -76,6 +76,7 @@ class ModelConfig:
     momentum: float = 0.994             # base EMA momentum, cosine-ramped to 1
     neck_channels: int = 128
     key_bn: Literal["shuffle", "sync", "none"] = "shuffle"
+    head_bn: bool = False               # BatchNorm in the projection heads (not in the method; see README)
     compat: Literal["default", "released"] = "default"
 
 

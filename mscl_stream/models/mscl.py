@@ -129,8 +129,11 @@ def shuffled_forward(fn, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the model
 
 
-def _mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, dim_hidden), nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
+def _mlp(dim_in: int, dim_hidden: int, dim_out: int, bn: bool = False) -> nn.Sequential:
+    """Projection head Linear-ReLU-Linear (MoCo v2, the method); ``bn`` adds BatchNorm after the hidden
+    layer (SimCLR / MoCo v3 style), which centres the features of a freshly initialised encoder."""
+    hidden = [nn.Linear(dim_in, dim_hidden)] + ([nn.BatchNorm1d(dim_hidden)] if bn else [])
+    return nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(dim_hidden, dim_out))
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -170,8 +173,8 @@ class MSCL(nn.Module):
         self.rgb_neck = FPNSEPCNeck(R3DBackbone.map_channels, m.neck_channels)
         self.flow_encoder = FlowNet(cfg.data.frames_per_clip, width=m.neck_channels // 8)
         c_rgb, c_flow = R3DBackbone.feature_dim, self.flow_encoder.out_channels
-        self.rgb_head = _mlp(c_rgb, c_rgb, m.feat_dim)
-        self.flow_head = _mlp(c_flow, c_flow, m.feat_dim)
+        self.rgb_head = _mlp(c_rgb, c_rgb, m.feat_dim, bn=m.head_bn)
+        self.flow_head = _mlp(c_flow, c_flow, m.feat_dim, bn=m.head_bn)
 
         # Momentum encoders start as exact copies of the query ones (MoCo).
         self.rgb_encoder_k = _freeze(copy.deepcopy(self.rgb_encoder))
