@@ -40,3 +40,34 @@ def make_video(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return write_video(out, frames, codec, fps=fps, gop=gop)
 
     return make
+
+
+def run_ranks(script: Path, args_of_rank: Callable[[int], list[str]], world: int = 2, timeout: float = 180) -> None:
+    """Run ``script`` as ``world`` torchrun-style processes on localhost (gloo, CPU) and wait for all.
+
+    Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT like torchrun sets them,
+    no GPU, one OpenMP thread. A failing rank fails the test with the end of its output.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), *args_of_rank(rank)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -4,16 +4,13 @@ BN + queue gathering in a real 2-process gloo job."""
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_ranks
 from mscl_stream import losses
 from mscl_stream.config import Config
 from mscl_stream.errors import UserError
@@ -354,32 +351,12 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_shuffled_bn_and_gathered_enqueue(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port, world = _free_port(), 2
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            log, _ = p.communicate(timeout=120)
-            assert p.returncode == 0, log.decode()[-2000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    world = 2
+    run_ranks(script, lambda r: [str(tmp_path / f"r{r}.json")], world, timeout=120)
     res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(world)]
     x_all = torch.tensor(res[0]["x"] + res[1]["x"], dtype=torch.float64)
     # Reference: rank 0's permutation (same seed), shards of 4, BN per shard, rows back in place.

@@ -1,15 +1,12 @@
 """Distributed helpers: single-process identity and a real 2-process gloo job on localhost."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from conftest import run_ranks
 from mscl_stream.errors import UserError
 from mscl_stream.train import distributed as D
 
@@ -34,31 +31,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port, world = _free_port(), 2
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=90)
-            assert p.returncode == 0, out.decode()[-2000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    world = 2
+    run_ranks(script, lambda r: [str(tmp_path / f"r{r}.json")], world, timeout=90)
     res = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(world)]
     want_cat = [[0.0, 0.0], [1.0, 0.0], [100.0, -1.0], [101.0, -1.0], [102.0, -1.0]]
     for r, got in enumerate(res):

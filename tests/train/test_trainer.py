@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_ranks
 from mscl_stream.config import dump_config, load_config
 from mscl_stream.data.manifest import build_manifest
 from mscl_stream.data.sample import moving_texture_frames, write_video
@@ -90,7 +90,7 @@ def test_kill_and_resume_reaches_the_same_state(manifest, tmp_path):
     resumed = _run_cli(tmp_path / "run.yaml", "--resume", "auto")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    assert f"resumed from" in out
+    assert "resumed from" in out
 
     a = load_checkpoint(ref_dir / "checkpoints" / "last.pt")
     b = load_checkpoint(ckpts / "last.pt")
@@ -123,12 +123,6 @@ def test_nan_losses_stop_the_run_with_a_checkpoint(manifest, tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "checkpoints" / "diverged.pt")["bad_total"] == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 RANK_SCRIPT = """
 import sys, torch
 from mscl_stream.config import load_config
@@ -149,16 +143,8 @@ def test_two_process_ddp_disjoint_data_identical_parameters(manifest, tmp_path):
     cfg = _cfg(manifest, tmp_path / "ddp", "train.max_steps=2", "train.ckpt_every=0")
     dump_config(cfg, tmp_path / "ddp.yaml")
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "rank.py"), str(tmp_path / "ddp.yaml"),
-                                       str(tmp_path / f"rank{rank}.pt")], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    run_ranks(tmp_path / "rank.py", lambda r: [str(tmp_path / "ddp.yaml"), str(tmp_path / f"rank{r}.pt")],
+              timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert len(r0["seen"]) == len(r1["seen"]) == 2
     for a, b in zip(r0["seen"], r1["seen"]):   # every step: the two ranks' clips come from other videos
