@@ -97,12 +97,12 @@ print('RESULT', json.dumps({{'clips_per_s': steady_rate(res, B), 'stage_share': 
 
 def part_torch(out: Path, results: Path) -> dict:
     r = {"flow_speed": _run("flow_speed", [PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick",
-                                             "--compile", "--out", str(results)], out, 200),
+                                             "--compile", "--out", str(results)], out, 150),
          "tvl1_speed": _run("tvl1_speed", [PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick",
-                                             "--out", str(results)], out, 150)}
+                                             "--out", str(results)], out, 100)}
     for amp, cl in (("bf16", True), ("fp32", False)):
         r[f"train_step_{amp}{'_cl' if cl else ''}"] = _run(f"train_step {amp} channels_last={cl}",
-                                                          train_step_cmd(amp, cl, 20, 64), out, 150)
+                                                          train_step_cmd(amp, cl, 20, 64), out, 100)
     return r
 
 
