@@ -79,18 +79,20 @@ from mscl_stream.train.trainer import pretrain
 cfg = load_config('configs/bench.yaml', ['train.amp={amp}', 'train.channels_last={str(channels_last).lower()}',
     'flow.precision={'bf16' if amp == 'bf16' else 'fp32'}', 'data.batch_size={batch}', 'train.max_steps={steps}',
     'train.out_dir=/tmp/gpu_check_step', 'train.ckpt_every=0', 'log.every=5'])
+dev = 'cuda' if torch.cuda.is_available() else 'cpu'   # CPU only to check this script itself
+cfg.train.device = dev
 B, T, F, (H, W) = {batch}, 8, 4, cfg.data.frame_size
 g = torch.Generator().manual_seed(0)
-u8 = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8).cuda()
-ar = lambda n: torch.arange(n).repeat(B, 1).cuda()
+u8 = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8).to(dev)
+ar = lambda n: torch.arange(n).repeat(B, 1).to(dev)
 batch = ClipBatch(rgb_a=u8(B, T, 3, H, W), rgb_b=u8(B, T, 3, H, W), partner_a=u8(B, F, 3, H, W),
-                  partner_b=u8(B, F, 3, H, W), flow_steps=torch.arange(0, T, 2).cuda(), frames_a=ar(T),
-                  frames_b=ar(T), partners_a=ar(F), partners_b=ar(F), labels=torch.zeros(B, dtype=torch.long).cuda(),
-                  video_idx=torch.zeros(B, dtype=torch.long).cuda())
+                  partner_b=u8(B, F, 3, H, W), flow_steps=torch.arange(0, T, 2).to(dev), frames_a=ar(T),
+                  frames_b=ar(T), partners_a=ar(F), partners_b=ar(F), labels=torch.zeros(B, dtype=torch.long).to(dev),
+                  video_idx=torch.zeros(B, dtype=torch.long).to(dev))
 res = pretrain(cfg, loader=ResidentLoader(batch, {steps}))
 stages = res['stage_seconds']; tot = sum(stages.values())
 print('RESULT', json.dumps({{'clips_per_s': steady_rate(res, B), 'stage_share': {{k: v / tot for k, v in stages.items()}},
-      'peak_mem_gb': torch.cuda.max_memory_allocated() / 2**30, 'loss': res.get('loss/loss')}}))
+      'peak_mem_gb': torch.cuda.max_memory_allocated() / 2**30 if dev == 'cuda' else None, 'loss': res.get('loss/loss')}}))
 """
     return [PY, "-c", code]
 
