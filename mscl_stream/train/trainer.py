@@ -21,7 +21,7 @@ from mscl_stream.errors import UserError
 from mscl_stream.models.mscl import MSCL, momentum_at
 from mscl_stream.train.checkpoint import (expect_from_config, find_latest, load_checkpoint, load_model_state,
                                           rng_state, save_checkpoint, set_rng_state)
-from mscl_stream.train.distributed import cleanup, init_distributed
+from mscl_stream.train.distributed import all_gather_objects, cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
 from mscl_stream.flow import estimator_from_config
@@ -105,9 +105,13 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"][dist.rank] if isinstance(state["loader"], list) else state["loader"])
-        set_rng_state(state["rng"])
-        aug_gen.set_state(state["aug_rng"])
+        if len(state["ranks"]) != dist.world_size:
+            raise UserError(f"train.resume: checkpoint was written by {len(state['ranks'])} ranks, this run has "
+                            f"{dist.world_size}; resume with the same number of processes")
+        mine = state["ranks"][dist.rank]
+        loader.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+        aug_gen.set_state(mine["aug_rng"])
         step, epoch, bad_total = state["step"], state["epoch"], state.get("bad_total", 0)
         if dist.is_main:
             log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, epoch)
@@ -115,16 +119,13 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
         log.info("resume=auto: no checkpoint in %s, starting fresh", out)
 
     def checkpoint(tag: str) -> None:
-        # Every rank contributes its loader position; rank 0 writes.
-        loader_states = [loader.state_dict()]
-        if dist.world_size > 1:
-            loader_states = [None] * dist.world_size
-            torch.distributed.all_gather_object(loader_states, loader.state_dict())
+        # Every rank contributes its loader position and RNG states (one list entry per rank); rank 0 writes.
+        per_rank = all_gather_objects({"loader": loader.state_dict(), "rng": rng_state(),
+                                       "aug_rng": aug_gen.get_state()})
         if dist.is_main:
             save_checkpoint(out / "checkpoints" / f"{tag}.pt", {
                 "model": core.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "loader": loader_states, "rng": rng_state(), "aug_rng": aug_gen.get_state(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "ranks": per_rank,
                 "step": step, "epoch": epoch, "bad_total": bad_total, "config": to_dict(cfg),
                 "flow": estimator.describe()})
 
