@@ -40,7 +40,8 @@ class DataConfig:
     decoder: Literal["auto", "dali", "pyav"] = "auto"  # auto: DALI where it can decode, else PyAV
     num_threads: int = 2                # DALI threads / PyAV workers
     prefetch: int = 2                   # batches decoded ahead
-    mds: Literal["off", "index"] = "off"   # index: starts stored by `mscl-stream index --mds`
+    mds: Literal["off", "index", "online"] = "off"   # index: starts stored by `mscl-stream index --mds`
+    mds_candidates: int = 2             # online: candidate windows scored per sample (K)
     seed: int = 0
 
 
@@ -260,6 +261,7 @@ def validate(cfg: Config) -> Config:
     need(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(d.num_threads >= 1, "data.num_threads", "must be >= 1")
     need(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    need(d.mds_candidates >= 2, "data.mds_candidates", "must be >= 2 (candidate windows per sample)")
     h, w = d.frame_size
     need(h % 8 == 0 and w % 8 == 0, "data.frame_size", f"{h}x{w}: both sides must be multiples of 8 "
          f"(try {max(8, h // 8 * 8)}x{max(8, w // 8 * 8)})")

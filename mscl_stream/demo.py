@@ -43,7 +43,7 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     est = estimator_from_config(cfg.flow, device)
     t0 = time.perf_counter()
     batch = next(iter(loader))
-    flow_a, flow_b = compute_flow(batch, est)
+    batch, flow_a, flow_b = compute_flow(batch, est)
     inputs = make_inputs(batch, flow_a, flow_b, cfg, torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - t0
 

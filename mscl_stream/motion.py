@@ -276,6 +276,30 @@ def mds_clip_scores(flows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return _clip_scores(_frame_scores(flows[i:i + step] for i in range(0, flows.shape[0], step)))
 
 
+def window_motion_scores(flows: torch.Tensor) -> torch.Tensor:
+    """MDS motion score of candidate windows, for MDS ``online`` (section 4, steps 1-4 per window).
+
+    Each window's score is the mean of s_j over j < F-1, with s_j = spatial mean of ||W_j - W_{j+1}||
+    as in :func:`mds_clip_scores`. The flow frames here are the training window's own flows, one per
+    flow step: ``frame_stride`` raw frames apart times the step spacing (32 raw frames with MSCL's
+    defaults and ``flow_frames: even``), not 2 raw frames apart as in the offline/index score, so
+    the values are not comparable with ``mds_clip_scores``; only their order within a sample is used.
+
+    Args:
+        flows: (N, F, 2, H, W) raw pixel flow of N windows, F >= 2, H, W >= 28.
+    Returns:
+        (N,) float scores (float32, float64 for float64 input).
+    """
+    if flows.dim() != 5 or flows.shape[2] != 2:
+        raise UserError(f"window_motion_scores: flows must be (N,F,2,H,W), got {tuple(flows.shape)}")
+    n, nf = flows.shape[:2]
+    if nf < 2:
+        raise UserError(f"window_motion_scores: needs at least 2 flow frames per window, got {nf}")
+    w = _weighted_wheel(flows.flatten(0, 1)).unflatten(0, (n, nf))            # (N, F, 3, H, W)
+    d = torch.linalg.vector_norm(w[:, :-1] - w[:, 1:], dim=2).mean(dim=(-2, -1))   # (N, F-1): s_j
+    return d.mean(1)
+
+
 def mds_allowed_starts(scores: torch.Tensor) -> torch.Tensor:
     """Allowed clip starts { i : c_i > median(c) }, median as numpy defines it.
 

@@ -19,7 +19,10 @@ class ClipBatch:
         partners_a/_b:        (B, F) long             raw frame indices of the flow partners
         labels:               (B,) long               class label, -1 where unknown
         video_idx:            (B,) long               row of the manifest
-    Flow pair j of window A is (rgb_a[:, flow_steps[j]], partner_a[:, j]).
+        candidates:           int                     K: rows per sample (MDS online), else 1
+    Flow pair j of window A is (rgb_a[:, flow_steps[j]], partner_a[:, j]). With K > 1 the rows are
+    K candidate windows per sample, adjacent (sample s at rows s*K .. s*K + K-1), and B counts rows;
+    ``mscl_stream.train.step.select_online_mds`` keeps one row per sample.
     """
 
     rgb_a: torch.Tensor
@@ -33,6 +36,7 @@ class ClipBatch:
     partners_b: torch.Tensor
     labels: torch.Tensor
     video_idx: torch.Tensor
+    candidates: int = 1
 
     @property
     def batch_size(self) -> int:
@@ -42,9 +46,12 @@ class ClipBatch:
     def device(self) -> torch.device:
         return self.rgb_a.device
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (everything but ``candidates``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidates"}
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "ClipBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self)})
+        return replace(self, **{k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors().items()})
 
     def flow_pairs(self, window: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame pairs of one window for the flow estimator: two (B*F, 3, H, W) uint8 tensors."""

@@ -12,6 +12,10 @@ PyAV (and its file goes to PyAV from then on), and a sample that neither decodes
 logged with its path; its file is not tried again. The batch is refilled with the next samples of the
 epoch, cycling to the epoch's first samples at its end, so every rank still yields exactly ``len()``
 batches per epoch and distributed ranks stay in step. Decoded frames are never padded.
+
+With MDS ``online`` a sample is K candidate windows of one video (``ClipSampler.specs``): they are
+decoded together as one sample (one file read, shared frames decoded once), so skips and refills stay
+per sample, and the batch holds ``batch_size * K`` rows, a sample's candidates adjacent.
 """
 
 from __future__ import annotations
@@ -56,15 +60,20 @@ getattr(threading, "_register_atexit", atexit.register)(_close_live_loaders)
 
 @dataclass
 class _Work:
-    """One sample on its way through the decoders."""
+    """One sample (all its candidate windows) on its way through the decoders."""
 
     position: int          # sampler position (may pass the epoch's end when refilling)
-    spec: SampleSpec
+    specs: list[SampleSpec]
     record: VideoRecord
+
+    def all_frames(self) -> np.ndarray:
+        """(K * (2T + 2F),) indices: each candidate's ``SampleSpec.all_frames()``, in candidate order."""
+        return np.concatenate([s.all_frames() for s in self.specs])
 
 
 class ClipLoader:
-    """Iterable over :class:`ClipBatch` (``data.batch_size`` clips, already on ``device``).
+    """Iterable over :class:`ClipBatch` (``data.batch_size`` samples, already on ``device``; with MDS
+    ``online`` each sample is ``data.mds_candidates`` adjacent rows).
 
     One iteration covers the rest of the current epoch; call :meth:`set_epoch` before each epoch.
     Frames of at most ``prefetch + 2`` batches are alive at once (the queue, the batch being built and
@@ -154,13 +163,13 @@ class ClipLoader:
                 batch, cursor = item
                 if self.device.type == "cuda":
                     stream = torch.cuda.current_stream(self.device)
-                    for t in vars(batch).values():   # made on the loader's stream: keep the memory alive
+                    for t in batch.tensors().values():   # made on the loader's stream: keep the memory alive
                         t.record_stream(stream)
                 self._batch += 1
                 self.sampler.position = cursor
                 with self._lock:
                     self._stats["batches"] += 1
-                    self._stats["samples"] += batch.batch_size
+                    self._stats["samples"] += batch.batch_size // batch.candidates
                 yield batch
         finally:
             self._stop_active()
@@ -223,8 +232,8 @@ class ClipLoader:
             need = bsz - len(got)
             works = []
             for pos in range(cursor, cursor + need):
-                spec = self.sampler.spec(pos)
-                works.append(_Work(pos, spec, self.records[spec.video_idx]))
+                specs = self.sampler.specs(pos)
+                works.append(_Work(pos, specs, self.records[specs[0].video_idx]))
             cursor += need
             done = self._decode(works)
             failures = 0 if done else failures + need
@@ -254,7 +263,7 @@ class ClipLoader:
 
     def _decode(self, works: list[_Work]) -> list[tuple[_Work, torch.Tensor, torch.Tensor]]:
         """Decode ``works``; returns the successes in order as (work, frames, where): frames (U, H, W, 3)
-        uint8 on the device, where (2T+2F,) long: row of ``frames`` for each of ``spec.all_frames()``."""
+        uint8 on the device, where (K*(2T+2F),) long: row of ``frames`` for each of ``w.all_frames()``."""
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         dali, pyav = [], []
         for w in works:
@@ -279,7 +288,7 @@ class ClipLoader:
         return self._pool
 
     def _pyav_one(self, w: _Work) -> np.ndarray:
-        return decode_frames(w.record.path, w.spec.all_frames(), tuple(self.data.frame_size), threads=1)
+        return decode_frames(w.record.path, w.all_frames(), tuple(self.data.frame_size), threads=1)
 
     def _dali_batch(self, works: list[_Work], out: dict) -> None:
         if self._dali is None:
@@ -292,7 +301,7 @@ class ClipLoader:
             except OSError as e:
                 self._fail(w, f"cannot read: {e.strerror or e}")
                 continue
-            ok.append((w,) + tuple(np.unique(w.spec.all_frames(), return_inverse=True)))
+            ok.append((w,) + tuple(np.unique(w.all_frames(), return_inverse=True)))
             lists.append(ok[-1][1])
         if not ok:
             return
@@ -355,24 +364,28 @@ class ClipLoader:
 
     def _assemble(self, got: list[tuple[_Work, torch.Tensor, torch.Tensor]]) -> ClipBatch:
         """Gather each sample's frames straight into the batch tensors (one copy per delivered frame),
-        HWC -> CHW on the way: (B, T or F, 3, H, W) uint8."""
-        t, f = self.data.frames_per_clip, len(self.steps)
-        (h, w), n, dev = self.data.frame_size, len(got), self.device
+        HWC -> CHW on the way: (B*K, T or F, 3, H, W) uint8, candidate c of sample b at row b*K + c."""
+        t, f, k = self.data.frames_per_clip, len(self.steps), self.sampler.candidates
+        (h, w), n, dev = self.data.frame_size, len(got) * k, self.device
+        per = 2 * t + 2 * f          # rows of ``where`` per candidate
         parts = {"rgb_a": slice(0, t), "rgb_b": slice(t, 2 * t), "partner_a": slice(2 * t, 2 * t + f),
-                 "partner_b": slice(2 * t + f, 2 * t + 2 * f)}
-        out = {k: torch.empty((n, sl.stop - sl.start, 3, h, w), dtype=torch.uint8, device=dev)
-               for k, sl in parts.items()}
+                 "partner_b": slice(2 * t + f, per)}
+        out = {name: torch.empty((n, sl.stop - sl.start, 3, h, w), dtype=torch.uint8, device=dev)
+               for name, sl in parts.items()}
         for b, (_, frames, where) in enumerate(got):
             src = frames.permute(0, 3, 1, 2)
-            for k, sl in parts.items():
-                torch.index_select(src, 0, where[sl], out=out[k][b])
-        specs = [wk.spec for wk, _, _ in got]
+            for c in range(k):
+                for name, sl in parts.items():
+                    rows = where[c * per + sl.start:c * per + sl.stop]
+                    torch.index_select(src, 0, rows, out=out[name][b * k + c])
+        specs = [s for wk, _, _ in got for s in wk.specs]
         idx = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in specs])).to(dev)  # noqa: E731
         return ClipBatch(
             **out, flow_steps=self.steps.to(dev), frames_a=idx("frames_a"), frames_b=idx("frames_b"),
             partners_a=idx("partners_a"), partners_b=idx("partners_b"),
-            labels=torch.tensor([wk.record.label for wk, _, _ in got], dtype=torch.long, device=dev),
-            video_idx=torch.tensor([s.video_idx for s in specs], dtype=torch.long, device=dev))
+            labels=torch.tensor([wk.record.label for wk, _, _ in got for _ in wk.specs], dtype=torch.long,
+                                device=dev),
+            video_idx=torch.tensor([s.video_idx for s in specs], dtype=torch.long, device=dev), candidates=k)
 
 
 def build_loader(cfg: Config, records: list[VideoRecord], *, rank: int = 0, world_size: int = 1,

@@ -14,6 +14,12 @@ the dataset, and every rank has the same number of samples. Each video of the sh
 ``clips_per_video`` times, in an order and with windows drawn from a generator seeded by
 (seed, epoch, rank). The whole epoch's draws are made up front (a few integers per sample), so a sample
 is a pure function of (epoch, position) and resuming needs only those two numbers.
+
+MDS ``online`` (section 4): every sample expands into K = ``data.mds_candidates`` candidates of the same
+video, K distinct uniform even starts for window A (repeats only when the video has fewer than K
+starts), each with its own window B = its A + the sample's one shift d. The device scores the A windows
+and keeps one candidate per sample. Positions still count samples, so ``len()``, shards and resume are
+those of the other modes; :meth:`ClipSampler.specs` returns the K candidates of a position.
 """
 
 from __future__ import annotations
@@ -110,7 +116,8 @@ class ClipSampler:
         self.span = clip_span(data)
         self.epoch, self.position = 0, 0
         self._resumed = False
-        self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.candidates = data.mds_candidates if data.mds == "online" else 1
+        self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None   # ra, rb: (n, K)
         self._short_logged = False
         self._allowed: list[list[int] | None] | None = None  # sorted allowed MDS starts per video
         self._allowed_set: list[set[int]] = []
@@ -148,6 +155,11 @@ class ClipSampler:
         """Uniform even offset from ``lo`` in [lo, hi] (inclusive)."""
         return lo + 2 * int(rng.integers(0, (hi - lo) // 2 + 1))
 
+    def _draw_candidates(self, rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:
+        """(K,) uniform even offsets from ``lo`` in [lo, hi], distinct when there are at least K."""
+        count = (hi - lo) // 2 + 1
+        return lo + 2 * rng.choice(count, size=self.candidates, replace=count < self.candidates).astype(np.int64)
+
     def _plan_epoch(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan
@@ -155,8 +167,8 @@ class ClipSampler:
         rng = _rng(self.seed, epoch, _STREAM_RANK, self.rank)
         vids = np.repeat(self.shard(epoch), d.clips_per_video)
         vids = vids[rng.permutation(len(vids))]
-        ra = np.empty(len(vids), np.int64)
-        rb = np.empty(len(vids), np.int64)
+        ra = np.empty((len(vids), self.candidates), np.int64)
+        rb = np.empty((len(vids), self.candidates), np.int64)
         half = d.max_shift // 2
         short = 0
         for i, v in enumerate(vids):
@@ -165,23 +177,27 @@ class ClipSampler:
             fits = end - self.span >= start
             hi = end - self.span if (fits and not d.wrap) else end - 1
             short += not (fits or d.wrap)
-            a = self._draw_start(rng, start, hi)
-            mds = self._allowed is not None and self._allowed[v] is not None
-            if mds:
-                allowed = self._allowed_set[v]
-                for k in range(MDS_DRAWS):
-                    if k:
-                        a = self._draw_start(rng, start, hi)
-                    if a in allowed:
-                        break
-                else:
-                    a = self._allowed[v][0]
-            target = a + 2 * int(rng.integers(-half, half + 1))
-            b = _pick_mds_b(self._allowed[v], target, start) if mds else target
+            if self.candidates > 1:      # online MDS: K starts for A, one shift d shared by them
+                a = self._draw_candidates(rng, start, hi)
+                b = a + 2 * int(rng.integers(-half, half + 1))
+            else:
+                a = self._draw_start(rng, start, hi)
+                mds = self._allowed is not None and self._allowed[v] is not None
+                if mds:
+                    allowed = self._allowed_set[v]
+                    for k in range(MDS_DRAWS):
+                        if k:
+                            a = self._draw_start(rng, start, hi)
+                        if a in allowed:
+                            break
+                    else:
+                        a = self._allowed[v][0]
+                target = a + 2 * int(rng.integers(-half, half + 1))
+                b = _pick_mds_b(self._allowed[v], target, start) if mds else target
             if not d.wrap and fits:
                 # clamp both starts into [start, hi], keeping the even offset from start
-                a = min(max(a, start), start + (hi - start) // 2 * 2)
-                b = min(max(b, start), start + (hi - start) // 2 * 2)
+                a = np.clip(a, start, start + (hi - start) // 2 * 2)
+                b = np.clip(b, start, start + (hi - start) // 2 * 2)
             ra[i], rb[i] = a, b
         if short and not self._short_logged:
             self._short_logged = True
@@ -200,15 +216,23 @@ class ClipSampler:
         wrap = lambda x: rec.start + np.mod(x - rec.start, length)  # noqa: E731
         return wrap(raw), wrap(partners)
 
-    def spec(self, position: int) -> SampleSpec:
-        """Sample at ``position`` of the current epoch; positions past the end cycle through the epoch
-        again (the loader's refills after skipped files use this to keep ranks in step)."""
+    def specs(self, position: int) -> list[SampleSpec]:
+        """The candidates of the sample at ``position`` of the current epoch: K of the same video with
+        MDS ``online``, else one. Positions past the end cycle through the epoch again (the loader's
+        refills after skipped files use this to keep ranks in step)."""
         _, vids, ra, rb = self._plan_epoch(self.epoch)
         i = position % len(vids)
         rec = self.records[int(vids[i])]
-        fa, pa = self._window(rec, int(ra[i]))
-        fb, pb = self._window(rec, int(rb[i]))
-        return SampleSpec(int(vids[i]), fa, pa, fb, pb)
+        out = []
+        for a, b in zip(ra[i].tolist(), rb[i].tolist()):
+            fa, pa = self._window(rec, a)
+            fb, pb = self._window(rec, b)
+            out.append(SampleSpec(int(vids[i]), fa, pa, fb, pb))
+        return out
+
+    def spec(self, position: int) -> SampleSpec:
+        """The sample at ``position`` (its first candidate with MDS ``online``: a uniform start)."""
+        return self.specs(position)[0]
 
     def __iter__(self) -> Iterator[SampleSpec]:
         n = len(self)

@@ -3,6 +3,10 @@
 This is the part of a training step between the loader and the model (DESIGN.md "flow stage",
 "motion ops", "RGB augmentation"). Both windows' flow pairs go through the estimator in one call, so a
 batch of B clips with F flow frames per window is one estimator batch of 2*B*F pairs.
+
+MDS ``online`` (MSCL_METHOD.md section 4): the batch carries K candidate rows per sample. Window A's
+flow of all B*K rows is computed first, the candidates are scored on it, the best one per sample is
+kept, and window B's flow is computed for the kept rows only: (K + 1)*B*F pairs in two calls.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from mscl_stream.augment import augment_view
 from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.models.mscl import MSCLInputs
-from mscl_stream.motion import flow_views, fra_angles
+from mscl_stream.motion import flow_views, fra_angles, window_motion_scores
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -36,18 +41,55 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def compute_flow(batch: ClipBatch, estimator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward flow of both windows in one estimator call.
+def window_flow(batch: ClipBatch, window: str, estimator) -> torch.Tensor:
+    """Forward flow of one window ("a" or "b") of every row, one estimator call: (B, F, 2, H, W) float32."""
+    src, dst = batch.flow_pairs(window)
+    flow = estimator(src, dst).float()
+    return flow.view(batch.batch_size, batch.partner_a.shape[1], *flow.shape[1:])
+
+
+@torch.no_grad()
+def select_online_mds(batch: ClipBatch, flow_a: torch.Tensor) -> tuple[ClipBatch, torch.Tensor]:
+    """Keep the candidate with the highest window motion score per sample (MDS ``online``).
+
+    Args:
+        batch: B*K rows, candidates of a sample adjacent (``batch.candidates`` = K).
+        flow_a: (B*K, F, 2, H, W) raw pixel flow of window A of every row.
+    Returns:
+        (batch, flow_a) reduced to the kept rows: B rows, ``candidates`` = 1 (ties keep the first
+        candidate). A batch with ``candidates`` = 1 comes back unchanged.
+    """
+    k = batch.candidates
+    if k == 1:
+        return batch, flow_a
+    scores = window_motion_scores(flow_a).view(-1, k)           # (B, K)
+    # torch.argmax returns the index of the first maximal value: ties keep the first candidate
+    keep = scores.argmax(1) + torch.arange(0, batch.batch_size, k, device=scores.device)
+    rows = {name: t if name == "flow_steps" else t.index_select(0, keep.to(t.device))
+            for name, t in batch.tensors().items()}
+    return ClipBatch(**rows, candidates=1), flow_a.index_select(0, keep)
+
+
+@torch.no_grad()
+def compute_flow(batch: ClipBatch, estimator) -> tuple[ClipBatch, torch.Tensor, torch.Tensor]:
+    """Forward flow of both windows, choosing the MDS ``online`` candidates on the way.
+
+    One estimator call for both windows when ``batch.candidates`` = 1; otherwise window A's flow of
+    every candidate, :func:`select_online_mds`, then window B's flow of the kept rows only.
 
     Returns:
+        batch: the batch the flows belong to (reduced to one row per sample when K > 1).
         flow_a, flow_b: (B, F, 2, H, W) float32 pixel flow of windows A and B.
     """
+    if batch.candidates > 1:
+        batch, flow_a = select_online_mds(batch, window_flow(batch, "a", estimator))
+        return batch, flow_a, window_flow(batch, "b", estimator)
     src_a, dst_a = batch.flow_pairs("a")
     src_b, dst_b = batch.flow_pairs("b")
     flow = estimator(torch.cat([src_a, src_b]), torch.cat([dst_a, dst_b])).float()
     b, f = batch.batch_size, batch.partner_a.shape[1]
     flow = flow.view(2, b, f, *flow.shape[1:])
-    return flow[0], flow[1]
+    return batch, flow[0], flow[1]
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
                 epoch_done = True
                 break
             with timer("flow"):
-                flow_a, flow_b = compute_flow(batch, estimator)
+                batch, flow_a, flow_b = compute_flow(batch, estimator)  # MDS online: keeps 1 of K rows
             with timer("motion_augment"):
                 inputs = make_inputs(batch, flow_a, flow_b, cfg, aug_gen)
                 if use_cl:
