@@ -9,6 +9,13 @@ import pytest
 
 from mscl_stream.data.sample import moving_texture_frames, write_video
 
+# Tiny training settings shared by the trainer, online-MDS and bench tests (CPU, seconds per run).
+TINY_TRAIN = ["data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
+              "data.batch_size=2", "data.frame_size=[32, 40]", "data.num_threads=1", "data.prefetch=1",
+              "augment.out_size=32", "flow.estimator=dis_fast", "model.queue_size=8", "optim.lr=0.01",
+              "optim.base_batch=2", "train.device=cpu", "train.amp=fp32", "train.deterministic=true",
+              "log.every=1", "log.tensorboard=false"]
+
 VIDEO_N, VIDEO_H, VIDEO_W = 64, 128, 176
 VIDEO_VELOCITY = (2.0, 1.0)          # foreground px/frame (x right, y down); the background is static
 
@@ -25,6 +32,19 @@ def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same content as ``vp9_video`` encoded as H.264 (.mp4)."""
     frames = moving_texture_frames(VIDEO_N, VIDEO_H, VIDEO_W, VIDEO_VELOCITY, seed=0)
     return write_video(tmp_path_factory.mktemp("h264") / "clip.mp4", frames, "h264")
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six tiny VP9 videos (40 frames, 40x48; three move right, three left) indexed for TINY_TRAIN."""
+    from mscl_stream.config import load_config
+    from mscl_stream.data.manifest import build_manifest
+
+    root = tmp_path_factory.mktemp("tiny_train_data")
+    for i, (name, v) in enumerate([("right", (1.5, 0)), ("left", (-1.5, 0))] * 3):
+        write_video(root / name / f"{name}_{i}.webm", moving_texture_frames(40, 40, 48, v, seed=i), "vp9")
+    build_manifest(root, root / "manifest.jsonl", data=load_config(None, TINY_TRAIN).data, workers=1)
+    return root / "manifest.jsonl"
 
 
 @pytest.fixture

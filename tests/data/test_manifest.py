@@ -162,7 +162,7 @@ def make_tree(root: Path) -> dict[str, Path]:
 
 def test_index_class_folders(tmp_path, capsys):
     src = tmp_path / "src"
-    files = make_tree(src)
+    make_tree(src)
     out = tmp_path / "m" / "manifest.jsonl"
     report = build_manifest(src, out, data=SMALL, workers=1)
     recs = read_manifest(out)

@@ -1,7 +1,6 @@
 """Metrics: JSONL content, stage timer accumulation, progress line, FLOPs and MFU by hand."""
 
 import json
-import math
 import time
 from dataclasses import dataclass
 

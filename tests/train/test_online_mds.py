@@ -14,22 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_TRAIN
 from mscl_stream.config import ConfigError, DataConfig, load_config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.loader import build_loader
-from mscl_stream.data.manifest import VideoRecord, build_manifest, read_manifest
+from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.data.pyav_decode import decode_frames
-from mscl_stream.data.sample import moving_texture_frames, write_video
 from mscl_stream.data.sampler import ClipSampler
 from mscl_stream.motion import window_motion_scores
 from mscl_stream.train.step import compute_flow, select_online_mds
 from mscl_stream.train.trainer import pretrain
 
-TINY = ["data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
-        "data.batch_size=2", "data.frame_size=[32, 40]", "data.num_threads=1", "data.prefetch=1",
-        "augment.out_size=32", "flow.estimator=dis_fast", "model.queue_size=8", "optim.lr=0.01",
-        "optim.base_batch=2", "train.device=cpu", "train.amp=fp32", "train.deterministic=true",
-        "log.every=1", "log.tensorboard=false", "data.mds=online", "data.mds_candidates=2"]
+TINY = [*TINY_TRAIN, "data.mds=online", "data.mds_candidates=2"]
 
 
 # ---------------------------------------------------------------- sampler
@@ -272,13 +268,8 @@ def test_compute_flow_runs_window_b_for_kept_rows_only():
 # ---------------------------------------------------------------- loader + trainer
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("online_mds_data")
-    for i, (name, v) in enumerate([("right", (1.5, 0)), ("left", (-1.5, 0))] * 2):
-        write_video(root / name / f"{name}_{i}.webm", moving_texture_frames(40, 40, 48, v, seed=i), "vp9")
-    cfg = load_config(None, TINY)
-    build_manifest(root, root / "manifest.jsonl", data=cfg.data, workers=1)
-    return root / "manifest.jsonl"
+def manifest(tiny_manifest) -> Path:
+    return tiny_manifest
 
 
 def test_loader_puts_candidates_in_adjacent_rows(manifest):

@@ -13,32 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_ranks
+from conftest import TINY_TRAIN, run_ranks
 from mscl_stream.config import dump_config, load_config
-from mscl_stream.data.manifest import build_manifest
-from mscl_stream.data.sample import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 from mscl_stream.train.checkpoint import load_checkpoint
 from mscl_stream.train.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
-        "data.batch_size=2", "data.frame_size=[32, 40]", "data.num_threads=1", "data.prefetch=1",
-        "augment.out_size=32", "flow.estimator=dis_fast", "model.queue_size=8", "optim.lr=0.01",
-        "optim.base_batch=2", "train.device=cpu", "train.amp=fp32", "train.deterministic=true",
-        "log.every=1", "log.tensorboard=false"]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    """Six tiny VP9 videos (two directions of motion) indexed into a manifest."""
-    root = tmp_path_factory.mktemp("trainer_data")
-    for i, (name, v) in enumerate([("right", (1.5, 0)), ("left", (-1.5, 0))] * 3):
-        frames = moving_texture_frames(40, 40, 48, v, seed=i)
-        write_video(root / name / f"{name}_{i}.webm", frames, "vp9")
-    cfg = load_config(None, TINY)
-    build_manifest(root, root / "manifest.jsonl", data=cfg.data, workers=1)
-    return root / "manifest.jsonl"
+def manifest(tiny_manifest) -> Path:
+    return tiny_manifest
 
 
 def _cfg(manifest: Path, out: Path, *extra: str):
