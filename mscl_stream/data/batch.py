@@ -20,6 +20,8 @@ class ClipBatch:
         labels:               (B,) long               class label, -1 where unknown
         video_idx:            (B,) long               row of the manifest
         candidates:           int                     K: rows per sample (MDS online), else 1
+        flow_a, flow_b:       (B, F, 2, H, W) float or None   flow read from disk (the precomputed-flow
+                                                      benchmark baseline only; normally computed in-batch)
     Flow pair j of window A is (rgb_a[:, flow_steps[j]], partner_a[:, j]). With K > 1 the rows are
     K candidate windows per sample, adjacent (sample s at rows s*K .. s*K + K-1), and B counts rows;
     ``mscl_stream.train.step.select_online_mds`` keeps one row per sample.
@@ -37,6 +39,8 @@ class ClipBatch:
     labels: torch.Tensor
     video_idx: torch.Tensor
     candidates: int = 1
+    flow_a: torch.Tensor | None = None
+    flow_b: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -47,8 +51,8 @@ class ClipBatch:
         return self.rgb_a.device
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name (everything but ``candidates``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidates"}
+        """The tensor fields by name (everything but ``candidates`` and absent flows)."""
+        return {f.name: v for f in fields(self) if f.name != "candidates" and (v := getattr(self, f.name)) is not None}
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "ClipBatch":
         return replace(self, **{k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors().items()})

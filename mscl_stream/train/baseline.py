@@ -1,11 +1,20 @@
-"""The conventional loader the benchmarks compare against: PyAV decode in torch DataLoader workers.
+"""The conventional loaders the benchmarks compare against (only ``mscl-stream bench --baselines``).
 
-It draws exactly the same samples as the streaming loader (same ClipSampler), decodes them with PyAV in
-``data.num_threads`` worker processes, collates on the host and copies each batch to the device, i.e.
-what a typical PyTorch video pipeline does. Only ``mscl-stream bench --baselines`` uses it.
+* :class:`PyAVDataLoader`: PyAV decode in ``data.num_threads`` torch DataLoader worker processes,
+  host collation, a copy to the device: what a typical PyTorch video pipeline does.
+* :class:`PrecomputedFlowLoader`: the authors' pipeline. Flow is computed once for every frame pair
+  (r, r + flow_gap) of every video and written to disk (float16 .npy per video); workers then decode
+  the RGB frames with PyAV and read the flow of the sampled pairs back from disk, so the training step
+  skips the flow network. Its disk footprint and one-off compute time are reported.
+
+Both draw exactly the same samples as the streaming loader (same ClipSampler).
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,12 +26,15 @@ from mscl_stream.data.pyav_decode import decode_frames
 from mscl_stream.data.sampler import ClipSampler, flow_steps
 from mscl_stream.train.step import resolve_device
 
+log = logging.getLogger(__name__)
+
 
 class _Clips(torch.utils.data.Dataset):
     """Item ``i`` = the sampler's sample at position ``i`` of the current epoch, decoded by PyAV."""
 
-    def __init__(self, sampler: ClipSampler, records: list[VideoRecord], size: tuple[int, int]):
-        self.sampler, self.records, self.size = sampler, records, size
+    def __init__(self, sampler: ClipSampler, records: list[VideoRecord], size: tuple[int, int],
+                 flow_dir: Path | None = None):
+        self.sampler, self.records, self.size, self.flow_dir = sampler, records, size, flow_dir
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -32,19 +44,25 @@ class _Clips(torch.utils.data.Dataset):
         frames = decode_frames(self.records[spec.video_idx].path, spec.all_frames(), self.size, threads=1)
         idx = np.stack([spec.frames_a, spec.frames_b])
         partners = np.stack([spec.partners_a, spec.partners_b])
+        flows = torch.empty(0)
+        if self.flow_dir is not None:   # (2, F, 2, H, W) rows r - start of the video's flow file
+            rec, steps = self.records[spec.video_idx], self.sampler.steps
+            table = np.load(self.flow_dir / f"{spec.video_idx:06d}.npy", mmap_mode="r")
+            flows = torch.from_numpy(np.stack([table[idx[0][steps] - rec.start], table[idx[1][steps] - rec.start]]))
         return (torch.from_numpy(frames), torch.from_numpy(idx), torch.from_numpy(partners),
-                self.records[spec.video_idx].label, spec.video_idx)
+                self.records[spec.video_idx].label, spec.video_idx, flows)
 
 
 class PyAVDataLoader:
     """Iterable over ClipBatch on the device, fed by a torch DataLoader with PyAV workers."""
 
-    def __init__(self, cfg: Config, records: list[VideoRecord], device: torch.device):
+    def __init__(self, cfg: Config, records: list[VideoRecord], device: torch.device,
+                 flow_dir: Path | None = None):
         d = cfg.data
         self.sampler = ClipSampler(records, d, seed=d.seed)
         self.t, self.steps, self.device, self.stats = d.frames_per_clip, torch.from_numpy(flow_steps(d)), device, {}
         self.loader = torch.utils.data.DataLoader(
-            _Clips(self.sampler, records, tuple(d.frame_size)), batch_size=d.batch_size, shuffle=False,
+            _Clips(self.sampler, records, tuple(d.frame_size), flow_dir), batch_size=d.batch_size, shuffle=False,
             num_workers=d.num_threads, pin_memory=device.type == "cuda", drop_last=True,
             prefetch_factor=d.prefetch if d.num_threads else None, persistent_workers=False)
 
@@ -62,15 +80,49 @@ class PyAVDataLoader:
 
     def __iter__(self):
         t, f, dev = self.t, len(self.steps), self.device
-        for frames, idx, partners, labels, vids in self.loader:
+        for frames, idx, partners, labels, vids, flows in self.loader:
             x = frames.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3)  # (B, 2T+2F, 3, H, W)
+            flows = flows.to(dev, non_blocking=True) if flows.numel() else None
             yield ClipBatch(
                 rgb_a=x[:, :t].contiguous(), rgb_b=x[:, t:2 * t].contiguous(),
                 partner_a=x[:, 2 * t:2 * t + f].contiguous(), partner_b=x[:, 2 * t + f:].contiguous(),
                 flow_steps=self.steps.to(dev), frames_a=idx[:, 0].to(dev), frames_b=idx[:, 1].to(dev),
                 partners_a=partners[:, 0].to(dev), partners_b=partners[:, 1].to(dev),
-                labels=labels.to(dev), video_idx=vids.to(dev))
+                labels=labels.to(dev), video_idx=vids.to(dev),
+                flow_a=flows[:, 0] if flows is not None else None, flow_b=flows[:, 1] if flows is not None else None)
 
 
 def pyav_dataloader(cfg: Config) -> PyAVDataLoader:
     return PyAVDataLoader(cfg, read_manifest(cfg.data.manifest, cfg.data.split), resolve_device(cfg.train.device))
+
+
+@torch.no_grad()
+def precompute_flows(cfg: Config, records: list[VideoRecord], estimator, out_dir: Path) -> dict:
+    """Flow of every pair (r, r + flow_gap) of every video, wrapping inside [start, end) like the sampler.
+
+    Writes ``out_dir/<row>.npy`` of shape (frames, 2, H, W) float16 per manifest row.
+
+    Returns:
+        {"videos", "pairs", "bytes", "seconds"}: what the authors' pipeline pays once, up front.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, gap = tuple(cfg.data.frame_size), cfg.data.flow_gap
+    t0, pairs, nbytes = time.perf_counter(), 0, 0
+    for row, rec in enumerate(records):
+        n = rec.frame_end - rec.start
+        frames = torch.from_numpy(decode_frames(rec.path, np.arange(rec.start, rec.frame_end), size))
+        frames = frames.permute(0, 3, 1, 2).to(estimator.device)
+        dst = (np.arange(n) + gap) % n
+        flow = torch.cat([estimator(frames[i:i + 256], frames[dst[i:i + 256]]) for i in range(0, n, 256)])
+        path = out_dir / f"{row:06d}.npy"
+        np.save(path, flow.to(torch.float16).cpu().numpy())
+        pairs, nbytes = pairs + n, nbytes + path.stat().st_size
+        log.info("precomputed flow %d/%d: %s (%d pairs)", row + 1, len(records), rec.path, n)
+    return {"videos": len(records), "pairs": pairs, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def precomputed_flow_loader(cfg: Config, estimator, flow_dir: Path) -> tuple[PyAVDataLoader, dict]:
+    """Precompute every video's flow into ``flow_dir``, then a loader that reads it back with the frames."""
+    records = read_manifest(cfg.data.manifest, cfg.data.split)
+    cost = precompute_flows(cfg, records, estimator, Path(flow_dir))
+    return PyAVDataLoader(cfg, records, resolve_device(cfg.train.device), flow_dir=Path(flow_dir)), cost

@@ -81,6 +81,8 @@ def compute_flow(batch: ClipBatch, estimator) -> tuple[ClipBatch, torch.Tensor, 
         batch: the batch the flows belong to (reduced to one row per sample when K > 1).
         flow_a, flow_b: (B, F, 2, H, W) float32 pixel flow of windows A and B.
     """
+    if batch.flow_a is not None:          # the precomputed-flow baseline brings its flow from disk
+        return batch, batch.flow_a.float(), batch.flow_b.float()
     if batch.candidates > 1:
         batch, flow_a = select_online_mds(batch, window_flow(batch, "a", estimator))
         return batch, flow_a, window_flow(batch, "b", estimator)

@@ -26,15 +26,42 @@ def test_resident_loader_replays_one_batch():
 def test_bench_runs_end_to_end_resident_and_baseline(tiny_manifest, tmp_path, capsys):
     cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=", "log.every=2"])
     res = run_bench(cfg, out=tmp_path, steps=4, baselines=True, estimators=("farneback",))
-    assert set(res["runs"]) == {"end_to_end", "resident", "pyav_dataloader", "flow=farneback"}
+    assert set(res["runs"]) == {"end_to_end", "resident", "pyav_dataloader", "precomputed_flow", "flow=farneback"}
     for run in res["runs"].values():
         assert run["clips_per_s"] > 0 and run["stage_share"]
         assert abs(sum(run["stage_share"].values()) - 1.0) < 1e-6
     a, b = res["runs"]["end_to_end"]["clips_per_s"], res["runs"]["resident"]["clips_per_s"]
     assert res["stream_efficiency"] == pytest.approx(a / b)
     assert res["speedup_vs_pyav"] == pytest.approx(a / res["runs"]["pyav_dataloader"]["clips_per_s"])
+    # the precomputed baseline wrote every frame pair of the six 40-frame 32x40 videos as float16
+    cost = res["runs"]["precomputed_flow"]["precompute"]
+    assert cost["videos"] == 6 and cost["pairs"] == 6 * 40 and cost["bytes"] >= 6 * 40 * 2 * 32 * 40 * 2
+    assert res["runs"]["precomputed_flow"]["stage_share"]["flow"] < res["runs"]["end_to_end"]["stage_share"]["flow"]
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert files == [".json", ".png"]
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["machine"]["cpu_count"] and saved["machine"]["torch"]
     assert "stream efficiency" in capsys.readouterr().out
+
+
+def test_precomputed_flow_equals_in_batch_flow(tiny_manifest, tmp_path):
+    """The baseline's flow read back from disk is the flow of exactly the sampled pairs."""
+    import torch
+
+    from mscl_stream.flow import estimator_from_config
+    from mscl_stream.train.baseline import precomputed_flow_loader
+    from mscl_stream.train.step import compute_flow
+
+    cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=",
+                             "data.max_shift=40"])   # shifts past the end: wrapped pairs too
+    est = estimator_from_config(cfg.flow, "cpu")
+    loader, cost = precomputed_flow_loader(cfg, est, tmp_path / "flows")
+    assert len(list((tmp_path / "flows").glob("*.npy"))) == cost["videos"] == 6
+    loader.set_epoch(0)
+    for batch in loader:
+        assert batch.flow_a is not None and batch.flow_a.dtype == torch.float16
+        fresh = batch.to("cpu")
+        fresh.flow_a = fresh.flow_b = None                     # force the in-batch computation
+        _, flow_a, flow_b = compute_flow(fresh, est)
+        torch.testing.assert_close(batch.flow_a.float(), flow_a, atol=0.02, rtol=0.002)
+        torch.testing.assert_close(batch.flow_b.float(), flow_b, atol=0.02, rtol=0.002)
