@@ -1,4 +1,4 @@
-"""What machine and library versions produced a number: recorded in every benchmark result."""
+"""The machine: which device a run uses, and what machine and library versions produced a number."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import platform
 import sys
 
 import torch
+
+from mscl_stream.errors import UserError
 
 _LIBRARIES = ("torchvision", "numpy", "triton", "nvidia.dali", "kornia", "av", "cv2")
 
@@ -40,3 +42,23 @@ def machine_info(device: torch.device | str | None = None) -> dict:
         info["gpu"] = torch.cuda.get_device_name(index)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Map "auto"/None to CUDA when available (else CPU); validate explicit CUDA requests.
+
+    Raises:
+        UserError: CUDA requested but not available, or an unparsable device string.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

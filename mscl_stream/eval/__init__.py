@@ -29,6 +29,7 @@ from mscl_stream.config import Config, to_dict
 from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.errors import UserError
 from mscl_stream.eval.features import ENCODER_PREFIX, build_r3d, extract_features
+from mscl_stream.machine import resolve_device
 from mscl_stream.eval.finetune import finetune
 from mscl_stream.eval.linear import linear_probe
 from mscl_stream.eval.retrieval import KS, retrieval_recall
@@ -65,14 +66,6 @@ def split_records(manifest: str) -> tuple[list[VideoRecord], list[VideoRecord], 
                          "unlabelled_left_out": unlabelled}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(name)
-
-
 def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None, out: str | None = None,
              prefix: str = ENCODER_PREFIX, clips: int | None = None) -> dict:
     """Run one evaluation and return its results (also written as JSON to ``out`` if given).
@@ -98,7 +91,7 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such file")
     train, test, counts = split_records(cfg.data.manifest)
-    device = _device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
     t0 = time.perf_counter()
     log.info("eval %s: %d train / %d test videos, %s, device %s", kind, len(train), len(test),

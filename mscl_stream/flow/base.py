@@ -48,26 +48,6 @@ class FlowEstimator(Protocol):
         ...
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Map "auto"/None to CUDA when available (else CPU); validate explicit CUDA requests.
-
-    Raises:
-        UserError: CUDA requested but not available, or an unparsable device string.
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def reject_unknown_options(name: str, options: dict[str, Any], known: tuple[str, ...] | list[str]) -> None:
     """Raise a one-line UserError naming the options an estimator does not take."""
     bad = sorted(set(options) - set(known))

@@ -18,7 +18,7 @@ import torch
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow import get_estimator
-from mscl_stream.flow.base import resolve_device
+from mscl_stream.machine import resolve_device
 
 _RAFT = ("raft_small", "raft_large")
 

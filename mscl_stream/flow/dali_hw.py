@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
-from mscl_stream.flow.base import check_pair, reject_unknown_options, resolve_device, run_chunked
+from mscl_stream.flow.base import check_pair, reject_unknown_options, run_chunked
+from mscl_stream.machine import resolve_device
 
 _GRIDS = (1, 2, 4)
 

@@ -5,9 +5,9 @@ pyramid in fp32, samples it with a lookup grid built once on the device, and ups
 the last update (torchvision upsamples after every update, ~3.4 GFLOP/pair wasted for raft_large at
 12 updates). The result equals torchvision's last prediction (tests check 1e-4 in fp32).
 
-Weights (:func:`mscl_stream.flow.raft_weights.load_raft_weights`): a local file (torchvision state_dict or an original princeton-vl
-checkpoint, whose key names are remapped), a torchvision weights enum name, or "none" (random init,
-with a warning).
+Weights (:func:`mscl_stream.flow.raft_weights.load_raft_weights`): a local file (torchvision
+state_dict or an original princeton-vl checkpoint, whose key names are remapped), a torchvision
+weights enum name, or "none" (random init, with a warning).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow.base import (auto_chunk_size, check_pair, crop_padding, pad_to_multiple, reject_unknown_options,
-                                   resolve_device, run_chunked)
+                                   run_chunked)
 from mscl_stream.flow.raft_weights import load_raft_weights
+from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
 

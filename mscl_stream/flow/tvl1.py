@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from mscl_stream.errors import UserError
-from mscl_stream.flow.base import auto_chunk_size, check_pair, resolve_device, run_chunked, to_float255
+from mscl_stream.flow.base import auto_chunk_size, check_pair, run_chunked, to_float255
+from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
 

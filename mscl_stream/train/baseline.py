@@ -24,7 +24,7 @@ from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.data.pyav_decode import decode_frames
 from mscl_stream.data.sampler import ClipSampler, flow_steps
-from mscl_stream.train.step import resolve_device
+from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 from mscl_stream.config import Config, to_dict
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.machine import machine_info
-from mscl_stream.train.step import resolve_device
+from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,6 @@ from mscl_stream.models.mscl import MSCLInputs
 from mscl_stream.motion import flow_views, fra_angles, window_motion_scores
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the model (None = fp32): auto is bf16 on CUDA, fp32 on CPU."""
     amp = cfg.train.amp
