@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from mscl_stream.augment import IMAGENET_MEAN, IMAGENET_STD
 from mscl_stream.config import Config, load_config
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
@@ -49,7 +50,7 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     seconds = time.perf_counter() - t0
 
     def rgb(x: torch.Tensor) -> torch.Tensor:  # (3,S,S) normalised -> (S,S,3) in [0,1]
-        return (x.cpu().float() * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).permute(1, 2, 0)
+        return (x.cpu().float() * STD + MEAN).clamp(0, 1).permute(1, 2, 0)
 
     n = min(samples, batch.batch_size)
     cols = [("query RGB", lambda i: rgb(inputs.rgb_q[i, :, 0])),

@@ -19,17 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
 
 from mscl_stream.config import Config, to_dict
 from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.errors import UserError
 from mscl_stream.eval.features import ENCODER_PREFIX, build_r3d, extract_features
-from mscl_stream.machine import resolve_device
+from mscl_stream.machine import machine_info, resolve_device
 from mscl_stream.eval.finetune import finetune
 from mscl_stream.eval.linear import linear_probe
 from mscl_stream.eval.retrieval import KS, retrieval_recall
@@ -125,10 +123,7 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
           f"{counts['seconds']:.1f} s)", flush=True)
     if out:
         _write_json(out, {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
-                          "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                      "torch": torch.__version__,
-                                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                          "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return result
 
 
