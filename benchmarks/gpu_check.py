@@ -1,12 +1,19 @@
-"""GPU validation in parts that each fit a short device lease (< 5 min on an H100).
+"""GPU validation in parts that each fit a short device lease.
 
-    python benchmarks/gpu_check.py --part torch OUT   # GPU/driver/NVDEC facts, RAFT, TV-L1, flow encode, train step
-    python benchmarks/gpu_check.py --part dali OUT    # DALI mixed vs PyAV decode (H.264/HEVC/VP9), the test
-                                                      # suite with CUDA, end-to-end bench with baselines
+    python benchmarks/gpu_check.py --part torch OUT   # torch alone: GPU/driver/NVDEC facts, the CUDA tests
+                                                      # that need no DALI/Kornia/PyAV, TV-L1 fused vs eager,
+                                                      # RAFT variants (~3 min on an H100)
+    python benchmarks/gpu_check.py --part dali OUT    # with DALI + Kornia + PyAV: end-to-end bench with both
+                                                      # baselines, the remaining CUDA tests, NVDEC vs PyAV
+                                                      # decode (H.264/HEVC/VP9), the train step bf16 vs fp32
+                                                      # (~8 min)
 
-Each measurement runs as its own subprocess with a time limit, so one failure costs only its own
-number. Every result lands in OUT/gpu_check_<part>.json (plus the benchmarks' own JSON/PNG files,
-bundled into OUT/results_<part>.tar.gz), and the last lines printed are a summary table.
+The parts follow the GPU host's staging (../shared/tools/gpu-stage): torch is there from the start,
+DALI/Kornia/PyAV only after the last of three transfers. Each measurement runs as its own subprocess
+with a time limit, so one failure costs only its own number; ``--skip NAME ...`` leaves some out. After
+every measurement OUT/gpu_check_<part>.json is rewritten (a lease that ends early still returns what
+was measured); the benchmarks' own JSON/PNG files land in OUT/results/; the full output of every
+measurement in OUT/log.txt; the last lines printed are a summary table.
 """
 
 from __future__ import annotations
@@ -15,11 +22,8 @@ import argparse
 import ctypes.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +79,7 @@ import json, torch
 from mscl_stream.config import load_config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.train.bench import ResidentLoader, steady_rate
+from mscl_stream.train.metrics import mfu
 from mscl_stream.train.trainer import pretrain
 cfg = load_config('configs/bench.yaml', ['train.amp={amp}', 'train.channels_last={str(channels_last).lower()}',
     'flow.precision={'bf16' if amp == 'bf16' else 'fp32'}', 'data.batch_size={batch}', 'train.max_steps={steps}',
@@ -90,65 +95,91 @@ batch = ClipBatch(rgb_a=u8(B, T, 3, H, W), rgb_b=u8(B, T, 3, H, W), partner_a=u8
                   frames_b=ar(T), partners_a=ar(F), partners_b=ar(F), labels=torch.zeros(B, dtype=torch.long).to(dev),
                   video_idx=torch.zeros(B, dtype=torch.long).to(dev))
 res = pretrain(cfg, loader=ResidentLoader(batch, {steps}))
-stages = res['stage_seconds']; tot = sum(stages.values())
-print('RESULT', json.dumps({{'clips_per_s': steady_rate(res, B), 'stage_share': {{k: v / tot for k, v in stages.items()}},
-      'peak_mem_gb': torch.cuda.max_memory_allocated() / 2**30 if dev == 'cuda' else None, 'loss': res.get('loss/loss')}}))
+stages = res['stage_seconds']; tot = sum(stages.values()); rate = steady_rate(res, B)
+print('RESULT', json.dumps({{'clips_per_s': rate, 'stage_share': {{k: v / tot for k, v in stages.items()}},
+      'peak_mem_gb': res['gpu_mem_gb'], 'loss': res.get('loss/loss'), 'flops_per_clip': res['flops_per_clip'],
+      'mfu': mfu(res['flops_per_clip'], rate, res['peak_flops'])}}))
 """
     return [PY, "-c", code]
 
 
-def part_torch(out: Path, results: Path) -> dict:
-    r = {"flow_speed": _run("flow_speed", [PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick",
-                                             "--out", str(results)], out, 90),
-         "tvl1_speed": _run("tvl1_speed", [PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick",
-                                             "--out", str(results)], out, 90)}
-    for amp, cl in (("bf16", True), ("fp32", False)):
-        r[f"train_step_{amp}{'_cl' if cl else ''}"] = _run(f"train_step {amp} channels_last={cl}",
-                                                          train_step_cmd(amp, cl, 12, 64), out, 60)
-    return r
+# CUDA-only tests that need torch alone (no DALI, Kornia or PyAV: the GPU host has none of them before
+# the last staging call) and the ones that need them; together they are every test that skips on CPU.
+TORCH_TESTS = ["tests/flow/test_opencv.py::test_output_on_input_device",
+               "tests/flow/test_raft.py::test_gpu_precisions_and_graphs_match_fp32",
+               "tests/flow/test_tvl1.py::test_fused_gpu_matches_eager_and_batches_consistently",
+               "tests/kernels/test_tvl1_kernel.py::test_compiled_kernels_match_reference_on_gpu",
+               "tests/models/test_mscl.py::test_cuda_full_size_bf16_channels_last",
+               "tests/test_losses.py::test_losses_on_cuda_match_cpu"]
+DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_manifest.py::test_probe_counts_equal_dali_gpu_decode",
+              "tests/flow/test_registry.py::test_dali_of_translation_or_clear_error",
+              "tests/kernels/test_flow_encode.py", "tests/test_augment.py::test_cuda_matches_cpu"]
 
 
-def part_dali(out: Path, results: Path) -> dict:
-    """Most important first: the end-to-end bench, then NVDEC decode, then the suite with CUDA (~9 min)."""
-    r = {"bench_e2e": _run("end-to-end bench", [PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml",
-                                                "--steps", "20", "--baselines", "--out", str(results),
-                                                "data.num_threads=16"], out, 150)}
+def _pytest(tests: list[str]) -> list[str]:
+    return [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
+
+
+def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
+    """Torch-only work (first staging call): CUDA tests, TV-L1 fused vs eager, RAFT variants."""
+    return {"tests_cuda_torch": (_pytest(TORCH_TESTS), 150),
+            "tvl1_speed": ([PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 100),
+            "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90)}
+
+
+def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
+    """Needs DALI + Kornia + PyAV (last staging call). Most important first: the end-to-end bench on
+    H.264 sample data (NVDEC) with both baselines, the CUDA tests (NVDEC vs PyAV pixel agreement,
+    dali_of direction, kernels, augmentation), NVDEC vs PyAV decode per codec, the train step."""
+    runs = {"bench_e2e": ([PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml", "--steps", "16",
+                           "--baselines", "--codec", "h264", "--out", str(results), "data.num_threads=16"], 200),
+            "tests_cuda_dali": (_pytest(DALI_TESTS), 120)}
     for codec in ("h264", "hevc", "vp9"):
-        r[f"decode_{codec}"] = _run(f"decode {codec}", [PY, "benchmarks/decode.py", "--device", "cuda", "--codec",
-                                                        codec, "--workers", "0", "--clips", "128", "--batch", "32",
-                                                        "--reps", "1", "--sweep", "", "--videos", "12",
-                                                        "--out", str(results)], out, 50)
-    # The whole suite with CUDA present: the NVDEC-vs-PyAV pixel agreement, dali_of direction, RAFT
-    # CUDA graphs, kernel parity on the device and the other tests that skip on CPU-only machines.
-    r["test_suite_on_gpu"] = _run("pytest on GPU", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                                  out, 120)
-    return r
+        runs[f"decode_{codec}"] = ([PY, "benchmarks/decode.py", "--device", "cuda", "--codec", codec, "--workers",
+                                    "0", "--clips", "128", "--batch", "32", "--reps", "1", "--sweep", "",
+                                    "--videos", "12", "--out", str(results)], 60)
+    for amp, cl in (("bf16", True), ("fp32", False)):
+        runs[f"train_step_{amp}{'_cl' if cl else ''}"] = (train_step_cmd(amp, cl, 12, 64), 60)
+    return runs
+
+
+def _save(out: Path, summary: dict) -> None:
+    """Written after every measurement, so a lease that ends mid-part still returns what was measured."""
+    for run in summary["runs"].values():   # collect RESULT lines printed by inline measurements
+        for line in run["tail"].splitlines():
+            if line.startswith("RESULT "):
+                run["result"] = json.loads(line[7:])
+    (out / f"gpu_check_{summary['part']}.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["torch", "dali"], required=True)
+    ap.add_argument("--skip", nargs="*", default=[], metavar="NAME",
+                    help="measurements to leave out (e.g. tvl1_speed flow_speed where this card was measured)")
     ap.add_argument("out", type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    results = Path(tempfile.mkdtemp(prefix="gpu_check_results_"))
-    summary = {"part": a.part, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment()}
+    results = a.out / "results"          # the benchmarks' own JSON/PNG files, ready to commit
+    results.mkdir(exist_ok=True)
+    summary = {"part": a.part, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": environment(),
+               "runs": {}}
     print("[gpu_check] environment:", json.dumps(summary["environment"]), flush=True)
-    summary["runs"] = (part_torch if a.part == "torch" else part_dali)(a.out, results)
-    for name, run in summary["runs"].items():   # collect RESULT lines printed by inline measurements
-        for line in run["tail"].splitlines():
-            if line.startswith("RESULT "):
-                run["result"] = json.loads(line[7:])
-    (a.out / f"gpu_check_{a.part}.json").write_text(json.dumps(summary, indent=2, default=str))
-    with tarfile.open(a.out / f"results_{a.part}.tar.gz", "w:gz") as tar:
-        for p in sorted(results.iterdir()):
-            tar.add(p, arcname=p.name)
-    shutil.rmtree(results, ignore_errors=True)
+    plan = (part_torch if a.part == "torch" else part_dali)(results)
+    unknown = set(a.skip) - set(plan)
+    if unknown:
+        raise SystemExit(f"gpu_check: unknown measurement(s) {sorted(unknown)}; this part has {sorted(plan)}")
+    _save(a.out, summary)
+    for name, (cmd, timeout) in plan.items():
+        if name not in a.skip:
+            summary["runs"][name] = _run(name, cmd, a.out, timeout)
+            _save(a.out, summary)
     print(f"\n{'measurement':<28}{'status':<16}{'seconds':>8}")
     for name, run in summary["runs"].items():
         extra = ""
         if "result" in run:
-            extra = f"  {run['result'].get('clips_per_s', 0):.1f} clips/s"
+            r = run["result"]
+            extra = f"  {r.get('clips_per_s', 0):.1f} clips/s" + (f", MFU {r['mfu']:.3f}" if r.get("mfu") else "")
         print(f"{name:<28}{run['status']:<16}{run['seconds']:>8.1f}{extra}")
 
 

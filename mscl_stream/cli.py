@@ -60,7 +60,8 @@ def _cmd_flow_check(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.train.bench import run_bench
-    run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators))
+    run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators),
+              codec=a.codec)
     return 0
 
 
@@ -119,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="end-to-end and per-stage throughput against baselines")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--baselines", action="store_true", help="also run the PyAV DataLoader baseline")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run the PyAV DataLoader and precomputed-flow baselines")
+    p.add_argument("--codec", choices=["auto", "vp9", "h264", "hevc", "mjpeg"], default="auto",
+                   help="codec of the sample data made when data.manifest is empty "
+                        "(auto: h264 on a GPU, where NVDEC decodes it; vp9 on CPU)")
     p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)

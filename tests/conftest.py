@@ -7,7 +7,13 @@ from typing import Callable
 
 import pytest
 
-from mscl_stream.data.sample import moving_texture_frames, write_video
+
+
+def _video_tools():
+    # Imported lazily so that tests which make no videos run where PyAV is absent (the GPU host's
+    # first staging call has torch but no PyAV yet).
+    from mscl_stream.data.sample import moving_texture_frames, write_video
+    return moving_texture_frames, write_video
 
 # Tiny training settings shared by the trainer, online-MDS and bench tests (CPU, seconds per run).
 TINY_TRAIN = ["data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
@@ -23,6 +29,7 @@ VIDEO_VELOCITY = (2.0, 1.0)          # foreground px/frame (x right, y down); th
 @pytest.fixture(scope="session")
 def vp9_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 frames, 128x176, VP9 (.webm), foreground moving by VIDEO_VELOCITY, gop 16, 25 fps, seed 0."""
+    moving_texture_frames, write_video = _video_tools()
     frames = moving_texture_frames(VIDEO_N, VIDEO_H, VIDEO_W, VIDEO_VELOCITY, seed=0)
     return write_video(tmp_path_factory.mktemp("vp9") / "clip.webm", frames, "vp9")
 
@@ -30,6 +37,7 @@ def vp9_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same content as ``vp9_video`` encoded as H.264 (.mp4)."""
+    moving_texture_frames, write_video = _video_tools()
     frames = moving_texture_frames(VIDEO_N, VIDEO_H, VIDEO_W, VIDEO_VELOCITY, seed=0)
     return write_video(tmp_path_factory.mktemp("h264") / "clip.mp4", frames, "h264")
 
@@ -40,6 +48,7 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mscl_stream.config import load_config
     from mscl_stream.data.manifest import build_manifest
 
+    moving_texture_frames, write_video = _video_tools()
     root = tmp_path_factory.mktemp("tiny_train_data")
     for i, (name, v) in enumerate([("right", (1.5, 0)), ("left", (-1.5, 0))] * 3):
         write_video(root / name / f"{name}_{i}.webm", moving_texture_frames(40, 40, 48, v, seed=i), "vp9")
@@ -51,6 +60,8 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_video(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``make_video(n=32, h=64, w=96, codec="vp9", velocity=(2, 0), seed=0, name=None,
     bg_velocity=(0, 0), gop=16, fps=25)`` writes a video into a fresh temporary folder."""
+
+    moving_texture_frames, write_video = _video_tools()
 
     def make(n: int = 32, h: int = 64, w: int = 96, codec: str = "vp9",
              velocity: tuple[float, float] = (2.0, 0.0), seed: int = 0, name: str | None = None,

@@ -14,18 +14,21 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from mscl_stream.config import Config, to_dict
+from mscl_stream.config import Config, FlowConfig, to_dict
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.machine import machine_info
 from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
+RAFT_NAMES = ("raft_small", "raft_large")
 
 
 class ResidentLoader:
@@ -65,20 +68,39 @@ def _run(cfg: Config, loader=None) -> dict:
     rate = steady_rate(res, cfg.data.batch_size)
     stages = res.get("stage_seconds", {})
     total = sum(stages.values()) or 1.0
+    from mscl_stream.train.metrics import mfu
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     return {"clips_per_s": rate, "steps_per_s": rate / cfg.data.batch_size,
             "stage_share": {k: v / total for k, v in stages.items()}, "stage_seconds": stages,
-            "loss": res.get("loss/loss"), "loader": res.get("loader", {})}
+            "loss": res.get("loss/loss"), "loader": res.get("loader", {}),
+            "flops_per_clip": res.get("flops_per_clip"), "gpu_mem_gb": res.get("gpu_mem_gb"),
+            "mfu": mfu(res.get("flops_per_clip"), rate / world, res.get("peak_flops"))}
 
 
-def _ensure_data(cfg: Config, workdir: Path) -> Config:
+def bench_codec(codec: str, device_type: str) -> str:
+    """The sample data's codec: ``auto`` is H.264 where NVDEC decodes it (CUDA), else VP9 (DALI's CPU codecs)."""
+    if codec == "auto":
+        return "h264" if device_type == "cuda" else "vp9"
+    return codec
+
+
+def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None) -> Config:
+    """Use the configured manifest, or make a sample dataset big enough for ``steps`` steps in one epoch.
+
+    Each training video then gives several clips per epoch (different random windows, each decoded on
+    its own), so an epoch boundary (pipeline restart) never falls inside the measured steps.
+    """
     if cfg.data.manifest:
         return cfg
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.manifest import build_manifest, read_manifest
     from mscl_stream.data.sample import make_sample_dataset
     data = workdir / "videos"
-    make_sample_dataset(data, videos=16, codec="vp9")
+    make_sample_dataset(data, videos=24, codec=codec)
     build_manifest(data, workdir / "manifest.jsonl", data=cfg.data)
-    return replace(cfg, data=replace(cfg.data, manifest=str(workdir / "manifest.jsonl"), split="train"))
+    n_train = len(read_manifest(workdir / "manifest.jsonl", "train"))
+    per_video = max(cfg.data.clips_per_video, math.ceil((steps + 1) * cfg.data.batch_size / max(n_train, 1)))
+    return replace(cfg, data=replace(cfg.data, manifest=str(workdir / "manifest.jsonl"), split="train",
+                                     clips_per_video=per_video))
 
 
 def _first_batch(cfg: Config) -> ClipBatch:
@@ -90,16 +112,29 @@ def _first_batch(cfg: Config) -> ClipBatch:
     return next(iter(loader))
 
 
+def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:
+    """``flow`` with another estimator: RAFT's knobs carry over between RAFT models only (a classical
+    estimator given ``precision: bf16`` would rightly refuse it); ``chunk_size`` always carries over."""
+    if name in RAFT_NAMES and flow.estimator in RAFT_NAMES:
+        return replace(flow, estimator=name)
+    return FlowConfig(estimator=name, chunk_size=flow.chunk_size)
+
+
 def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
-              estimators: tuple[str, ...] = ()) -> dict:
-    """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict."""
+              estimators: tuple[str, ...] = (), codec: str = "auto") -> dict:
+    """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict.
+
+    ``codec`` picks the sample data's codec when ``data.manifest`` is empty (see :func:`bench_codec`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mscl-bench-"))
-    cfg = _ensure_data(cfg, work)
+    codec = None if cfg.data.manifest else bench_codec(codec, resolve_device(cfg.train.device).type)
+    cfg = _ensure_data(cfg, work, steps, codec)
     cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, ckpt_every=0, out_dir=str(work / "run"),
                                      resume=""), log=replace(cfg.log, tensorboard=False))
-    result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps, "runs": {}}
+    result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps,
+              "sample_codec": codec, "runs": {}}
 
     print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
     result["runs"]["end_to_end"] = _run(cfg)
@@ -122,7 +157,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         result["precomputed_flow_disk_mb"] = cost["bytes"] / 2**20
     for name in estimators:
         print(f"bench (e): flow estimator {name}", flush=True)
-        c = replace(cfg, flow=replace(cfg.flow, estimator=name))
+        c = replace(cfg, flow=_swapped_flow(cfg.flow, name))
         result["runs"][f"flow={name}"] = _run(c)
 
     tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
@@ -130,9 +165,10 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     path = out / f"{tag}_{stamp}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     _plot(result, path.with_suffix(".png"))
-    print(f"\n{'run':<24}{'clips/s':>10}{'flow share':>12}")
+    print(f"\n{'run':<24}{'clips/s':>10}{'flow share':>12}{'MFU':>8}")
     for name, r in result["runs"].items():
-        print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}")
+        m = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
+        print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}{m:>8}")
     print(f"stream efficiency (a)/(b): {result['stream_efficiency']:.3f}; results in {path}")
     return result
 

@@ -232,7 +232,11 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     elapsed = time.perf_counter() - t_start
     result = {"steps": step, "epochs": epoch, "clips_per_s": clips_done / max(elapsed, 1e-9),
               "skipped_steps": bad_total, "loader": getattr(loader, "stats", {}),
-              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), **{f"loss/{k}": v for k, v in last_terms.items()}}
+              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), **{f"loss/{k}": v for k, v in last_terms.items()},
+              # model FLOPs of one clip's forward + backward and the device's bf16 peak: callers that
+              # measure a steady-state rate (bench) turn them into MFU; None where unknown (CPU)
+              "flops_per_clip": flops_per_clip, "peak_flops": peak,
+              "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     metrics.log({"final": True, **result})
     metrics.close()
     if dist.is_main:
