@@ -4,7 +4,9 @@ A background thread decodes the next batches (at most ``data.prefetch`` finished
 queue, plus the one being built) while the training loop consumes the current one. Each file goes to
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
-at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path.
+at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
+``auto`` means PyAV threads: DALI's NVDEC path with per-sample frame lists measured an order of
+magnitude slower (see :meth:`ClipLoader._route`).
 
 Failures at run time (a file damaged or removed after indexing) cost only their samples: a DALI batch
 that fails is retried sample by sample in a fresh pipeline, a sample DALI cannot decode is tried with
@@ -247,6 +249,16 @@ class ClipLoader:
     def _route(self, rec: VideoRecord) -> str:
         codec = canonical_codec(rec.codec)
         if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._dali_bad:
+            return "pyav"
+        if self.data.decoder == "auto" and self.device.type == "cuda":
+            # Measured on an H200 host (16 cores, H.264 at ~144x192, 24 frames per clip; benchmarks/README.md):
+            # DALI's NVDEC decoder fed per-sample frame lists gives ~20 clips/s, an order of magnitude
+            # below PyAV worker threads, so `auto` decodes on the CPU and uploads from pinned memory.
+            # data.decoder=dali still forces NVDEC.
+            if "auto-cuda" not in self._routes_logged:
+                self._routes_logged.add("auto-cuda")
+                log.info("data.decoder=auto on CUDA: PyAV threads decode (%d), frames go to the GPU; "
+                         "data.decoder=dali selects DALI's NVDEC decoder", self.data.num_threads)
             return "pyav"
         if dali_can_decode(codec, self.device):
             if codec not in self._routes_logged:

@@ -191,7 +191,9 @@ class _GraphCache:
                 self.fn(s1, s2)
         torch.cuda.current_stream(x1.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the streaming loader's thread keeps copying batches to the GPU meanwhile; in the
+        # default (global) mode its CUDA calls would invalidate this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.fn(s1, s2)
         return graph, s1, s2, out
 

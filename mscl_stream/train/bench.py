@@ -4,7 +4,9 @@
 device-resident batch (no decode): stream efficiency = (a) / (b); (c) per-stage times of (a);
 (d) with --baselines, the same flow + model fed by a PyAV + torch DataLoader (N workers), and the
 authors' pipeline: flow precomputed to disk once and read back (its footprint and one-off cost
-reported); (e) every estimator listed in --estimators swapped into the full loop. Throughput is
+reported); (a') on a GPU, (a) again through DALI's NVDEC decoder (``data.decoder=dali``) for the
+comparison behind ``auto``'s choice there; (e) every estimator listed in --estimators swapped into the
+full loop. Throughput is
 measured on the second half of the steps (after warm-up: pipeline start, cuDNN autotuning,
 allocator growth).
 """
@@ -135,38 +137,46 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
                                      resume=""), log=replace(cfg.log, tensorboard=False))
     result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps,
               "sample_codec": codec, "runs": {}}
+    tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
+    path = out / f"{tag}_{_dt.date.today().isoformat()}.json"
+    runs = result["runs"]
+
+    def done(name: str, run: dict) -> None:
+        # saved after every run: a long suite cut short (a lease, a timeout) keeps what it measured
+        runs[name] = run
+        path.write_text(json.dumps(result, indent=2, default=str))
 
     print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
-    result["runs"]["end_to_end"] = _run(cfg)
+    done("end_to_end", _run(cfg))
     print("bench (b): device-resident batches (no decode)", flush=True)
-    result["runs"]["resident"] = _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps))
-    a, b = result["runs"]["end_to_end"]["clips_per_s"], result["runs"]["resident"]["clips_per_s"]
-    result["stream_efficiency"] = a / b
+    done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
+    a = runs["end_to_end"]["clips_per_s"]
+    result["stream_efficiency"] = a / runs["resident"]["clips_per_s"]
     if baselines:
         from mscl_stream.train.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
-        result["runs"]["pyav_dataloader"] = _run(cfg, loader=pyav_dataloader(cfg))
-        result["speedup_vs_pyav"] = a / result["runs"]["pyav_dataloader"]["clips_per_s"]
+        done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
+        result["speedup_vs_pyav"] = a / runs["pyav_dataloader"]["clips_per_s"]
+    if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto":
+        # `auto` decodes with PyAV threads on a GPU; the same run through DALI's NVDEC shows why
+        print("bench (a'): end-to-end with data.decoder=dali (NVDEC)", flush=True)
+        done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
+    if baselines:
         from mscl_stream.flow import estimator_from_config
         from mscl_stream.train.baseline import precomputed_flow_loader
         print("bench (d): precomputed-flow baseline (flow to disk once, read back by DataLoader workers)",
               flush=True)
         est = estimator_from_config(cfg.flow, resolve_device(cfg.train.device))
         loader, cost = precomputed_flow_loader(cfg, est, work / "flow_cache")
-        result["runs"]["precomputed_flow"] = {**_run(cfg, loader=loader), "precompute": cost}
         result["precomputed_flow_disk_mb"] = cost["bytes"] / 2**20
+        done("precomputed_flow", {**_run(cfg, loader=loader), "precompute": cost})
     for name in estimators:
         print(f"bench (e): flow estimator {name}", flush=True)
-        c = replace(cfg, flow=_swapped_flow(cfg.flow, name))
-        result["runs"][f"flow={name}"] = _run(c)
+        done(f"flow={name}", _run(replace(cfg, flow=_swapped_flow(cfg.flow, name))))
 
-    tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
-    stamp = _dt.date.today().isoformat()
-    path = out / f"{tag}_{stamp}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
     _plot(result, path.with_suffix(".png"))
     print(f"\n{'run':<24}{'clips/s':>10}{'flow share':>12}{'MFU':>8}")
-    for name, r in result["runs"].items():
+    for name, r in runs.items():
         m = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
         print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}{m:>8}")
     print(f"stream efficiency (a)/(b): {result['stream_efficiency']:.3f}; results in {path}")

@@ -134,8 +134,9 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     peak = peak_flops(device)
     flops_per_clip = None
     if dist.is_main:
-        log.info("pretrain: %d videos, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, device %s",
-                 len(records), steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
+        source = f"{len(records)} videos" if records else f"loader {type(loader).__name__}"
+        log.info("pretrain: %s, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, device %s",
+                 source, steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
                  dtype or "fp32", device)
     t_start, clips_done, last_terms, step_ends = time.perf_counter(), 0, {}, []
 

@@ -225,7 +225,7 @@ def test_dali_nvdec_frames_equal_reference(request, name, codec):
     assert len(batches) == 2 and loader.stats["dali_samples"] == 4
     for b in batches:
         assert b.rgb_a.is_cuda and b.frames_a.is_cuda
-        check_batch_frames(b.to("cpu"), {0: ref})
+        check_batch_frames(b.to("cpu"), {i: ref for i in range(len(recs))})   # 4 records, one file
 
 
 @needs_cuda
@@ -240,7 +240,9 @@ def test_nvdec_and_pyav_agree_after_resize(h264_video):
         out[decoder] = next(iter(loader)).to("cpu")
     for name in ("rgb_a", "rgb_b", "partner_a", "partner_b"):
         x, y = getattr(out["dali"], name).double(), getattr(out["pyav"], name).double()
-        assert (x - y).abs().mean() < 1.5
+        # different colour conversions (DALI: BT.601 limited range; PyAV's rgb24 differs by ~1.3/255)
+        # and resize kernels: the bound for decoder agreement, mean < 3 of 255
+        assert (x - y).abs().mean() < 3
 
 
 @needs_cuda
