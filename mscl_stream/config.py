@@ -40,6 +40,10 @@ class DataConfig:
     # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV threads
     # (DALI's NVDEC path measured ~10x slower with per-sample frame lists). dali / pyav force one path.
     decoder: Literal["auto", "dali", "pyav"] = "auto"
+    # PyAV decode workers. auto: processes on CUDA (decode threads would contend for the GIL with the
+    # training thread, which launches thousands of small kernels per step: measured 104 vs 231 clips/s
+    # on an H200), threads on CPU. Either way data.num_threads of them.
+    pyav_workers: Literal["auto", "threads", "processes"] = "auto"
     num_threads: int = 2                # DALI threads / PyAV workers
     prefetch: int = 2                   # batches decoded ahead
     mds: Literal["off", "index", "online"] = "off"   # index: starts stored by `mscl-stream index --mds`
@@ -78,6 +82,7 @@ class ModelConfig:
     queue_size: int = 65536
     momentum: float = 0.994             # base EMA momentum, cosine-ramped to 1
     neck_channels: int = 128
+    rgb_width: int = 64                 # R3D-18 stage widths w,2w,4w,8w; 64 = torchvision's r3d_18 (the method)
     key_bn: Literal["shuffle", "sync", "none"] = "shuffle"
     head_bn: bool = False               # BatchNorm in the projection heads (not in the method; see README)
     compat: Literal["default", "released"] = "default"
@@ -278,6 +283,7 @@ def validate(cfg: Config) -> Config:
     need(f.iters >= 1, "flow.iters", "must be >= 1")
     need(f.chunk_size >= 0, "flow.chunk_size", "must be >= 0")
     need(m.feat_dim >= 1, "model.feat_dim", "must be >= 1")
+    need(m.rgb_width >= 1, "model.rgb_width", "must be >= 1 (64 = torchvision's r3d_18)")
     need(m.queue_size >= d.batch_size, "model.queue_size", f"must be >= data.batch_size ({d.batch_size})")
     need(0.0 <= m.momentum < 1.0, "model.momentum", "must be in [0, 1)")
     need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import queue
 from contextlib import nullcontext
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -101,6 +103,7 @@ class ClipLoader:
         self._routes_logged: set[str] = set()
         self._dali: DaliDecoder | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
         _LIVE.add(self)
@@ -190,6 +193,9 @@ class ClipLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._procs is not None:
+            self._procs.shutdown(wait=True, cancel_futures=True)
+            self._procs = None
         if self._dali is not None:
             self._dali.close()
             self._dali = None
@@ -283,12 +289,12 @@ class ClipLoader:
                 self._skip(w, f"{self._bad[w.record.path]} (failed before)", quiet=True)
             else:
                 (dali if self._route(w.record) == "dali" else pyav).append(w)
-        futures = [(w, self._workers().submit(self._pyav_one, w)) for w in pyav]
+        futures = [(w, self._submit_pyav(w)) for w in pyav]
         if dali:
             self._dali_batch(dali, out)
         for w, fut in futures:
             try:
-                out[w.position] = self._from_pyav(fut.result())
+                out[w.position] = self._from_pyav(self._pyav_result(w, fut))
                 self._count("pyav_samples")
             except DecodeError as e:
                 self._fail(w, f"PyAV: {e}")
@@ -298,6 +304,41 @@ class ClipLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode")
         return self._pool
+
+    def _pyav_pool(self) -> Executor:
+        """Where PyAV decodes: worker processes or the loader's threads (``data.pyav_workers``)."""
+        if self._procs is not None:
+            return self._procs
+        mode = self.data.pyav_workers
+        if mode == "auto":
+            mode = "processes" if self.device.type == "cuda" else "threads"
+        if mode == "threads":
+            return self._workers()
+        # forkserver: never fork a process that holds CUDA state; the workers import PyAV + numpy only
+        self._procs = ProcessPoolExecutor(self.data.num_threads, mp_context=multiprocessing.get_context("forkserver"))
+        log.info("PyAV decodes in %d worker processes", self.data.num_threads)
+        return self._procs
+
+    def _submit_pyav(self, w: _Work) -> Future:
+        args = (decode_frames, w.record.path, w.all_frames(), tuple(self.data.frame_size))
+        try:
+            return self._pyav_pool().submit(*args, threads=1)
+        except BrokenProcessPool:             # a worker died since the last batch
+            self._restart_procs()
+            return self._pyav_pool().submit(*args, threads=1)
+
+    def _pyav_result(self, w: _Work, fut: Future) -> np.ndarray:
+        try:
+            return fut.result()
+        except BrokenProcessPool:             # a worker died while this sample was in flight
+            self._restart_procs()
+            return self._pyav_one(w)          # this sample retried in-process
+
+    def _restart_procs(self) -> None:
+        if self._procs is not None:           # e.g. killed, or a crash inside FFmpeg
+            log.warning("a PyAV worker process died; starting a new pool")
+            self._procs.shutdown(wait=False, cancel_futures=True)
+            self._procs = None
 
     def _pyav_one(self, w: _Work) -> np.ndarray:
         return decode_frames(w.record.path, w.all_frames(), tuple(self.data.frame_size), threads=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 
 import av
 import numpy as np
@@ -91,17 +93,20 @@ def test_dali_decoder_sorted_unique_lists(vp9_video):
             assert np.abs(frames[k].numpy().astype(float) - ref[i]).mean() < 3.0
 
 
-def test_pyav_path_for_h264_on_cpu(h264_video, caplog):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_pyav_path_for_h264_on_cpu(h264_video, caplog, workers):
     ref = reference(h264_video)
     n, h, w = ref.shape[:3]
     recs = [record(h264_video, n, h, w, "h264")] * 2
     with caplog.at_level(logging.INFO, logger="mscl_stream.data.loader"):
-        loader = build_loader(config(batch_size=2, frame_size=(h, w)), recs, device=CPU)
+        loader = build_loader(config(batch_size=2, frame_size=(h, w), pyav_workers=workers), recs, device=CPU)
         loader.set_epoch(0)
         (batch,) = list(loader)
     check_batch_frames(batch, {0: ref, 1: ref})
     assert loader.stats["pyav_samples"] == 2 and loader.stats["dali_samples"] == 0
     assert "h264" in caplog.text                  # the routing is logged once per codec
+    assert ("worker processes" in caplog.text) == (workers == "processes")
+    loader.close()
     with pytest.raises(UserError, match="h264"):
         build_loader(config(decoder="dali"), recs, device=CPU)
 
@@ -150,10 +155,28 @@ def test_clipbatch_shapes_and_dtypes(dataset):
     assert loader.stats["batches"] == 2 and loader.stats["samples"] == 4
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pyav"])
-def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, caplog):
+def test_killed_pyav_worker_process_costs_no_data(dataset, caplog):
     recs, refs = dataset
-    cfg = small(decoder=decoder)
+    loader = build_loader(small(decoder="pyav", pyav_workers="processes"), recs, device=CPU)
+    loader.set_epoch(0)
+    it = iter(loader)
+    batches = [next(it)]
+    # prefetch 1: batch 2 waits in the queue, batch 3 is decoded; batch 4 meets the dead pool
+    for proc in list(loader._procs._processes.values()):
+        os.kill(proc.pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING):
+        batches += list(it)
+    assert len(batches) == len(loader) == 4 and loader.stats["skipped"] == 0
+    for b in batches:
+        check_batch_frames(b, refs)
+    assert "worker process died" in caplog.text
+    loader.close()
+
+
+@pytest.mark.parametrize("decoder,workers", [("dali", "auto"), ("pyav", "threads"), ("pyav", "processes")])
+def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, workers, caplog):
+    recs, refs = dataset
+    cfg = small(decoder=decoder, pyav_workers=workers)
     order = ClipSampler(recs, cfg.data, seed=cfg.data.seed)
     order.set_epoch(0)
     planned = [s.video_idx for s in order]
