@@ -111,7 +111,9 @@ def _first_batch(cfg: Config) -> ClipBatch:
     loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split),
                           device=resolve_device(cfg.train.device))
     loader.set_epoch(0)
-    return next(iter(loader))
+    batch = next(iter(loader))
+    loader.close()                        # the batch is on the device; the decode workers can go
+    return batch
 
 
 def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:

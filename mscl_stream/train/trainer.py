@@ -64,7 +64,8 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
 
     # ---- data, flow, model, optimiser
     records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
-    if loader is None:
+    own_loader = loader is None           # closed here at the end (its threads / worker processes)
+    if own_loader:
         loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
     estimator = estimator_from_config(cfg.flow, device)
     model = MSCL(cfg).to(device)
@@ -231,6 +232,8 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
 
     checkpoint("last")
     elapsed = time.perf_counter() - t_start
+    if own_loader:
+        loader.close()
     result = {"steps": step, "epochs": epoch, "clips_per_s": clips_done / max(elapsed, 1e-9),
               "skipped_steps": bad_total, "loader": getattr(loader, "stats", {}),
               "step_end_seconds": step_ends, "stage_seconds": timer.totals(), **{f"loss/{k}": v for k, v in last_terms.items()},
