@@ -89,7 +89,9 @@ class PyAVDataLoader:
                 flow_steps=self.steps.to(dev), frames_a=idx[:, 0].to(dev), frames_b=idx[:, 1].to(dev),
                 partners_a=partners[:, 0].to(dev), partners_b=partners[:, 1].to(dev),
                 labels=labels.to(dev), video_idx=vids.to(dev),
-                flow_a=flows[:, 0] if flows is not None else None, flow_b=flows[:, 1] if flows is not None else None)
+                # contiguous, like the estimators' output that the flow-encode kernel normally gets
+                flow_a=flows[:, 0].contiguous() if flows is not None else None,
+                flow_b=flows[:, 1].contiguous() if flows is not None else None)
 
 
 def pyav_dataloader(cfg: Config) -> PyAVDataLoader:
