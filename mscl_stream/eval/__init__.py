@@ -106,7 +106,7 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
         metrics = res
     else:
-        encoder, desc = build_r3d(checkpoint, prefix, seed=seed)
+        encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
         gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
         qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
         counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)

@@ -9,7 +9,8 @@ Checkpoint contract (models/mscl.py): the pretrain checkpoint's ``"model"`` entr
 ``state_dict``; the query RGB encoder is ``MSCL.rgb_encoder`` (an ``R3DBackbone`` that keeps
 torchvision's names ``stem``, ``layer1`` .. ``layer4``), so its keys are ``rgb_encoder.<torchvision
 r3d_18 key>``. The prefix is a parameter; a DDP ``module.`` prefix is accepted too. A checkpoint that is a
-bare r3d_18 state dict (prefix ``""``) also loads.
+bare r3d_18 state dict (prefix ``""``) also loads. The trunk's width (``model.rgb_width``, 64 = torchvision's
+r3d_18) is read from the checkpoint's stem; the random-init baseline uses the configured width.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.video import r3d_18
 
 from mscl_stream.augment import IMAGENET_MEAN, IMAGENET_STD
 from mscl_stream.config import Config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.errors import UserError
+from mscl_stream.models.r3d import WIDTH, r3d18, width_of
 from mscl_stream.train.checkpoint import load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "rgb_encoder."
-FEATURE_DIM = 512
 
 # Clip index lists of one video: (clips, T) raw frame numbers.
 IndexFn = Callable[[VideoRecord], list[list[int]]]
@@ -64,29 +64,34 @@ def encoder_state_from_checkpoint(path: str, prefix: str = ENCODER_PREFIX) -> di
 
 
 def build_r3d(checkpoint: str | None, prefix: str = ENCODER_PREFIX, seed: int = 0,
-              num_classes: int | None = None) -> tuple[nn.Module, str]:
+              num_classes: int | None = None, width: int = WIDTH) -> tuple[nn.Module, str]:
     """torchvision ``r3d_18`` with the checkpoint's trunk, or a seeded random init without one.
 
     Args:
         checkpoint: pretrain checkpoint path, or None for the random-init baseline.
         prefix: key prefix of the query RGB encoder inside ``state["model"]``.
         seed: seed of the random init (baseline, and the new head when ``num_classes`` is set).
-        num_classes: None -> ``fc`` is an identity and the model returns (B, 512) pooled features;
-            otherwise ``fc`` is dropout 0.5 + a fresh linear layer to ``num_classes`` (fine-tuning).
+        num_classes: None -> ``fc`` is an identity and the model returns (B, 8w) pooled features (512 at
+            width 64); otherwise ``fc`` is dropout 0.5 + a fresh linear layer to ``num_classes`` (fine-tuning).
+        width: trunk width of the random-init baseline (``model.rgb_width``); with a checkpoint the
+            width is the checkpoint's own.
 
     Returns:
         (model on CPU, a short description for the results: "checkpoint:<path>" or "random-init(seed=N)").
     """
     torch.manual_seed(seed)
-    net = r3d_18(weights=None)
+    state = encoder_state_from_checkpoint(checkpoint, prefix) if checkpoint else None
+    if state is not None and "stem.0.weight" in state:
+        width = width_of(state)
+    net = r3d18(width)
     net.fc = nn.Identity()
-    if checkpoint:
-        load_model_state(net, encoder_state_from_checkpoint(checkpoint, prefix), what=f"{checkpoint} encoder")
+    if state is not None:
+        load_model_state(net, state, what=f"{checkpoint} encoder")
         desc = f"checkpoint:{checkpoint}"
     else:
-        desc = f"random-init(seed={seed})"
+        desc = f"random-init(seed={seed})" + ("" if width == WIDTH else f", width {width}")
     if num_classes is not None:
-        net.fc = nn.Sequential(nn.Dropout(0.5), nn.Linear(FEATURE_DIM, num_classes))
+        net.fc = nn.Sequential(nn.Dropout(0.5), nn.Linear(8 * width, num_classes))
     return net, desc
 
 
@@ -185,7 +190,7 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
     """Pooled R3D-18 features of deterministic clips, averaged over ``clips`` clips per video.
 
     Args:
-        encoder: maps (B, 3, T, S, S) -> (B, 512) (e.g. :func:`build_r3d` without ``num_classes``).
+        encoder: maps (B, 3, T, S, S) -> (B, D) (e.g. :func:`build_r3d` without ``num_classes``).
         records: the videos; records that fail to decode are skipped with a warning.
         cfg: uses data.frames_per_clip, data.frame_stride, data.frame_size, data.num_threads,
             data.batch_size and augment.out_size.
@@ -194,7 +199,7 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
         batch_size: clips per forward (default ``max(data.batch_size, 8)``).
 
     Returns:
-        feats: (N, 512) float32 on CPU; labels: (N,) int64; N = videos decoded (= len(records) unless
+        feats: (N, D) float32 on CPU; labels: (N,) int64; N = videos decoded (= len(records) unless
         some were skipped).
     """
     device = torch.device(device)

@@ -74,7 +74,7 @@ def finetune(checkpoint: str | None, train_records: Sequence[VideoRecord], test_
     d, out_size = cfg.data, cfg.augment.out_size
     h, w = d.frame_size
     k = int(max(r.label for r in train_records)) + 1
-    model, desc = build_r3d(checkpoint, prefix, seed=seed, num_classes=k)
+    model, desc = build_r3d(checkpoint, prefix, seed=seed, num_classes=k, width=cfg.model.rgb_width)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

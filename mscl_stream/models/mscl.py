@@ -169,10 +169,10 @@ class MSCL(nn.Module):
         self.compat = m.compat
         self.key_bn = m.key_bn
 
-        self.rgb_encoder = R3DBackbone()
-        self.rgb_neck = FPNSEPCNeck(R3DBackbone.map_channels, m.neck_channels)
+        self.rgb_encoder = R3DBackbone(m.rgb_width)
+        self.rgb_neck = FPNSEPCNeck(self.rgb_encoder.map_channels, m.neck_channels)
         self.flow_encoder = FlowNet(cfg.data.frames_per_clip, width=m.neck_channels // 8)
-        c_rgb, c_flow = R3DBackbone.feature_dim, self.flow_encoder.out_channels
+        c_rgb, c_flow = self.rgb_encoder.feature_dim, self.flow_encoder.out_channels
         self.rgb_head = _mlp(c_rgb, c_rgb, m.feat_dim, bn=m.head_bn)
         self.flow_head = _mlp(c_flow, c_flow, m.feat_dim, bn=m.head_bn)
 

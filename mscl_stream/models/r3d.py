@@ -9,6 +9,10 @@ For a B x 3 x 8 x 112 x 112 clip the maps are
 The submodules keep torchvision's names (``stem``, ``layer1`` .. ``layer4``), so the backbone's
 state dict loads into a torchvision ``r3d_18`` with only ``fc`` missing (see :func:`to_torchvision`),
 which is what fine-tuning and retrieval start from.
+
+``width`` (``model.rgb_width``) scales every stage of the same architecture: channels w, 2w, 4w, 8w
+(stem w), pooled feature 8w. 64 is torchvision's ``r3d_18`` itself (the method); a narrower trunk keeps
+the layout, block types, strides and initialisation and only makes CPU demos cheaper per step.
 """
 
 from __future__ import annotations
@@ -16,21 +20,71 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models.video import r3d_18
-from torchvision.models.video.resnet import VideoResNet
+from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet
 
-FEATURE_DIM = 512
-MAP_CHANNELS = (128, 256, 512)   # layer2, layer3, layer4
+from mscl_stream.errors import UserError
+
+WIDTH = 64                        # torchvision's r3d_18
+FEATURE_DIM = 512                 # at WIDTH
+MAP_CHANNELS = (128, 256, 512)   # layer2, layer3, layer4 at WIDTH
+
+
+def r3d18(width: int = WIDTH, num_classes: int = 400) -> VideoResNet:
+    """torchvision's ``r3d_18`` (random init), optionally with every stage ``width / 64`` as wide.
+
+    Args:
+        width: stem / layer1 channels (layer2-4: 2w, 4w, 8w). 64 returns torchvision's network unchanged.
+        num_classes: output size of ``fc`` (input 8w).
+
+    Returns:
+        A ``VideoResNet`` with torchvision's module names, blocks (BasicBlock, Conv3DSimple), strides and
+        initialisation (kaiming-normal fan-out convs, unit BN, N(0, 0.01) linear).
+    """
+    if width < 1:
+        raise UserError(f"model.rgb_width: {width} must be >= 1")
+    net = r3d_18(weights=None, num_classes=num_classes)
+    if width == WIDTH:
+        return net
+    net.inplanes = width
+    net.stem = nn.Sequential(   # torchvision's BasicStem with w output channels
+        nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+        nn.BatchNorm3d(width), nn.ReLU(inplace=True))
+    for i, mult in enumerate((1, 2, 4, 8)):
+        setattr(net, f"layer{i + 1}", net._make_layer(BasicBlock, Conv3DSimple, width * mult, 2, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(8 * width, num_classes)
+    for m in net.modules():   # VideoResNet's own initialisation
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm3d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
+    return net
+
+
+def width_of(state: dict[str, torch.Tensor]) -> int:
+    """The ``width`` of an r3d_18 state dict (torchvision keys): the stem's output channels."""
+    return int(state["stem.0.weight"].shape[0])
 
 
 class R3DBackbone(nn.Module):
-    """torchvision R3D-18 trunk, random init, returning the pooled feature and multi-level maps."""
+    """torchvision R3D-18 trunk, random init, returning the pooled feature and multi-level maps.
 
-    feature_dim = FEATURE_DIM
-    map_channels = MAP_CHANNELS
+    Args:
+        width: stage widths w, 2w, 4w, 8w (64 = torchvision's r3d_18; see :func:`r3d18`).
 
-    def __init__(self) -> None:
+    Attributes:
+        feature_dim: 8w (512 at 64). map_channels: (2w, 4w, 8w) of layer2-4.
+    """
+
+    def __init__(self, width: int = WIDTH) -> None:
         super().__init__()
-        net = r3d_18(weights=None)   # explicit random init: pretraining starts from scratch
+        net = r3d18(width)   # explicit random init: pretraining starts from scratch
+        self.width = width
+        self.feature_dim = 8 * width
+        self.map_channels = (2 * width, 4 * width, 8 * width)
         self.stem = net.stem
         self.layer1 = net.layer1
         self.layer2 = net.layer2
@@ -44,8 +98,8 @@ class R3DBackbone(nn.Module):
             x: (B, 3, T, H, W) normalised RGB clip (any memory format).
 
         Returns:
-            pooled: (B, 512) global average of the layer4 map.
-            maps: [layer2 (B,128,T/2,H/4,W/4), layer3 (B,256,T/4,H/8,W/8), layer4 (B,512,T/8,H/16,W/16)]
+            pooled: (B, 8w) global average of the layer4 map (512 at width 64).
+            maps: [layer2 (B,2w,T/2,H/4,W/4), layer3 (B,4w,T/4,H/8,W/8), layer4 (B,8w,T/8,H/16,W/16)]
                 (sizes rounded up as the stride-2 3x3x3 convolutions do).
         """
         x = self.layer1(self.stem(x))
@@ -57,7 +111,7 @@ class R3DBackbone(nn.Module):
 
 
 def to_torchvision(backbone: R3DBackbone, num_classes: int = 400) -> VideoResNet:
-    """A torchvision ``r3d_18`` carrying the backbone's weights and a freshly initialised ``fc``.
+    """A torchvision ``r3d_18`` (of the backbone's width) carrying its weights and a fresh ``fc``.
 
     Args:
         backbone: the trained trunk (e.g. ``MSCL.rgb_encoder``).
@@ -66,7 +120,7 @@ def to_torchvision(backbone: R3DBackbone, num_classes: int = 400) -> VideoResNet
     Returns:
         A ``VideoResNet`` whose trunk equals ``backbone`` (copied, not shared).
     """
-    net = r3d_18(weights=None, num_classes=num_classes)
+    net = r3d18(backbone.width, num_classes=num_classes)
     missing, unexpected = net.load_state_dict(backbone.state_dict(), strict=False)
     # Only the classifier may be absent: anything else means the trunks differ.
     if unexpected or set(missing) != {"fc.weight", "fc.bias"}:

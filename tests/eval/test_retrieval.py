@@ -182,3 +182,23 @@ def test_random_init_baseline_is_seeded():
     assert torch.equal(a.state_dict()[w], b.state_dict()[w]) and not torch.equal(a.state_dict()[w], c.state_dict()[w])
     head, _ = FE.build_r3d(None, num_classes=7)
     assert head(torch.randn(2, 3, 2, 16, 16)).shape == (2, 7)
+
+
+def test_narrow_trunk_width_comes_from_the_checkpoint(tmp_path):
+    # A pretrain checkpoint of a narrow trunk (model.rgb_width=16) loads as that width whatever width the
+    # caller passes for the random baseline; the baseline itself follows the width argument.
+    from mscl_stream.models.r3d import R3DBackbone
+    from mscl_stream.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(2)
+    bb = R3DBackbone(16).eval()
+    ckpt = save_checkpoint(tmp_path / "narrow.pt", {"model": {f"rgb_encoder.{k}": v for k, v in bb.state_dict().items()}})
+    net, _ = FE.build_r3d(str(ckpt), width=64)
+    x = torch.randn(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), bb(x)[0])
+    rnd, desc = FE.build_r3d(None, seed=0, width=16)
+    assert desc == "random-init(seed=0), width 16"
+    assert rnd.eval()(x).shape == (2, 128)
+    head, _ = FE.build_r3d(str(ckpt), num_classes=4)
+    assert head.fc[1].in_features == 128

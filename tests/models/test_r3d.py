@@ -95,3 +95,54 @@ def test_fpn_topdown_nearest_reference():
     p0 = lat[0] + p1.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
     ref = F.conv3d(p0, neck.fpn_out[0].weight, neck.fpn_out[0].bias, padding=(0, 1, 1))
     torch.testing.assert_close(neck(c), ref)
+
+
+def test_width_64_is_torchvision_r3d18_with_same_init():
+    # Width 64 must be torchvision's network itself: same keys, shapes and (same seed) same weights.
+    from torchvision.models.video import r3d_18
+
+    from mscl_stream.models.r3d import r3d18
+    torch.manual_seed(5)
+    ref = r3d_18(weights=None, num_classes=7).state_dict()
+    torch.manual_seed(5)
+    ours = r3d18(64, num_classes=7).state_dict()
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
+
+
+def test_narrow_width_keeps_the_r3d18_layout():
+    # Every tensor of the narrow trunk is torchvision's r3d_18 tensor with each channel dimension
+    # scaled by width/64 (kernel sizes, strides, block structure and names unchanged).
+    from torchvision.models.video import r3d_18
+
+    from mscl_stream.models.r3d import r3d18, width_of
+    ref = r3d_18(weights=None).state_dict()
+    net = r3d18(16, num_classes=5)
+    ours = net.state_dict()
+    assert ours.keys() == ref.keys()
+    for k, v in ref.items():
+        if k == "fc.weight":
+            want = (5, 128)
+        elif k == "fc.bias":
+            want = (5,)
+        elif v.dim() == 5:   # conv weight (out, in, kt, kh, kw): channels scale, the stem's 3 inputs stay
+            want = (v.shape[0] // 4, v.shape[1] if v.shape[1] == 3 else v.shape[1] // 4, *v.shape[2:])
+        elif v.dim() == 1:   # BN vectors
+            want = (v.shape[0] // 4,)
+        else:                # BN num_batches_tracked
+            want = tuple(v.shape)
+        assert tuple(ours[k].shape) == want, k
+    assert width_of(ours) == 16
+    bb = R3DBackbone(16).eval()
+    assert bb.feature_dim == 128 and bb.map_channels == (32, 64, 128)
+    with torch.no_grad():
+        pooled, maps = bb(torch.randn(2, 3, 8, 32, 32))
+    assert pooled.shape == (2, 128)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 8, 8), (2, 64, 2, 4, 4), (2, 128, 1, 2, 2)]
+    # to_torchvision builds the same narrow network and carries the weights exactly
+    tv = to_torchvision(bb, num_classes=3).eval()
+    tv.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 4, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x)[0], tv(x), rtol=1e-5, atol=1e-5)
