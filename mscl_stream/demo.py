@@ -92,6 +92,12 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
     data_dir = out / "videos"
     if not (data_dir / "train").is_dir():
         make_sample_dataset(data_dir, videos=videos, codec="vp9", seed=cfg.train.seed)
+    else:
+        found = sum(1 for sp in ("train", "test") for f in (data_dir / sp).glob("*/*") if f.is_file())
+        if found != videos:
+            log.warning("demo: reusing %s with %d videos, not the %d this demo makes (its test split sets "
+                        "the noise of the comparison); delete it and %s to regenerate", data_dir, found,
+                        videos, manifest.name)
     if not manifest.is_file():
         build_manifest(data_dir, manifest, data=cfg.data)
     cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", f"data.manifest={manifest}", *overrides])
