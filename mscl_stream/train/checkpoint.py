@@ -80,11 +80,24 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:      # disk full, quota, permissions: torch reports some as RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = _free_gb(path.parent)
+        raise UserError(f"cannot write checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        f" ({free:.1f} GB free there); the previous checkpoint is intact") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _free_gb(folder: Path) -> float:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return float("nan")
+    return st.f_bavail * st.f_frsize / 2**30
 
 
 def _fsync_dir(folder: Path) -> None:
