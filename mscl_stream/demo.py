@@ -117,7 +117,9 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
     print(f"  {'metric':<22}{'pretrained':>12}{'random init':>14}")
     for kind in ("retrieval", "linear"):
         pre, rnd = results[kind]["pretrained"], results[kind]["random_init"]
-        for key in sorted(k for k, v in pre.items() if isinstance(v, (int, float))):
+        # R@1, R@5, ... in numeric order, then the other metrics
+        order = lambda k: (0, int(k[2:])) if k.startswith("R@") and k[2:].isdigit() else (1, k)  # noqa: E731
+        for key in sorted((k for k, v in pre.items() if isinstance(v, (int, float))), key=order):
             print(f"  {kind + ' ' + key:<22}{pre[key]:>12.3f}{rnd.get(key, float('nan')):>14.3f}")
     n = results["retrieval"]["pretrained"]["info"]["test"]
     chance = 1.0 / len(CLASSES)
