@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the PyAV DataLoader and precomputed-flow baselines")
     p.add_argument("--codec", choices=["auto", "vp9", "h264", "hevc", "mjpeg"], default="auto",
                    help="codec of the sample data made when data.manifest is empty "
-                        "(auto: h264 on a GPU, where NVDEC decodes it; vp9 on CPU)")
+                        "(auto: h264 on a GPU, as real datasets hold; vp9 on CPU)")
     p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)

@@ -5,8 +5,8 @@ queue, plus the one being built) while the training loop consumes the current on
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
-``auto`` means PyAV threads: DALI's NVDEC path with per-sample frame lists measured an order of
-magnitude slower (see :meth:`ClipLoader._route`).
+``auto`` means PyAV, in worker processes (``data.pyav_workers``): DALI's NVDEC path with per-sample
+frame lists measured an order of magnitude slower (see :meth:`ClipLoader._route`).
 
 Failures at run time (a file damaged or removed after indexing) cost only their samples: a DALI batch
 that fails is retried sample by sample in a fresh pipeline, a sample DALI cannot decode is tried with
@@ -259,11 +259,11 @@ class ClipLoader:
         if self.data.decoder == "auto" and self.device.type == "cuda":
             # Measured on an H200 host (16 cores, H.264 at ~144x192, 24 frames per clip; benchmarks/README.md):
             # DALI's NVDEC decoder fed per-sample frame lists gives ~20 clips/s, an order of magnitude
-            # below PyAV worker threads, so `auto` decodes on the CPU and uploads from pinned memory.
-            # data.decoder=dali still forces NVDEC.
+            # below 16 PyAV worker processes, so `auto` decodes on the CPU and uploads from pinned
+            # memory. data.decoder=dali still forces NVDEC.
             if "auto-cuda" not in self._routes_logged:
                 self._routes_logged.add("auto-cuda")
-                log.info("data.decoder=auto on CUDA: PyAV threads decode (%d), frames go to the GPU; "
+                log.info("data.decoder=auto on CUDA: PyAV decodes (%d workers), frames go to the GPU; "
                          "data.decoder=dali selects DALI's NVDEC decoder", self.data.num_threads)
             return "pyav"
         if dali_can_decode(codec, self.device):
@@ -320,12 +320,12 @@ class ClipLoader:
         return self._procs
 
     def _submit_pyav(self, w: _Work) -> Future:
-        args = (decode_frames, w.record.path, w.all_frames(), tuple(self.data.frame_size))
+        args = self._pyav_args(w)
         try:
-            return self._pyav_pool().submit(*args, threads=1)
+            return self._pyav_pool().submit(decode_frames, *args, threads=1)
         except BrokenProcessPool:             # a worker died since the last batch
             self._restart_procs()
-            return self._pyav_pool().submit(*args, threads=1)
+            return self._pyav_pool().submit(decode_frames, *args, threads=1)
 
     def _pyav_result(self, w: _Work, fut: Future) -> np.ndarray:
         try:
@@ -340,8 +340,12 @@ class ClipLoader:
             self._procs.shutdown(wait=False, cancel_futures=True)
             self._procs = None
 
+    def _pyav_args(self, w: _Work) -> tuple:
+        return w.record.path, w.all_frames(), tuple(self.data.frame_size)
+
     def _pyav_one(self, w: _Work) -> np.ndarray:
-        return decode_frames(w.record.path, w.all_frames(), tuple(self.data.frame_size), threads=1)
+        """Decode ``w`` in this process (fallbacks; the batch path goes through :meth:`_submit_pyav`)."""
+        return decode_frames(*self._pyav_args(w), threads=1)
 
     def _dali_batch(self, works: list[_Work], out: dict) -> None:
         if self._dali is None:

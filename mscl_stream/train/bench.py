@@ -65,12 +65,12 @@ def steady_rate(result: dict, clips_per_step: int) -> float:
 
 
 def _run(cfg: Config, loader=None) -> dict:
+    from mscl_stream.train.metrics import mfu
     from mscl_stream.train.trainer import pretrain
     res = pretrain(cfg, loader=loader)
     rate = steady_rate(res, cfg.data.batch_size)
     stages = res.get("stage_seconds", {})
     total = sum(stages.values()) or 1.0
-    from mscl_stream.train.metrics import mfu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return {"clips_per_s": rate, "steps_per_s": rate / cfg.data.batch_size,
             "stage_share": {k: v / total for k, v in stages.items()}, "stage_seconds": stages,
@@ -80,7 +80,8 @@ def _run(cfg: Config, loader=None) -> dict:
 
 
 def bench_codec(codec: str, device_type: str) -> str:
-    """The sample data's codec: ``auto`` is H.264 where NVDEC decodes it (CUDA), else VP9 (DALI's CPU codecs)."""
+    """The sample data's codec: ``auto`` is H.264 on CUDA (what real datasets hold; both PyAV and NVDEC
+    decode it), else VP9 (one of DALI's CPU codecs)."""
     if codec == "auto":
         return "h264" if device_type == "cuda" else "vp9"
     return codec
