@@ -37,7 +37,7 @@ class DataConfig:
     clips_per_video: int = 1            # samples per video per epoch
     batch_size: int = 8                 # clips per rank per step
     frame_size: tuple[int, int] = (128, 176)   # (H, W) working size after decode: flow runs here
-    # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV threads
+    # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV (see pyav_workers)
     # (DALI's NVDEC path measured ~10x slower with per-sample frame lists). dali / pyav force one path.
     decoder: Literal["auto", "dali", "pyav"] = "auto"
     # PyAV decode workers. auto: processes on CUDA (decode threads would contend for the GIL with the

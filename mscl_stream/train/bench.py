@@ -161,7 +161,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
         result["speedup_vs_pyav"] = a / runs["pyav_dataloader"]["clips_per_s"]
     if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto":
-        # `auto` decodes with PyAV threads on a GPU; the same run through DALI's NVDEC shows why
+        # `auto` decodes with PyAV on a GPU; the same run through DALI's NVDEC shows why
         print("bench (a'): end-to-end with data.decoder=dali (NVDEC)", flush=True)
         done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
     if baselines:
