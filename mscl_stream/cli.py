@@ -61,7 +61,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.train.bench import run_bench
     run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators),
-              codec=a.codec)
+              codec=a.codec, skip=tuple(a.skip))
     return 0
 
 
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codec of the sample data made when data.manifest is empty "
                         "(auto: h264 on a GPU, as real datasets hold; vp9 on CPU)")
     p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
+    p.add_argument("--skip", nargs="*", default=[], metavar="RUN",
+                   help="optional runs to leave out: pyav_dataloader, end_to_end_nvdec (GPU), precomputed_flow")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)
 

@@ -104,6 +104,7 @@ class ClipLoader:
         self._dali: DaliDecoder | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
+        self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
         _LIVE.add(self)
@@ -210,6 +211,7 @@ class ClipLoader:
                     continue
             return False
 
+        self._ahead = {}
         try:
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             for _ in range(batch_no, len(self)):
@@ -229,6 +231,10 @@ class ClipLoader:
             put(_END)
         except BaseException as e:          # surfaces in the consuming thread
             put(e)
+        finally:
+            for fut in self._ahead.values():
+                fut.cancel()
+            self._ahead = {}
 
     # ------------------------------------------------------------------ one batch
     def _next_batch(self, cursor: int, stop: threading.Event) -> tuple[ClipBatch | None, int]:
@@ -243,6 +249,7 @@ class ClipLoader:
                 specs = self.sampler.specs(pos)
                 works.append(_Work(pos, specs, self.records[specs[0].video_idx]))
             cursor += need
+            self._submit_ahead(cursor)
             done = self._decode(works)
             failures = 0 if done else failures + need
             if failures > max(64, 4 * bsz):
@@ -289,7 +296,7 @@ class ClipLoader:
                 self._skip(w, f"{self._bad[w.record.path]} (failed before)", quiet=True)
             else:
                 (dali if self._route(w.record) == "dali" else pyav).append(w)
-        futures = [(w, self._submit_pyav(w)) for w in pyav]
+        futures = [(w, self._ahead.pop(w.position, None) or self._submit_pyav(w)) for w in pyav]
         if dali:
             self._dali_batch(dali, out)
         for w, fut in futures:
@@ -299,6 +306,19 @@ class ClipLoader:
             except DecodeError as e:
                 self._fail(w, f"PyAV: {e}")
         return [(w, *out[w.position]) for w in works if w.position in out]
+
+    def _submit_ahead(self, start: int) -> None:
+        """Start decoding the next batch's PyAV samples (positions ``start`` to ``start + batch_size``)
+        now, so the workers never idle while this batch's stragglers finish and it is assembled and
+        uploaded. A refill after skips uses the same positions, so nothing is decoded twice."""
+        end = min(start + self.data.batch_size, len(self) * self.data.batch_size)
+        for pos in range(start, end):
+            if pos in self._ahead:
+                continue
+            specs = self.sampler.specs(pos)
+            w = _Work(pos, specs, self.records[specs[0].video_idx])
+            if w.record.path not in self._bad and self._route(w.record) == "pyav":
+                self._ahead[pos] = self._submit_pyav(w)
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -339,6 +359,7 @@ class ClipLoader:
             log.warning("a PyAV worker process died; starting a new pool")
             self._procs.shutdown(wait=False, cancel_futures=True)
             self._procs = None
+            self._ahead = {}                  # submitted to the dead pool: decoded again on demand
 
     def _pyav_args(self, w: _Work) -> tuple:
         return w.record.path, w.all_frames(), tuple(self.data.frame_size)

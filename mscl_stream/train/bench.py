@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,11 +27,14 @@ import numpy as np
 
 from mscl_stream.config import Config, FlowConfig, to_dict
 from mscl_stream.data.batch import ClipBatch
+from mscl_stream.errors import UserError
 from mscl_stream.machine import machine_info
 from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
 RAFT_NAMES = ("raft_small", "raft_large")
+# runs a user may leave out (``skip``); end_to_end and resident define stream efficiency and always run
+OPTIONAL_RUNS = ("pyav_dataloader", "end_to_end_nvdec", "precomputed_flow")
 
 
 class ResidentLoader:
@@ -126,11 +130,15 @@ def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:
 
 
 def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
-              estimators: tuple[str, ...] = (), codec: str = "auto") -> dict:
+              estimators: tuple[str, ...] = (), codec: str = "auto", skip: tuple[str, ...] = ()) -> dict:
     """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict.
 
-    ``codec`` picks the sample data's codec when ``data.manifest`` is empty (see :func:`bench_codec`).
+    ``codec`` picks the sample data's codec when ``data.manifest`` is empty (see :func:`bench_codec`);
+    ``skip`` leaves out some of :data:`OPTIONAL_RUNS`.
     """
+    unknown = set(skip) - set(OPTIONAL_RUNS)
+    if unknown:
+        raise UserError(f"bench: cannot skip {sorted(unknown)}; optional runs are {', '.join(OPTIONAL_RUNS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mscl-bench-"))
@@ -144,9 +152,13 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     path = out / f"{tag}_{_dt.date.today().isoformat()}.json"
     runs = result["runs"]
 
+    started = [time.perf_counter()]
+
     def done(name: str, run: dict) -> None:
         # saved after every run: a long suite cut short (a lease, a timeout) keeps what it measured
-        runs[name] = run
+        now = time.perf_counter()
+        runs[name] = {**run, "wall_seconds": now - started[0]}   # set-up, warm-up and steps
+        started[0] = now
         path.write_text(json.dumps(result, indent=2, default=str))
 
     print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
@@ -155,16 +167,17 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
     a = runs["end_to_end"]["clips_per_s"]
     result["stream_efficiency"] = a / runs["resident"]["clips_per_s"]
-    if baselines:
+    if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.train.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
         done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
         result["speedup_vs_pyav"] = a / runs["pyav_dataloader"]["clips_per_s"]
-    if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto":
+    if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto" and \
+            "end_to_end_nvdec" not in skip:
         # `auto` decodes with PyAV on a GPU; the same run through DALI's NVDEC shows why
         print("bench (a'): end-to-end with data.decoder=dali (NVDEC)", flush=True)
         done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
-    if baselines:
+    if baselines and "precomputed_flow" not in skip:
         from mscl_stream.flow import estimator_from_config
         from mscl_stream.train.baseline import precomputed_flow_loader
         print("bench (d): precomputed-flow baseline (flow to disk once, read back by DataLoader workers)",

@@ -65,3 +65,32 @@ def test_precomputed_flow_equals_in_batch_flow(tiny_manifest, tmp_path):
         _, flow_a, flow_b = compute_flow(fresh, est)
         torch.testing.assert_close(batch.flow_a.float(), flow_a, atol=0.02, rtol=0.002)
         torch.testing.assert_close(batch.flow_b.float(), flow_b, atol=0.02, rtol=0.002)
+
+
+def test_precompute_chunks_wrap_without_changing_the_flow(tiny_manifest, tmp_path):
+    """Fixed-shape chunks (the last one padded by wrapping to the video's first pairs) give the same
+    per-pair flow as one chunk per video: the padding is computed and dropped, never written."""
+    import numpy as np
+
+    from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.flow import estimator_from_config
+    from mscl_stream.train.baseline import precompute_flows
+
+    cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split="])
+    records = read_manifest(cfg.data.manifest, "")[:2]
+    est = estimator_from_config(cfg.flow, "cpu")
+    whole = precompute_flows(cfg, records, est, tmp_path / "whole")
+    parts = precompute_flows(cfg, records, est, tmp_path / "parts", chunk=16)   # 40 frames: 16 + 16 + 8
+    assert whole["pairs"] == parts["pairs"] == sum(r.frame_end - r.start for r in records)
+    for row in range(len(records)):
+        a, b = (np.load(tmp_path / d / f"{row:06d}.npy") for d in ("whole", "parts"))
+        assert a.shape == b.shape == (records[row].frame_end - records[row].start, 2, 32, 40)
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+
+
+def test_bench_refuses_an_unknown_run_to_skip(tmp_path):
+    from mscl_stream.errors import UserError
+    cfg = load_config(None, TINY_TRAIN)
+    with pytest.raises(UserError, match="cannot skip \\['resident'\\]"):
+        run_bench(cfg, out=tmp_path, steps=4, skip=("resident",))   # resident defines the efficiency
+    assert not list(tmp_path.iterdir())
