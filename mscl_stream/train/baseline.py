@@ -54,17 +54,25 @@ class _Clips(torch.utils.data.Dataset):
 
 
 class PyAVDataLoader:
-    """Iterable over ClipBatch on the device, fed by a torch DataLoader with PyAV workers."""
+    """Iterable over ClipBatch on the device, fed by a torch DataLoader with PyAV workers.
+
+    ``mp_context`` starts the workers ("forkserver": see the comment at the DataLoader; None: torch's
+    default, fork on Linux).
+    """
 
     def __init__(self, cfg: Config, records: list[VideoRecord], device: torch.device,
-                 flow_dir: Path | None = None):
+                 flow_dir: Path | None = None, mp_context: str | None = "forkserver"):
         d = cfg.data
         self.sampler = ClipSampler(records, d, seed=d.seed)
         self.t, self.steps, self.device, self.stats = d.frames_per_clip, torch.from_numpy(flow_steps(d)), device, {}
         self.loader = torch.utils.data.DataLoader(
             _Clips(self.sampler, records, tuple(d.frame_size), flow_dir), batch_size=d.batch_size, shuffle=False,
             num_workers=d.num_threads, pin_memory=device.type == "cuda", drop_last=True,
-            prefetch_factor=d.prefetch if d.num_threads else None, persistent_workers=False)
+            prefetch_factor=d.prefetch if d.num_threads else None, persistent_workers=False,
+            # forkserver, not fork: forked workers deadlocked in libswscale on an H100 (its slice-thread
+            # pool, copied mid-use from a parent that had decoded with FFmpeg threads: the precomputed
+            # baseline decodes every video in-process first); start-up cost only, outside steady state
+            multiprocessing_context=mp_context if d.num_threads else None)
 
     def __len__(self) -> int:
         return len(self.loader)

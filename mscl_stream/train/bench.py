@@ -159,19 +159,21 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         now = time.perf_counter()
         runs[name] = {**run, "wall_seconds": now - started[0]}   # set-up, warm-up and steps
         started[0] = now
+        rate = {n: r["clips_per_s"] for n, r in runs.items()}
+        if "resident" in rate:
+            result["stream_efficiency"] = rate["end_to_end"] / rate["resident"]
+        if "pyav_dataloader" in rate:
+            result["speedup_vs_pyav"] = rate["end_to_end"] / rate["pyav_dataloader"]
         path.write_text(json.dumps(result, indent=2, default=str))
 
     print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
     done("end_to_end", _run(cfg))
     print("bench (b): device-resident batches (no decode)", flush=True)
     done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
-    a = runs["end_to_end"]["clips_per_s"]
-    result["stream_efficiency"] = a / runs["resident"]["clips_per_s"]
     if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.train.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
         done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
-        result["speedup_vs_pyav"] = a / runs["pyav_dataloader"]["clips_per_s"]
     if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto" and \
             "end_to_end_nvdec" not in skip:
         # `auto` decodes with PyAV on a GPU; the same run through DALI's NVDEC shows why
