@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_check.py --part torch OUT   # torch alone: GPU/driver/NVDEC facts, the CUDA tests
                                                       # that need no DALI/Kornia/PyAV, TV-L1 fused vs eager,
-                                                      # RAFT variants (~3 min on an H100)
+                                                      # RAFT variants (80 s on an H100)
     python benchmarks/gpu_check.py --part dali OUT    # with DALI + Kornia + PyAV: end-to-end bench with both
                                                       # baselines, the remaining CUDA tests, NVDEC vs PyAV
                                                       # decode (H.264/HEVC/VP9), the train step bf16 vs fp32
-                                                      # (~8 min)
+                                                      # (~5 min on an H100: tests 36 s, bench ~70 s,
+                                                      # nvdec_access 49 s, decode ~40 s per codec,
+                                                      # train steps 16 s each)
 
 The parts follow the GPU host's staging (../shared/tools/gpu-stage): torch is there from the start,
 DALI/Kornia/PyAV only after the last of three transfers. Each measurement runs as its own subprocess
