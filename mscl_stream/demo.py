@@ -1,4 +1,4 @@
-"""`make demo` / `mscl-stream demo`: the whole product on a laptop CPU, in minutes.
+"""`make demo` / `mscl-stream demo`: the whole product on a laptop CPU, in about a quarter of an hour.
 
 sample videos with known motion -> index -> a look at one streamed batch (PNG + throughput) ->
 MSCL pretraining (configs/demo.yaml) -> motion-label retrieval and linear probe of the pretrained
