@@ -244,10 +244,7 @@ class ClipLoader:
             if stop.is_set():
                 return None, cursor
             need = bsz - len(got)
-            works = []
-            for pos in range(cursor, cursor + need):
-                specs = self.sampler.specs(pos)
-                works.append(_Work(pos, specs, self.records[specs[0].video_idx]))
+            works = [self._work(pos) for pos in range(cursor, cursor + need)]
             cursor += need
             self._submit_ahead(cursor)
             done = self._decode(works)
@@ -307,6 +304,11 @@ class ClipLoader:
                 self._fail(w, f"PyAV: {e}")
         return [(w, *out[w.position]) for w in works if w.position in out]
 
+    def _work(self, pos: int) -> _Work:
+        """The sample at epoch position ``pos``: its candidates' specs and their video."""
+        specs = self.sampler.specs(pos)
+        return _Work(pos, specs, self.records[specs[0].video_idx])
+
     def _submit_ahead(self, start: int) -> None:
         """Start decoding the next batch's PyAV samples (positions ``start`` to ``start + batch_size``)
         now, so the workers never idle while this batch's stragglers finish and it is assembled and
@@ -315,8 +317,7 @@ class ClipLoader:
         for pos in range(start, end):
             if pos in self._ahead:
                 continue
-            specs = self.sampler.specs(pos)
-            w = _Work(pos, specs, self.records[specs[0].video_idx])
+            w = self._work(pos)
             if w.record.path not in self._bad and self._route(w.record) == "pyav":
                 self._ahead[pos] = self._submit_pyav(w)
 

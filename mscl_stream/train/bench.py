@@ -152,13 +152,14 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     path = out / f"{tag}_{_dt.date.today().isoformat()}.json"
     runs = result["runs"]
 
-    started = [time.perf_counter()]
+    started = time.perf_counter()
 
     def done(name: str, run: dict) -> None:
         # saved after every run: a long suite cut short (a lease, a timeout) keeps what it measured
+        nonlocal started
         now = time.perf_counter()
-        runs[name] = {**run, "wall_seconds": now - started[0]}   # set-up, warm-up and steps
-        started[0] = now
+        runs[name] = {**run, "wall_seconds": now - started}   # set-up, warm-up and steps
+        started = now
         rate = {n: r["clips_per_s"] for n, r in runs.items()}
         if "resident" in rate:
             result["stream_efficiency"] = rate["end_to_end"] / rate["resident"]
