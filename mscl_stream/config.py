@@ -8,7 +8,9 @@ and raises :class:`ConfigError` (a one-line message naming the key) before any w
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ from mscl_stream.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the offending key."""
+
+
+# Environment opt-in for "package.module:factory" estimators (FlowConfig.allow_import does the same).
+ALLOW_IMPORT_ENV = "MSCL_STREAM_ALLOW_IMPORT"
 
 
 @dataclass
@@ -74,6 +80,9 @@ class FlowConfig:
     cuda_graph: bool = False
     chunk_size: int = 0                 # pairs per chunk (0 = estimator's own memory budget)
     options: dict = field(default_factory=dict)   # extra keyword options for the estimator
+    # a "package.module:factory" estimator imports and runs that code: only with this opt-in (or the
+    # environment variable MSCL_STREAM_ALLOW_IMPORT=1); see docs/reliability.md
+    allow_import: bool = False
 
 
 @dataclass
@@ -118,7 +127,9 @@ class TrainConfig:
     compile: bool = False
     out_dir: str = "runs/default"
     ckpt_every: int = 500               # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3           # periodic step files kept besides last.pt (0 = keep all)
     resume: str = ""                    # "", a path, or "auto"
+    overwrite: bool = False             # replace the run already in out_dir (else refused without resume)
     max_bad_steps: int = 5              # consecutive NaN/inf steps before stopping
     seed: int = 0
     deterministic: bool = False
@@ -206,14 +217,30 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _number(key, value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$")
+
+
+def _number(key: str, value: Any) -> float:
+    """A finite float from a YAML number or a numeric string.
+
+    PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string, not a float; users write it anyway,
+    so a string that reads as a decimal number is accepted. ``.inf``/``.nan`` (and "inf"/"nan") are not.
+    """
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        value = float(value.strip().replace("_", ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def _merge(obj: Any, data: dict, prefix: str = "") -> None:
@@ -287,20 +314,34 @@ def validate(cfg: Config) -> Config:
     need(m.queue_size >= d.batch_size, "model.queue_size", f"must be >= data.batch_size ({d.batch_size})")
     need(0.0 <= m.momentum < 1.0, "model.momentum", "must be in [0, 1)")
     need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+    for term, wt in cfg.loss.weights.items():
+        need(wt >= 0, f"loss.weights.{term}", f"{wt}: must be >= 0 (0 disables the term)")
     need(any(v > 0 for v in cfg.loss.weights.values()), "loss.weights", "at least one term must be > 0")
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(o.base_batch >= 1, "optim.base_batch", "must be >= 1")
     need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = no clipping)")
     need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(all(v >= 0 for v in a.jitter), "augment.jitter", "strengths must be >= 0")
+    need(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma", "needs 0 < lo <= hi")
     e = cfg.eval
     need(e.clips >= 1, "eval.clips", "must be >= 1")
     need(e.epochs >= 1 and e.batch_size >= 1 and e.base_batch >= 1, "eval.epochs",
          "eval.epochs, eval.batch_size and eval.base_batch must be >= 1")
     need(e.lr > 0, "eval.lr", "must be > 0")
+    need(e.weight_decay >= 0, "eval.weight_decay", "must be >= 0")
+    need(e.clip_grad >= 0, "eval.clip_grad", "must be >= 0 (0 = no clipping)")
+    need(e.max_steps >= 0, "eval.max_steps", "must be >= 0")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
     need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every step file)")
+    need(cfg.log.every >= 1, "log.every", "must be >= 1")
+    need(":" not in f.estimator or f.allow_import or os.environ.get(ALLOW_IMPORT_ENV) == "1", "flow.estimator",
+         f"{f.estimator!r} names code to import and run; allow it with flow.allow_import=true "
+         f"(or {ALLOW_IMPORT_ENV}=1), or register the estimator by name (docs/reliability.md)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"{t.device!r}: use auto, cpu, cuda or cuda:N")
     if d.manifest:
@@ -321,9 +362,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError(f"config: {path}: no such file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"config: {path}: cannot read ({e.strerror or e})") from None
         _merge(cfg, data)
     for ov in overrides:
         apply_override(cfg, ov)
