@@ -201,24 +201,35 @@ class MSCL(nn.Module):
         return all(w > 0 for w in self.weights.values())
 
     @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
+    def momentum_update(self, m: float, ok: torch.Tensor | None = None) -> None:
         """EMA of the key encoders and projections: p_k <- m * p_k + (1 - m) * p_q (parameters only;
-        BN running statistics of the key encoders come from their own forward passes, as in MoCo)."""
+        BN running statistics of the key encoders come from their own forward passes, as in MoCo).
+
+        ``ok``: optional 0-dim bool tensor on the model's device; where False the key encoders are left
+        as they are (the trainer's non-finite-step guard), decided on the device without a host read.
+        """
         for q_mod, k_mod in self._pairs():
             q_params, k_params = list(q_mod.parameters()), list(k_mod.parameters())
-            torch._foreach_lerp_(k_params, q_params, 1.0 - m)
+            if ok is None:
+                torch._foreach_lerp_(k_params, q_params, 1.0 - m)
+            else:   # p_k += w * (p_q - p_k) with w = (1 - m) * ok, a device tensor (lerp takes only a number)
+                d = torch._foreach_sub(q_params, k_params)
+                torch._foreach_mul_(d, ok.to(k_params[0].dtype) * (1.0 - m))
+                torch._foreach_add_(k_params, d)
 
     @torch.no_grad()
-    def enqueue(self, rgb_keys: torch.Tensor, flow_keys: torch.Tensor) -> None:
+    def enqueue(self, rgb_keys: torch.Tensor, flow_keys: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         """Write this step's keys (all-gathered across ranks) into the FIFO queues.
 
         Args:
             rgb_keys: (b, D) RGB keys of this rank (``out["keys_rgb"]``).
             flow_keys: (b, D) base flow keys of this rank (``out["keys_flow"]``).
+            ok: optional 0-dim bool device tensor, equal on all ranks; where False nothing is written
+                and the pointers stay (a non-finite step's keys never reach the queues).
         """
         for name, keys in (("rgb", rgb_keys), ("flow", flow_keys)):
             queue, ptr = getattr(self, f"{name}_queue"), getattr(self, f"{name}_queue_ptr")
-            _ring_write(queue, ptr, all_gather_cat(keys.detach(), same_size=True))
+            _ring_write(queue, ptr, all_gather_cat(keys.detach(), same_size=True), ok)
 
     # ------------------------------------------------------------------ encoders
 
@@ -297,7 +308,7 @@ class MSCL(nn.Module):
 
 
 @torch.no_grad()
-def _ring_write(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+def _ring_write(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, ok: torch.Tensor | None = None) -> None:
     """FIFO write of ``keys`` (n, D) into ``queue`` (K, D) at ``ptr`` (1,), wrapping; advances ``ptr``.
 
     Indices are computed on the queue's device, so no host synchronisation happens. If n > K only
@@ -307,5 +318,9 @@ def _ring_write(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> N
     idx = (ptr + torch.arange(n, device=queue.device)) % size
     if n > size:
         idx, keys = idx[-size:], keys[-size:]
-    queue.index_copy_(0, idx, keys.to(queue.dtype))
+    keys = keys.to(queue.dtype)
+    if ok is not None:   # skipped step: rewrite the slots with what they hold, do not advance
+        keys = torch.where(ok, keys, queue.index_select(0, idx))
+        n = ok.to(ptr.dtype) * n
+    queue.index_copy_(0, idx, keys)
     ptr.add_(n).remainder_(size)

@@ -12,6 +12,11 @@ Layout used by the trainer (``--resume auto`` relies on it)::
     <out_dir>/checkpoints/last.pt              the end of a run
     <out_dir>/checkpoints/diverged.pt          written before stopping on NaN losses; never auto-resumed
 
+The trainer writes step files through :func:`save_step_checkpoint` (which prunes to
+``train.keep_checkpoints``) and ``--resume auto`` uses :func:`find_resumable` (this run's newest
+loadable file). Temporary files of an interrupted write (``.<name>.tmp-<pid>``) are removed by the next
+run that takes the folder's lock (``train/rundir.py``).
+
 Errors a user can cause (missing, corrupt or truncated file, a checkpoint from another model or config)
 are one-line :class:`UserError`\\ s; a mismatch never silently starts training from scratch.
 """
@@ -264,6 +269,34 @@ def find_latest(out_dir: str | os.PathLike) -> Path | None:
     if last.is_file():
         cands.append(last)
     return max(cands, key=lambda p: p.stat().st_mtime_ns) if cands else None
+
+
+def find_resumable(out_dir: str | os.PathLike, run_id: str | None,
+                   map_location: str | torch.device = "cpu") -> tuple[Path, dict] | tuple[None, None]:
+    """``--resume auto``: the newest checkpoint of run ``run_id`` that loads, with its state.
+
+    Candidates are ``last.pt`` and the step files, newest written first. A file that does not load
+    (truncated, corrupt) or that another run wrote (its ``run_id`` differs, or it has none while
+    ``run_id`` is set) is passed over with a warning, never resumed. ``diverged.pt`` is never picked.
+    Returns (None, None) when nothing qualifies.
+    """
+    cands = [p for _, p in list_checkpoints(out_dir)]
+    last = Path(out_dir) / CKPT_DIR / LAST_NAME
+    if last.is_file():
+        cands.append(last)
+    cands.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for p in cands:
+        try:
+            state = load_checkpoint(p, map_location=map_location)
+        except UserError as e:
+            log.warning("resume auto: skipping %s: %s", p.name, e)
+            continue
+        if run_id is not None and state.get("run_id") != run_id:
+            log.warning("resume auto: skipping %s: written by run %s, this folder's run is %s", p.name,
+                        state.get("run_id", "(none recorded)"), run_id)
+            continue
+        return p, state
+    return None, None
 
 
 def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:

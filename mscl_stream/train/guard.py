@@ -1,0 +1,162 @@
+"""The trainer's non-finite-step guard: a bad step changes nothing, decided on the device, read one step late.
+
+A step is *bad* when its loss or its gradient norm is not finite (on any rank). A bad step must leave
+the model as it was: parameters, optimizer state, momentum encoders, MoCo queues and BatchNorm running
+statistics. Reading a flag on the host every step would stall a GPU pipeline, so everything is decided
+on the device from one 0-dim bool tensor ``ok``:
+
+* the optimizer update is skipped through the optimizer's ``found_inf`` input where it has one (fused
+  SGD/Adam: ``_step_supports_amp_scaling``); any other optimizer gets a blocking ``ok.item()`` before
+  its step (correct, slower: the one host read this module otherwise avoids);
+* momentum update and enqueue take ``ok`` (``MSCL.momentum_update`` / ``MSCL.enqueue``);
+* BatchNorm running statistics (which the forward pass already changed) are restored from a copy taken
+  before the forward: they live as views of one flat tensor, so the copy and the restore are one kernel
+  each.
+
+The host learns about bad steps one step late: ``ok`` is copied into pinned memory without blocking,
+and read after the next step has been launched (:meth:`StepGuard.publish`), to count streaks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_BN_STATS = ("running_mean", "running_var")
+
+
+def _flatten_bn_stats(model: nn.Module) -> torch.Tensor | None:
+    """Re-point every floating BatchNorm running statistic of ``model`` to a view of one flat tensor.
+
+    In-place updates (BatchNorm forward, ``load_state_dict``) keep writing into the flat tensor; call
+    after the model reached its device. Returns the flat tensor (None if there are no statistics).
+    """
+    slots = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+             if name in _BN_STATS and buf is not None and buf.is_floating_point()]
+    if not slots:
+        return None
+    dtypes = {buf.dtype for _, _, buf in slots} | {buf.device for _, _, buf in slots}
+    if len(dtypes) != 2:      # mixed dtypes or devices: keep them as they are (no flat copy)
+        return None
+    flat = torch.cat([buf.detach().reshape(-1) for _, _, buf in slots])
+    at = 0
+    for mod, name, buf in slots:
+        n = buf.numel()
+        mod._buffers[name] = flat[at:at + n].view_as(buf)
+        at += n
+    return flat
+
+
+def supports_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step()`` honours ``opt.found_inf`` (fused implementations in torch)."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False))
+
+
+def _init_momentum_buffers(opt: torch.optim.Optimizer) -> None:
+    """Create SGD momentum buffers as zeros up front.
+
+    Fused SGD allocates them with ``torch.empty`` at its first step and treats that step specially; a
+    first step skipped through ``found_inf`` would leave uninitialised memory in them. With zero buffers
+    and no dampening the first real step computes the same ``buf = grad`` as torch's first step.
+    """
+    if not isinstance(opt, torch.optim.SGD):
+        return
+    for group in opt.param_groups:
+        if group.get("momentum", 0) and not group.get("dampening", 0):
+            for p in group["params"]:
+                st = opt.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class StepGuard:
+    """Device-side finite check of each step plus a one-step-late host view of the result.
+
+    Usage per step::
+
+        guard.before_forward()
+        ... forward, backward, unscale, grad_norm = clip_grad_norm_(...)
+        ok = guard.check(loss, grad_norm)        # 0-dim bool on the device (all-reduced in DDP)
+        guard.optimizer_step(opt, ok)            # skipped on the device when not ok
+        model.momentum_update(m, ok); model.enqueue(k_rgb, k_flow, ok)
+        guard.after_step(ok)                     # BN statistics restored when not ok
+        for step_no, good in guard.publish(ok, step_no): ...   # earlier steps' results (host)
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer | None, device: torch.device,
+                 world_size: int = 1) -> None:
+        self.device = torch.device(device)
+        self.world_size = world_size
+        self._flat = _flatten_bn_stats(model)
+        self._shadow = torch.empty_like(self._flat) if self._flat is not None else None
+        pin = self.device.type == "cuda"
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self._pin = pin
+        if opt is not None and supports_found_inf(opt):
+            _init_momentum_buffers(opt)
+
+    def before_forward(self) -> None:
+        if self._flat is not None:
+            self._shadow.copy_(self._flat)
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """0-dim bool device tensor: loss and gradient norm finite (on every rank)."""
+        ok = torch.isfinite(loss.detach().float())
+        if grad_norm is not None:
+            ok = ok & torch.isfinite(grad_norm.detach().float())
+        if self.world_size > 1:
+            flag = ok.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = flag.bool()
+        return ok.reshape(())
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, ok: torch.Tensor, scaler=None) -> None:
+        """``opt.step()`` that changes nothing when ``ok`` is False (no host read for fused optimizers)."""
+        if scaler is not None:       # GradScaler skips inf/NaN gradients itself (its own found_inf)
+            scaler.step(opt)
+            scaler.update()
+        elif supports_found_inf(opt):
+            opt.found_inf = (~ok).to(torch.float32)
+            opt.step()
+        elif bool(ok):               # fallback: a host read, before the step
+            opt.step()
+
+    def after_step(self, ok: torch.Tensor) -> None:
+        if self._flat is not None:
+            self._flat.copy_(torch.where(ok, self._flat, self._shadow))
+
+    def publish(self, ok: torch.Tensor, step: int) -> list[tuple[int, bool]]:
+        """Queue this step's flag for the host; return ``(step, ok)`` of earlier steps now known.
+
+        On CUDA the flag is copied into pinned memory without blocking and read at the next call (its
+        kernels have long finished by then); on CPU it is read at once.
+        """
+        if self._pin:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending.append((step, host, ev))
+        else:
+            self._pending.append((step, ok, None))
+        done, keep = [], []
+        for i, (s, t, ev) in enumerate(self._pending):
+            last = i == len(self._pending) - 1
+            if ev is None or not last:
+                if ev is not None:
+                    ev.synchronize()
+                done.append((s, bool(t)))
+            else:
+                keep.append((s, t, ev))
+        self._pending = keep
+        return done
+
+    def flush(self) -> list[tuple[int, bool]]:
+        """Every flag still pending (blocks on the device; end of run, before a checkpoint)."""
+        out = []
+        for s, t, ev in self._pending:
+            if ev is not None:
+                ev.synchronize()
+            out.append((s, bool(t)))
+        self._pending = []
+        return out
