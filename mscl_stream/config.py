@@ -46,6 +46,9 @@ class DataConfig:
     # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV (see pyav_workers)
     # (DALI's NVDEC path measured ~10x slower with per-sample frame lists). dali / pyav force one path.
     decoder: Literal["auto", "dali", "pyav"] = "auto"
+    # how DALI decodes (docs/data.md): decoder = fn.decoders.video on whole files; reader =
+    # fn.experimental.readers.video on per-frame file lists (decoder kept open along a sample's frames)
+    dali_mode: Literal["decoder", "reader"] = "decoder"
     # PyAV decode workers. auto: processes on CUDA (decode threads would contend for the GIL with the
     # training thread, which launches thousands of small kernels per step: measured 104 vs 231 clips/s
     # on an H200), threads on CPU. Either way data.num_threads of them.
