@@ -8,6 +8,12 @@ packet index of a file (timestamps and keyframes, demuxed without decoding) is c
 To fetch frames, the decoder seeks to the keyframe at or before the first wanted frame and decodes
 forward; it seeks again only where the next wanted frame's keyframe lies ahead of the decoder.
 
+The decode cost of a sample is the frames the decoder produces to reach the wanted ones (from the
+keyframe before each jump on), not the frames wanted: ``decode_frames(..., stats=d)`` counts both,
+and :func:`decode_frames_counted` also returns the decoding thread's CPU time (worker pools use it;
+docs/data.md explains the amplification). :func:`sweep_frames` gives the same count from the packet
+index alone, for decoders that cannot report it.
+
 Pixels match DALI's CPU decoder: BT.601 limited-range YUV -> RGB with bilinear (full) chroma
 interpolation (FFmpeg's default fast path repeats chroma samples instead, ~3/255 off on colourful
 detail), then a resize that covers (H, W) keeping the aspect ratio and a centre crop with the same
@@ -17,7 +23,9 @@ rounding as DALI's ``resize(mode="not_smaller", subpixel_scale=False)`` + ``crop
 from __future__ import annotations
 
 import bisect
+import multiprocessing
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from threading import Lock
@@ -122,8 +130,9 @@ def _converter(size: tuple[int, int] | None):
 
 
 def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStream, index: FrameIndex,
-                   want: np.ndarray, convert, path: str) -> list[np.ndarray]:
-    """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks."""
+                   want: np.ndarray, convert, path: str, count: dict) -> list[np.ndarray]:
+    """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks;
+    adds the frames the decoder produced to ``count["decoded"]`` and the seeks to ``count["seeks"]``."""
     out: list[np.ndarray] = []
     gen, last = None, None            # decoder generator and timestamp of the last frame it gave
     for i in want:
@@ -136,8 +145,10 @@ def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStre
                 c.seek(int(key if key is not None else index.key_pts[0]), stream=st, backward=True,
                        any_frame=False)
                 gen, last = c.decode(st), None
+                count["seeks"] += 1
             frame = None
             for frame in gen:
+                count["decoded"] += 1
                 if frame.pts is None:
                     raise DecodeError(f"{path}: decoded frame without a timestamp")
                 last = frame.pts
@@ -154,8 +165,30 @@ def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStre
     return out
 
 
+def sweep_frames(index: FrameIndex, want: np.ndarray) -> tuple[int, int]:
+    """Frames a forward decoder produces for the sorted unique display indices ``want``, and its seeks,
+    when it seeks to the keyframe at or before a wanted frame only where that keyframe lies ahead of
+    its position (the sweep :func:`decode_frames` makes; a model, in display order, of what any
+    keyframe-seeking decoder pays; B-frame reordering is not modelled).
+
+    Returns:
+        (frames decoded, seeks).
+    """
+    pos = {int(p): i for i, p in enumerate(index.pts)}
+    decoded, seeks, last = 0, 0, -1
+    for i in np.asarray(want, np.int64).tolist():
+        key = index.keyframe_before(int(index.pts[i]))
+        k = pos[key] if key is not None else 0
+        if last < 0 or last >= i or k > last:
+            decoded, seeks = decoded + i - k + 1, seeks + 1
+        else:
+            decoded += i - last
+        last = i
+    return decoded, seeks
+
+
 def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
-                  size: tuple[int, int] | None, threads: int = 0) -> np.ndarray:
+                  size: tuple[int, int] | None, threads: int = 0, stats: dict | None = None) -> np.ndarray:
     """Decode raw frames of one video with PyAV.
 
     Args:
@@ -164,6 +197,8 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
         size: (H, W) working size: resize to cover, centre crop (as the DALI path); None keeps the
             native size.
         threads: FFmpeg decoder threads (0: FFmpeg's choice; the loader's worker pool passes 1).
+        stats: if given, gets "requested" (len(indices)), "wanted" (unique frames), "decoded" (frames the
+            decoder produced, wanted or not) and "seeks" added to it.
 
     Returns:
         (len(indices), H, W, 3) uint8 RGB, frame k = raw frame ``indices[k]``.
@@ -180,14 +215,33 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
         raise DecodeError(f"{path}: frame {int(idx.max()) if idx.max() >= len(index) else int(idx.min())} "
                           f"requested, the file has frames 0..{len(index) - 1}")
     want = np.unique(idx)
+    count = {"decoded": 0, "seeks": 0}
     try:
         with av.open(str(path)) as c:
             st = c.streams.video[0]
             st.thread_type = "AUTO" if threads != 1 else "NONE"
             if threads > 0:
                 st.codec_context.thread_count = threads
-            frames = _decode_sorted(c, st, index, want, _converter(size), str(path))
+            frames = _decode_sorted(c, st, index, want, _converter(size), str(path), count)
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
         raise DecodeError(f"{path}: decode failed ({type(e).__name__}: {e})") from None
+    if stats is not None:
+        for k, v in (("requested", idx.size), ("wanted", want.size), ("decoded", count["decoded"]),
+                     ("seeks", count["seeks"])):
+            stats[k] = stats.get(k, 0) + int(v)
     stacked = np.stack(frames)
     return stacked[np.searchsorted(want, idx)]
+
+
+def decode_frames_counted(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
+                          size: tuple[int, int] | None, threads: int = 1) -> tuple[np.ndarray, dict]:
+    """:func:`decode_frames` plus its cost: (frames, stats) with the counts of ``decode_frames(stats=)``
+    and "cpu_seconds": CPU time of this process in a worker process (one task at a time there), else of
+    the calling thread (other threads of the process do other work). Picklable, for worker pools."""
+    in_worker = multiprocessing.parent_process() is not None
+    clock = time.process_time if in_worker else time.thread_time
+    t0 = clock()
+    stats: dict = {}
+    frames = decode_frames(path, indices, size, threads=threads, stats=stats)
+    stats["cpu_seconds"] = clock() - t0
+    return frames, stats
