@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from typing import Callable
 
@@ -77,13 +78,16 @@ def lookup_offsets(radius: int, device: torch.device) -> torch.Tensor:
     return torch.stack([dx, dy], dim=-1)[None]
 
 
-def corr_lookup(pyramid: list[torch.Tensor], coords: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def corr_lookup(pyramid: list[torch.Tensor], coords: torch.Tensor, offsets: torch.Tensor,
+                channels_last: bool = False) -> torch.Tensor:
     """Bilinear lookup of a (2r+1)^2 window around ``coords`` at every pyramid level.
 
     Args:
         pyramid: from :func:`corr_pyramid`.
         coords: (n, 2, h, w) positions in fmap2 pixels (x, y).
         offsets: from :func:`lookup_offsets`.
+        channels_last: return the features in channels_last memory (no transpose copy: the samples
+            come out pixel-major).
 
     Returns:
         (n, levels * (2r+1)^2, h, w) correlation features.
@@ -98,7 +102,33 @@ def corr_lookup(pyramid: list[torch.Tensor], coords: torch.Tensor, offsets: torc
         # scalars only: no host-to-device copies inside the loop (they break CUDA-graph capture)
         grid = torch.stack([pts[..., 0] * (2.0 / max(wl - 1, 1)), pts[..., 1] * (2.0 / max(hl - 1, 1))], -1) - 1.0
         feats.append(F.grid_sample(vol, grid, mode="bilinear", align_corners=True).view(n, h, w, -1))
-    return torch.cat(feats, dim=-1).permute(0, 3, 1, 2).contiguous()
+    out = torch.cat(feats, dim=-1).permute(0, 3, 1, 2)
+    return out if channels_last else out.contiguous()
+
+
+CORR_IMPLS = ("grid_sample", "triton")
+
+
+class _Lookup:
+    """The correlation lookup of one forward: ``lookup(coords, rows)`` -> features of the pairs in
+    ``rows`` (a slice of the batch; warm-start chains look up one chain position at a time)."""
+
+    def __init__(self, pyramid: list[torch.Tensor], radius: int, impl: str, channels_last: bool, hw: int):
+        self.radius, self.impl, self.channels_last, self.hw = radius, impl, channels_last, hw
+        self.levels = len(pyramid)
+        if impl == "triton":
+            from mscl_stream.kernels import corr_lookup as kernel
+            self.kernel = kernel
+            self.flat = kernel.flat_pyramid(pyramid)
+        else:
+            self.pyramid = pyramid
+            self.offsets = lookup_offsets(radius, pyramid[0].device)
+
+    def __call__(self, coords: torch.Tensor, rows: slice) -> torch.Tensor:
+        q = slice(rows.start * self.hw, rows.stop * self.hw)       # pixel rows of those pairs
+        if self.impl == "triton":
+            return self.kernel.corr_lookup(self.flat[q], coords, self.levels, self.radius, self.channels_last)
+        return corr_lookup([v[q] for v in self.pyramid], coords, self.offsets, self.channels_last)
 
 
 def convex_upsample(flow: torch.Tensor, mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
@@ -119,7 +149,9 @@ def convex_upsample(flow: torch.Tensor, mask: torch.Tensor, factor: int = 8) -> 
 
 
 def lean_raft_flow(model: torch.nn.Module, image1: torch.Tensor, image2: torch.Tensor, iters: int,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None, corr: str = "grid_sample",
+                   update_block: Callable | None = None, channels_last: bool = False,
+                   chain: int = 1, warm_iters: int | None = None) -> torch.Tensor:
     """RAFT inference with torchvision's modules, upsampling once at the end.
 
     Args:
@@ -127,39 +159,79 @@ def lean_raft_flow(model: torch.nn.Module, image1: torch.Tensor, image2: torch.T
         image1, image2: (n, 3, H, W) float in [-1, 1], H and W multiples of 8, >= 128.
         iters: number of GRU updates.
         amp_dtype: autocast dtype for the convolutional parts (None = fp32).
+        corr: correlation lookup, "grid_sample" (torch) or "triton" (:mod:`mscl_stream.kernels.corr_lookup`).
+        update_block: callable standing in for ``model.update_block`` (e.g. a compiled one).
+        channels_last: run the convolutions on channels_last activations (the model's weights must
+            be channels_last too).
+        chain: warm start. Pairs come in chains of ``chain`` consecutive pairs along the batch (pair
+            i*chain + k is position k of chain i, e.g. the flow frames of one clip window). Position 0
+            runs ``iters`` updates from zero flow; position k > 0 starts from position k-1's flow and
+            runs ``warm_iters`` updates. Encoders and the correlation pyramid still run on all pairs
+            at once; the update loop runs chain position by position. n must be a multiple of chain.
+        warm_iters: updates of the warm-started positions (default ``iters``).
 
     Returns:
-        (n, 2, H, W) float32 flow in pixels (torchvision's last prediction).
+        (n, 2, H, W) float32 flow in pixels (torchvision's last prediction when chain == 1).
     """
     n, _, h, w = image1.shape
     dev = image1.device
+    if n % chain:
+        raise ValueError(f"warm start: {n} pairs are not a whole number of chains of {chain}")
+    m = n // chain
+    if chain > 1:      # chain-position-major order: position k is the contiguous rows [k*m, (k+1)*m)
+        image1, image2 = (x.view(m, chain, *x.shape[1:]).transpose(0, 1).reshape(x.shape) for x in (image1, image2))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    image1, image2 = image1.contiguous(memory_format=fmt), image2.contiguous(memory_format=fmt)
     amp = torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
     with amp:
         fmaps = model.feature_encoder(torch.cat([image1, image2], dim=0))
     fmap1, fmap2 = fmaps.chunk(2, dim=0)
     corr_block = model.corr_block
-    pyramid = corr_pyramid(fmap1, fmap2, corr_block.num_levels)
-    offsets = lookup_offsets(corr_block.radius, dev)
-    update = model.update_block
-    hidden_size = update.hidden_state_size
+    h8, w8 = h // 8, w // 8
+    lookup = _Lookup(corr_pyramid(fmap1, fmap2, corr_block.num_levels), corr_block.radius, corr, channels_last,
+                     h8 * w8)
+    update = update_block or model.update_block
+    hidden_size = model.update_block.hidden_state_size
     with amp:
         ctx = model.context_encoder(image1)
         hidden, context = torch.split(ctx, [hidden_size, ctx.shape[1] - hidden_size], dim=1)
         hidden = torch.tanh(hidden)
         context = F.relu(context)
-    coords0 = coords_grid(n, h // 8, w // 8, dev)
-    coords1 = coords0.clone()
-    for _ in range(iters):
-        corr = corr_lookup(pyramid, coords1, offsets)
-        with amp:
-            hidden, delta = update(hidden, context, corr, coords1 - coords0)
-        coords1 = coords1 + delta.float()      # coordinates accumulate in fp32 whatever the autocast
-    flow = coords1 - coords0
+    coords0 = coords_grid(m, h8, w8, dev)
+    flows, hiddens, prev = [], [], None
+    for k in range(chain):
+        rows = slice(k * m, (k + 1) * m)
+        hid, cont = (hidden, context) if chain == 1 else (hidden[rows], context[rows])
+        coords1 = coords0.clone() if prev is None else coords0 + prev
+        for _ in range(iters if k == 0 else (warm_iters or iters)):
+            feats = lookup(coords1, rows)
+            with amp:
+                hid, delta = update(hid, cont, feats, coords1 - coords0)
+            coords1 = coords1 + delta.float()      # coordinates accumulate in fp32 whatever the autocast
+        prev = coords1 - coords0
+        flows.append(prev)
+        hiddens.append(hid)
+    flow = flows[0] if chain == 1 else torch.cat(flows)
     if model.mask_predictor is None:
-        return 8 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=True)
-    with amp:
-        mask = model.mask_predictor(hidden)
-    return convex_upsample(flow, mask)
+        up = 8 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=True)
+    else:
+        with amp:
+            mask = model.mask_predictor(hiddens[0] if chain == 1 else torch.cat(hiddens))
+        up = convex_upsample(flow, mask)
+    if chain > 1:      # back to the caller's pair order
+        up = up.view(chain, m, *up.shape[1:]).transpose(0, 1).reshape(up.shape)
+    return up.contiguous()
+
+
+def _triton_ok(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:   # missing or broken triton: the torch lookup
+        return False
+    return True
 
 
 class _GraphCache:
@@ -209,12 +281,23 @@ class RAFT:
         precision: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"; CPU always runs fp32.
         compile: torch.compile the inference loop (GPU only; falls back to eager with a warning).
         cuda_graph: capture the loop in CUDA graphs per input shape (GPU only; falls back likewise).
+        corr: correlation lookup, "grid_sample" (torch) or "triton" (one kernel per update; GPU, or
+            CPU under TRITON_INTERPRET=1; elsewhere grid_sample with a warning). Same result.
+        compile_update: torch.compile only the update block (the ~iters x 30 small kernels per
+            forward); combines with cuda_graph (compiled kernels captured in our graphs).
+        channels_last: channels_last activations and weights for the convolutions.
+        warm_start: chain length c > 1 turns on warm start: pairs i*c .. i*c+c-1 form a chain (the
+            flow frames of one clip window, in order) and positions after the first start from the
+            previous position's flow with ``warm_iters`` updates. 0 or 1 = off. The batch must be a
+            multiple of c.
+        warm_iters: updates of warm-started pairs (default iters // 2).
         chunk_size: pairs per forward (0 = from a memory budget).
         loop: "lean" (ours) or "torchvision" (the model's own forward; for comparisons).
         device: "auto", "cpu", "cuda", ...
     """
 
-    OPTIONS = ("model", "weights", "iters", "precision", "compile", "cuda_graph", "chunk_size", "loop", "device")
+    OPTIONS = ("model", "weights", "iters", "precision", "compile", "cuda_graph", "chunk_size", "loop", "device",
+               "corr", "compile_update", "channels_last", "warm_start", "warm_iters")
 
     def __init__(self, **options):
         reject_unknown_options("raft", options, self.OPTIONS)
@@ -241,12 +324,55 @@ class RAFT:
                 warnings.warn(f"{self.name}: {flag}=True needs a CUDA device; running eager on {self.device}",
                               stacklevel=2)
                 setattr(self, flag, False)
+        self.corr = self._resolve_corr(options.get("corr", "grid_sample"))
+        self.compile_update = bool(options.get("compile_update", False))
+        self.channels_last = bool(options.get("channels_last", False))
+        self.warm_start = int(options.get("warm_start", 0))
+        self.warm_iters = int(options.get("warm_iters", max(1, self.iters // 2)))
+        if self.warm_start < 0 or self.warm_iters < 1:
+            raise UserError(f"{self.name}: warm_start must be >= 0 and warm_iters >= 1, got "
+                            f"{self.warm_start} / {self.warm_iters}")
+        lean_only = [k for k in ("corr", "compile_update", "channels_last", "warm_start")
+                     if getattr(self, k) not in ("grid_sample", False, 0, 1)]
+        if self.loop != "lean" and lean_only:
+            raise UserError(f"{self.name}: {', '.join(lean_only)} need loop=lean")
 
         from torchvision.models.optical_flow import raft_large, raft_small
         self.model = (raft_small if model == "small" else raft_large)(weights=None, progress=False)
         self.weights_source = load_raft_weights(self.model, model, options.get("weights", "none"))
         self.model.eval().requires_grad_(False).to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._update = self.model.update_block
+        if self.compile_update:
+            # dynamic=False: one graph per pair count (a batch and its chunk tail, warm-start chains)
+            self._update = self._compiled_update(torch.compile(self.model.update_block, dynamic=False))
         self._fn = self._build_fn()
+
+    def _resolve_corr(self, corr: str) -> str:
+        if corr not in CORR_IMPLS:
+            raise UserError(f"{self.name}: corr must be one of {', '.join(CORR_IMPLS)}, got {corr!r}")
+        if corr == "triton" and not _triton_ok(self.device):
+            warnings.warn(f"{self.name}: corr=triton needs a CUDA device with triton (or TRITON_INTERPRET=1 on "
+                          f"CPU); using grid_sample on {self.device}", stacklevel=3)
+            return "grid_sample"
+        return corr
+
+    def _compiled_update(self, compiled: Callable) -> Callable:
+        """The compiled update block; on its first failure warn once and use the eager module."""
+        state = {"ok": True}
+
+        def run(*args):
+            if state["ok"]:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # inductor/toolchain failures come in many types
+                    state["ok"] = False
+                    msg = f"{self.name}: compiling the update block failed ({type(e).__name__}); running eager"
+                    warnings.warn(msg, stacklevel=2)
+                    log.warning(msg)
+            return self.model.update_block(*args)
+        return run
 
     def _resolve_precision(self, precision: str) -> str:
         if precision == "auto":
@@ -264,7 +390,9 @@ class RAFT:
         if self.loop == "torchvision":
             with torch.autocast(x1.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 return self.model(x1, x2, num_flow_updates=self.iters)[-1].float()
-        return lean_raft_flow(self.model, x1, x2, self.iters, amp_dtype)
+        return lean_raft_flow(self.model, x1, x2, self.iters, amp_dtype, corr=self.corr, update_block=self._update,
+                              channels_last=self.channels_last, chain=max(self.warm_start, 1),
+                              warm_iters=self.warm_iters)
 
     def _build_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         fn = self._eager
@@ -314,6 +442,12 @@ class RAFT:
         if n == 0:
             return torch.zeros(0, 2, h, w, device=self.device)
         chunk = self.chunk_size or auto_chunk_size(self.bytes_per_pair(h, w), self.device, n)
+        c = self.warm_start
+        if c > 1:              # chunks hold whole chains
+            if n % c:
+                raise UserError(f"{self.name}: warm_start={c} needs whole chains of {c} pairs, got {n} pairs "
+                                "(set flow.options.warm_start to the flow frames per window)")
+            chunk = max(c, chunk // c * c)
         with torch.inference_mode():
             flow = run_chunked(self._run, frames_a, frames_b, chunk)
         # a plain (non-inference) tensor, so later autograd code may save it for backward
@@ -328,4 +462,7 @@ class RAFT:
         return {"name": self.name, "weights": self.weights_source,
                 "options": {"iters": self.iters, "precision": self.precision, "compile": self.compile,
                             "cuda_graph": self.cuda_graph, "chunk_size": self.chunk_size, "loop": self.loop,
+                            "corr": self.corr, "compile_update": self.compile_update,
+                            "channels_last": self.channels_last, "warm_start": self.warm_start,
+                            "warm_iters": self.warm_iters if self.warm_start > 1 else None,
                             "device": str(self.device)}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,72 @@ def test_cpu_ignores_gpu_only_options_with_warnings():
         get_estimator("raft_small", weights="none", precision="int8")
     with pytest.raises(UserError, match="does not take option"):
         get_estimator("raft_small", weights="none", warps=3)
+
+
+# --- speed variants (corr=triton is tested in tests/kernels/test_corr_lookup.py) ------------------
+
+def test_channels_last_equals_torchvision():
+    torch.manual_seed(0)
+    est = get_estimator("raft_small", weights="none", iters=2, device="cpu", channels_last=True)
+    a, b = frames(2, 128, 176, seed=5)
+    out = est(a, b)
+    assert est.model.feature_encoder.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (out - tv_reference(est.model, a, b, 2)).abs().max().item() < 1e-4
+
+
+def tv_warm_reference(model, a, b, iters: int, init: torch.Tensor | None):
+    """torchvision's own forward started from ``init`` (n, 2, h/8, w/8) coarse flow instead of zero
+    (its second coords grid is shifted); returns the last prediction and the final coarse flow."""
+    import torchvision.models.optical_flow.raft as tv
+    calls, deltas = [], []
+    real = tv.make_coords_grid
+
+    def grid(*args, **kwargs):
+        g = real(*args, **kwargs)
+        calls.append(1)
+        return g + init if (init is not None and len(calls) == 2) else g
+    hook = model.update_block.register_forward_hook(lambda mod, inp, out: deltas.append(out[1]))
+    tv.make_coords_grid = grid
+    try:
+        out = tv_reference(model, a, b, iters)
+    finally:
+        tv.make_coords_grid = real
+        hook.remove()
+    coarse = sum(deltas) + (init if init is not None else 0)
+    return out, coarse
+
+
+def test_warm_start_chains_match_torchvision_started_from_the_previous_flow():
+    torch.manual_seed(0)
+    est = get_estimator("raft_small", weights="none", iters=3, device="cpu", warm_start=2, warm_iters=2)
+    a, b = frames(4, 128, 128, seed=6)      # two chains of two pairs: (0, 1), (2, 3)
+    out = est(a, b)
+    first, coarse = tv_warm_reference(est.model, a[0::2], b[0::2], 3, None)
+    second, _ = tv_warm_reference(est.model, a[1::2], b[1::2], 2, coarse)
+    assert coarse.abs().max() > 0.1
+    assert (out[0::2] - first).abs().max().item() < 1e-4
+    assert (out[1::2] - second).abs().max().item() < 1e-4
+    # a chunked run keeps chains whole and gives the same answer
+    chunked = get_estimator("raft_small", weights="none", iters=3, device="cpu", warm_start=2, warm_iters=2,
+                            chunk_size=3)
+    chunked.model.load_state_dict(est.model.state_dict())
+    assert (chunked(a, b) - out).abs().max().item() < 1e-4
+
+
+def test_variant_option_errors():
+    with pytest.raises(UserError, match="corr must be one of"):
+        get_estimator("raft_small", weights="none", corr="cuda_ext")
+    with pytest.raises(UserError, match="need loop=lean"):
+        get_estimator("raft_small", weights="none", loop="torchvision", warm_start=4)
+    est = get_estimator("raft_small", weights="none", iters=1, device="cpu", warm_start=4)
+    assert est.warm_iters == 1 and est.describe()["options"]["warm_start"] == 4
+    a, b = frames(6, 128, 128)
+    with pytest.raises(UserError, match="whole chains of 4 pairs, got 6"):
+        est(a, b)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.warns(UserWarning, match="corr=triton needs a CUDA device"):
+            est = get_estimator("raft_small", weights="none", corr="triton", device="cpu")
+        assert est.corr == "grid_sample"
 
 
 # --- weights ------------------------------------------------------------------------------------
@@ -290,3 +357,27 @@ def test_gpu_precisions_and_graphs_match_fp32(monkeypatch):
             assert (out - ref).abs().max().item() < tol
         else:                                 # bf16: close on average relative to the field's size
             assert err < 0.05 * ref.abs().mean().item() + 1e-3
+
+
+@gpu
+def test_gpu_speed_variants_match_fp32(monkeypatch):
+    """The speed options (Triton lookup, compiled update block, channels_last, in CUDA graphs) give
+    the eager fp32 answer on the GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    ref_est = get_estimator("raft_small", weights="none", iters=4, precision="fp32", device="cuda")
+    a, b = (t.cuda() for t in frames(8, 128, 176, seed=1))
+    ref = ref_est(a, b)
+    for opts in ({"corr": "triton"}, {"corr": "triton", "cuda_graph": True}, {"channels_last": True},
+                 {"compile_update": True, "corr": "triton", "cuda_graph": True}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # a fallback to eager (failed compile or capture) fails the test
+            warnings.filterwarnings("ignore", "raft_.*RANDOM INITIALISATION")
+            est = get_estimator("raft_small", weights="none", iters=4, precision="fp32", device="cuda", **opts)
+            est.model.load_state_dict(ref_est.model.state_dict())
+            out = est(a, b)
+            out2 = est(a, b)
+        assert est.corr == opts.get("corr", "grid_sample")
+        assert (out - ref).abs().max().item() < 1e-3, opts
+        assert torch.allclose(out, out2, atol=1e-5), opts
