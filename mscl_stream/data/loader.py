@@ -1,7 +1,10 @@
 """Streaming clip loader: ClipSampler -> decode (DALI or PyAV per file) -> ClipBatch on the device.
 
 A background thread decodes the next batches (at most ``data.prefetch`` finished batches wait in a
-queue, plus the one being built) while the training loop consumes the current one. Each file goes to
+queue, plus the one being built) while the training loop consumes the current one. DALI work is
+submitted by position ahead of that (:mod:`mscl_stream.data.dali_source`): ``max(2, data.prefetch)``
+pipeline runs in flight, with ``data.dali_mode`` choosing ``fn.decoders.video`` or per-frame reader
+lists (:mod:`mscl_stream.data.pipeline`); PyAV work is submitted one batch ahead. Each file goes to
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
@@ -41,6 +44,8 @@ import torch
 from mscl_stream.config import Config, DataConfig
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data.dali_reader import DaliFrameReader
+from mscl_stream.data.dali_source import DecoderSource, ReaderSource
 from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder, canonical_codec, dali_available, dali_can_decode
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, flow_steps
@@ -48,6 +53,10 @@ from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 _END = object()
+# data.dali_mode=reader: lines each reader decodes per pipeline run, and batches per chunk of file lists
+# (a chunk's lists and pipeline are built in the background while the previous chunk is consumed)
+_READER_FRAMES_PER_RUN = 64
+_READER_CHUNK_BATCHES = 16
 _LIVE: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
 
 
@@ -97,11 +106,15 @@ class ClipLoader:
         self._resumed = False
         self._lock = threading.Lock()
         self._stats = {"batches": 0, "samples": 0, "decode_seconds": 0.0, "skipped": 0, "skipped_files": [],
-                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0}
+                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0, "dali_runs": 0,
+                       "dali_max_in_flight": 0}
         self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
         self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
         self._routes_logged: set[str] = set()
-        self._dali: DaliDecoder | None = None
+        self._dali: DaliDecoder | None = None            # pipelined, data.prefetch batches in flight
+        self._dali_one: DaliDecoder | None = None        # one sample at a time (finding a culprit)
+        self._src: DecoderSource | ReaderSource | None = None   # this iteration's DALI look-ahead
+        self._reader_runs = 0                 # runs of the readers of finished iterations
         self._pool: ThreadPoolExecutor | None = None
         self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
         self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
@@ -139,7 +152,9 @@ class ClipLoader:
     @property
     def stats(self) -> dict:
         """Counters: batches, samples (handed out), decode_seconds, skipped (samples), skipped_files
-        (list of {"path", "reason"}), dali_samples, pyav_samples, dali_rebuilds."""
+        (list of {"path", "reason"}), dali_samples, pyav_samples, dali_rebuilds, dali_runs (DALI
+        pipeline runs scheduled) and dali_max_in_flight (most runs scheduled and not yet collected at
+        once: the pipelining actually reached)."""
         with self._lock:
             return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
 
@@ -197,9 +212,10 @@ class ClipLoader:
         if self._procs is not None:
             self._procs.shutdown(wait=True, cancel_futures=True)
             self._procs = None
-        if self._dali is not None:
-            self._dali.close()
-            self._dali = None
+        for dec in (self._dali, self._dali_one):
+            if dec is not None:
+                dec.close()
+        self._dali = self._dali_one = None
 
     def _produce(self, cursor: int, batch_no: int, q: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -213,6 +229,7 @@ class ClipLoader:
 
         self._ahead = {}
         try:
+            self._src = self._dali_source(cursor)
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             for _ in range(batch_no, len(self)):
                 if stop.is_set():
@@ -235,6 +252,10 @@ class ClipLoader:
             for fut in self._ahead.values():
                 fut.cancel()
             self._ahead = {}
+            if self._src is not None:
+                self._dali_counters(closing=True)
+                self._src.close()
+                self._src = None
 
     # ------------------------------------------------------------------ one batch
     def _next_batch(self, cursor: int, stop: threading.Event) -> tuple[ClipBatch | None, int]:
@@ -369,42 +390,70 @@ class ClipLoader:
         """Decode ``w`` in this process (fallbacks; the batch path goes through :meth:`_submit_pyav`)."""
         return decode_frames(*self._pyav_args(w), threads=1)
 
-    def _dali_batch(self, works: list[_Work], out: dict) -> None:
+    def _dali_source(self, cursor: int) -> DecoderSource | ReaderSource | None:
+        """This iteration's DALI look-ahead (None without DALI): ``data.prefetch`` batches in flight
+        from ``cursor`` on, the engine chosen by ``data.dali_mode``."""
+        if not self._use_dali:
+            return None
+        bsz, depth = self.data.batch_size, max(2, self.data.prefetch)
+        limit = len(self) * bsz
+
+        def lookup(pos: int) -> _Work | None:
+            w = self._work(pos)
+            ok = w.record.path not in self._bad and self._route(w.record) == "dali"
+            return w if ok else None
+
+        if self.data.dali_mode == "reader":
+            def make(jobs) -> DaliFrameReader:
+                return DaliFrameReader(jobs, tuple(self.data.frame_size), self.device,
+                                       readers=self.data.num_threads, frames_per_run=_READER_FRAMES_PER_RUN,
+                                       depth=depth, num_threads=1, seed=self.data.seed)
+            return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit)
         if self._dali is None:
-            self._dali = DaliDecoder(self.data.batch_size, tuple(self.data.frame_size), self.data.num_threads,
-                                     self.device, seed=self.data.seed, executor=self._workers())
-        ok, encoded, lists = [], [], []
+            self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
+                                     seed=self.data.seed, executor=self._workers(), depth=depth)
+        return DecoderSource(self._dali, lookup, bsz, limit)
+
+    def _dali_counters(self, closing: bool = False) -> None:
+        """Fold the DALI engines' run counters into the stats (readers live for one iteration)."""
+        readers = self._src.readers if isinstance(self._src, ReaderSource) else []
+        engines = readers + ([self._dali] if self._dali is not None else [])
+        with self._lock:
+            st = self._stats
+            st["dali_max_in_flight"] = max([st["dali_max_in_flight"]] + [e.max_in_flight for e in engines])
+            st["dali_runs"] = self._reader_runs + sum(e.runs for e in engines)
+            if closing:
+                self._reader_runs += sum(e.runs for e in readers)
+
+    def _dali_batch(self, works: list[_Work], out: dict) -> None:
+        """Collect ``works`` from this iteration's DALI look-ahead; a sample whose run failed is decoded
+        again alone (which finds the damaged file), then with PyAV."""
         for w in works:
             try:
-                encoded.append(np.fromfile(w.record.path, dtype=np.uint8))
+                frames, inv = self._src.take(w)
             except OSError as e:
-                self._fail(w, f"cannot read: {e.strerror or e}")
+                self._fail(w, str(e))
                 continue
-            ok.append((w,) + tuple(np.unique(w.all_frames(), return_inverse=True)))
-            lists.append(ok[-1][1])
-        if not ok:
-            return
-        try:
-            decoded = self._dali.decode(encoded, lists)
-        except DaliDecodeError as e:
-            self._count("dali_rebuilds")
-            if len(ok) > 1:                   # find the culprit(s): one sample per run
-                for item, enc in zip(ok, encoded):
-                    self._dali_single(item, enc, out)
-            else:
-                self._dali_fallback(ok[0][0], str(e), out)
-            return
-        for (w, _, inv), frames in zip(ok, decoded):
+            except DaliDecodeError as e:
+                self._count("dali_rebuilds")
+                self._dali_single(w, str(e), out)
+                continue
             out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
             self._count("dali_samples")
+        self._dali_counters()
 
-    def _dali_single(self, item, enc: np.ndarray, out: dict) -> None:
-        w, uniq, inv = item
+    def _dali_single(self, w: _Work, reason: str, out: dict) -> None:
+        if self._dali_one is None:
+            self._dali_one = DaliDecoder(1, tuple(self.data.frame_size), 1, self.device, seed=self.data.seed)
+        uniq, inv = np.unique(w.all_frames(), return_inverse=True)
         try:
-            (frames,) = self._dali.decode([enc], [uniq])
+            (frames,) = self._dali_one.decode([np.fromfile(w.record.path, dtype=np.uint8)], [uniq])
+        except OSError as e:
+            self._fail(w, f"cannot read: {e.strerror or e}")
+            return
         except DaliDecodeError as e:
             self._count("dali_rebuilds")
-            self._dali_fallback(w, str(e), out)
+            self._dali_fallback(w, f"{reason}; alone: {e}" if reason != str(e) else reason, out)
             return
         out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
         self._count("dali_samples")

@@ -173,23 +173,30 @@ def test_killed_pyav_worker_process_costs_no_data(dataset, caplog):
     loader.close()
 
 
-@pytest.mark.parametrize("decoder,workers", [("dali", "auto"), ("pyav", "threads"), ("pyav", "processes")])
-def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, workers, caplog):
+@pytest.mark.parametrize("decoder,workers,mode", [("dali", "auto", "decoder"), ("dali", "auto", "reader"),
+                                                  ("pyav", "threads", "decoder"), ("pyav", "processes", "decoder")])
+def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, workers, mode, caplog):
     recs, refs = dataset
-    cfg = small(decoder=decoder, pyav_workers=workers)
+    cfg = small(decoder=decoder, pyav_workers=workers, dali_mode=mode)
     order = ClipSampler(recs, cfg.data, seed=cfg.data.seed)
     order.set_epoch(0)
     planned = [s.video_idx for s in order]
-    victim = planned[6]                           # a sample of the last batch: not prefetched yet
+    victim = planned[6]                           # a sample of the last batch: not prefetched yet by PyAV
+
+    def damage():
+        size = len(open(recs[victim].path, "rb").read())
+        with open(recs[victim].path, "wb") as f:
+            f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
     loader = build_loader(cfg, recs, device=CPU)
     loader.set_epoch(0)
     got = []
+    if decoder == "dali":                         # DALI runs batches ahead: damage before they are read
+        damage()
     with caplog.at_level(logging.WARNING):
         for k, batch in enumerate(loader):
-            if k == 0:                            # damage the file mid-epoch
-                size = len(open(recs[victim].path, "rb").read())
-                with open(recs[victim].path, "wb") as f:
-                    f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+            if k == 0 and decoder == "pyav":      # damage the file mid-epoch
+                damage()
             check_batch_frames(batch, refs)
             got += batch.video_idx.tolist()
     st = loader.stats
@@ -206,9 +213,10 @@ def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, w
         assert st["dali_rebuilds"] >= 1 and loader.stats["dali_samples"] >= 14
 
 
-def test_resume_yields_the_same_remaining_batches(dataset):
+@pytest.mark.parametrize("mode", ["decoder", "reader"])
+def test_resume_yields_the_same_remaining_batches(dataset, mode):
     recs, _ = dataset
-    cfg = small(clips_per_video=2)
+    cfg = small(clips_per_video=2, dali_mode=mode)
     full = build_loader(cfg, recs, device=CPU)
     full.set_epoch(2)
     expected = list(full)

@@ -1,0 +1,227 @@
+"""DaliFrameReader: many samples' frames through ``fn.experimental.readers.video`` file lists.
+
+See :mod:`mscl_stream.data.pipeline` for why: a reader keeps one decoder open across consecutive lines
+of a file and caches frame indexes, so each sample (all its sorted frames, one line per frame) is one
+forward sweep of one decoder, and only wanted frames are converted and resized. Samples are dealt
+round-robin to P readers (each decodes in its own background thread); the pipeline's batch is
+``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead.
+
+A line's label is its slot: the reader's position in its list. Readers deliver their lines in list
+order, so a slot that jumps ahead means the reader dropped lines at build time (it drops files it
+cannot open, with a line on stderr): those samples fail. A run that raises (a file damaged after the
+build) invalidates the pipeline: the sample each unfinished reader was on fails, and the samples not
+yet complete are read again by a fresh pipeline. Failed samples raise :class:`DaliDecodeError` from
+:meth:`DaliFrameReader.result`; the caller decides what to do with them (the loader retries them
+alone, then with PyAV).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from mscl_stream.data.pipeline import (DALI_ERRORS, DaliDecodeError, device_id_of, error_line, gpu_resize,
+                                       resize_owned)
+
+
+@dataclass
+class FrameJob:
+    """One sample: ``frames`` sorted unique raw indices of the video at ``path``."""
+
+    key: Hashable
+    path: str
+    frames: np.ndarray
+    got: list = field(default_factory=list)      # decoded frames so far, in order
+
+
+class DaliFrameReader:
+    """Decode ``jobs`` (in order) with P ``fn.experimental.readers.video`` readers, pipelined.
+
+    Args:
+        jobs: the samples; keys must be unique. Paths must not contain whitespace (the list format).
+        frame_size: (H, W) output size (resize to cover, centre crop).
+        device: CPU ("cpu" readers, FFmpeg: VP8/VP9/MJPEG) or CUDA ("gpu" readers, NVDEC).
+        readers: P, parallel readers (at most one per job).
+        frames_per_run: lines each reader delivers per pipeline run.
+        depth: runs scheduled ahead.
+        num_threads: DALI's CPU thread pool (the readers decode in their own threads).
+    """
+
+    def __init__(self, jobs: Sequence[FrameJob], frame_size: tuple[int, int], device: torch.device,
+                 readers: int = 2, frames_per_run: int = 64, depth: int = 2, num_threads: int = 1,
+                 seed: int = 0) -> None:
+        self.frame_size, self.device = tuple(frame_size), torch.device(device)
+        self.readers, self.frames_per_run = max(1, int(readers)), max(1, int(frames_per_run))
+        self.depth, self.num_threads, self.seed = max(1, int(depth)), num_threads, seed
+        self.jobs = {j.key: j for j in jobs}
+        if len(self.jobs) != len(jobs):
+            raise ValueError("DaliFrameReader: job keys must be unique")
+        for j in jobs:
+            if any(c.isspace() for c in j.path):
+                raise ValueError(f"{j.path}: whitespace in the path cannot go into a DALI file list")
+        self._order = {k: i for i, k in enumerate(self.jobs)}
+        self.failed: dict[Hashable, str] = {}
+        self.done: set[Hashable] = set()
+        self.rebuilds = 0
+        self.runs = 0
+        self.max_in_flight = 0
+        self.lines = 0                            # lines written to lists (decoded frames requested)
+        self._tmp = tempfile.TemporaryDirectory(prefix="mscl-dali-lists-")
+        self._start([j.key for j in jobs])
+
+    # ------------------------------------------------------------------ build
+    def _start(self, keys: list) -> None:
+        """A fresh pipeline over the jobs ``keys`` (in order); their partial results are discarded."""
+        self._pipe, self._scheduled, self._consumed = None, 0, 0
+        keys = [k for k in keys if k not in self.failed and k not in self.done]
+        for k in keys:
+            self.jobs[k].got = []
+        p = min(self.readers, len(keys))
+        if p == 0:
+            self._lists, self._total = [], 0
+            return
+        # slot lists: per reader, (key, frame) in order; samples dealt round-robin
+        self._lists = [[] for _ in range(p)]
+        for i, k in enumerate(keys):
+            self._lists[i % p] += [(k, int(f)) for f in self.jobs[k].frames]
+        self._next = [0] * p                      # next expected slot per reader
+        self._total = max(-(-len(lst) // self.frames_per_run) for lst in self._lists)
+        files = []
+        for r, lst in enumerate(self._lists):
+            path = os.path.join(self._tmp.name, f"list{self.rebuilds}_{r}.txt")
+            with open(path, "w") as f:
+                f.writelines(f"{self.jobs[k].path} {s} {fr} {fr + 1}\n" for s, (k, fr) in enumerate(lst))
+            files.append(path)
+        self.lines += sum(len(lst) for lst in self._lists)
+        try:
+            self._pipe = self._build(files)
+        except DALI_ERRORS as e:                   # e.g. no line of some list survived the build
+            for k in keys:
+                self.failed[k] = f"DALI reader: {error_line(e)}"
+            self._lists, self._total = [], 0
+            return
+        while self._scheduled < min(self.depth, self._total):
+            self._schedule()
+
+    def _build(self, files: list[str]):
+        from nvidia.dali import fn, pipeline_def
+
+        gpu = self.device.type == "cuda"
+
+        @pipeline_def(batch_size=self.frames_per_run, num_threads=self.num_threads,
+                      device_id=device_id_of(self.device), seed=self.seed, prefetch_queue_depth=self.depth,
+                      exec_dynamic=True)
+        def frame_lists():
+            outs = []
+            for r, path in enumerate(files):
+                video, slot, frame = fn.experimental.readers.video(
+                    device="gpu" if gpu else "cpu", file_list=path, file_list_format="frames",
+                    file_list_include_end=False, sequence_length=1, stride=1, step=1, random_shuffle=False,
+                    pad_mode="none", enable_frame_num=True, name=f"frames{r}")
+                outs += [gpu_resize(video, self.frame_size) if gpu else video, slot, frame]
+            return tuple(outs)
+
+        pipe = frame_lists()
+        pipe.build()
+        return pipe
+
+    def _schedule(self) -> None:
+        self._pipe.schedule_run()
+        self._scheduled += 1
+        self.runs += 1
+        self.max_in_flight = max(self.max_in_flight, self._scheduled - self._consumed)
+
+    # ------------------------------------------------------------------ results
+    def result(self, key: Hashable) -> torch.Tensor:
+        """The job's frames: (U, H, W, 3) uint8 on the device, row k = raw frame ``frames[k]``.
+
+        Raises:
+            DaliDecodeError: the job failed (unreadable or damaged file, dropped by the reader).
+            KeyError: not a job of this reader.
+        """
+        job = self.jobs[key]
+        while key not in self.done and key not in self.failed:
+            self._pull()
+        if key in self.failed:
+            raise DaliDecodeError(self.failed[key])
+        frames = torch.cat(job.got) if self.device.type == "cuda" else \
+            resize_owned(torch.from_numpy(np.stack(job.got)), self.frame_size)
+        job.got = []
+        return frames
+
+    def _pull(self) -> None:
+        if self._pipe is None or self._consumed >= self._total:
+            # nothing in flight yet the job is incomplete: its lines were never delivered
+            for k in self._incomplete():
+                self.failed[k] = "DALI reader: frames never delivered"
+            return
+        try:
+            outs = self._pipe.outputs()
+        except DALI_ERRORS as e:
+            self._restart(error_line(e))
+            return
+        self._consumed += 1
+        if self._scheduled < self._total:
+            self._schedule()
+        for r in range(len(self._lists)):
+            video, slots, frames = outs[3 * r:3 * r + 3]
+            if self.device.type == "cuda":
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                dense = video.as_tensor()
+                batch = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=self.device)
+                feed_ndarray(dense, batch, cuda_stream=torch.cuda.current_stream(self.device))
+                rows = [batch[i] for i in range(len(slots))]
+            else:
+                rows = [np.asarray(video[i])[0].copy() for i in range(len(slots))]
+            slot_ids = np.asarray(slots.as_tensor()).reshape(-1)
+            frame_ids = np.asarray(frames.as_tensor()).reshape(-1)
+            for row, s, fr in zip(rows, slot_ids.tolist(), frame_ids.tolist()):
+                self._deliver(r, s, fr, row)
+
+    def _deliver(self, r: int, s: int, frame: int, row) -> None:
+        lst, nxt = self._lists[r], self._next[r]
+        if s < nxt or nxt >= len(lst):
+            return                                # the reader wrapped around its list: not ours
+        for k, _ in lst[nxt:s]:                   # lines the reader skipped: dropped at build
+            if k not in self.done:
+                self.failed.setdefault(k, "DALI reader dropped the file (cannot open it)")
+        self._next[r] = s + 1
+        key, want = lst[s]
+        if key in self.failed:
+            return
+        if frame != want:                         # never expected; guards the slot bookkeeping
+            self.failed[key] = f"DALI reader returned frame {frame} for {want}"
+            return
+        job = self.jobs[key]
+        job.got.append(row)
+        if len(job.got) == len(job.frames):
+            self.done.add(key)
+
+    def _incomplete(self) -> list:
+        seen, out = set(), []
+        for lst in self._lists:
+            for k, _ in lst:
+                if k not in seen and k not in self.done and k not in self.failed:
+                    seen.add(k)
+                    out.append(k)
+        return out
+
+    def _restart(self, reason: str) -> None:
+        """A run failed: the sample each unfinished reader was on fails; the rest is read again."""
+        self.rebuilds += 1
+        for r, lst in enumerate(self._lists):
+            if self._next[r] < len(lst):
+                key = lst[self._next[r]][0]
+                if key not in self.done:
+                    self.failed[key] = f"DALI reader: {reason}"
+        rest = sorted(self._incomplete(), key=self._order.__getitem__)
+        self._start(rest)
+
+    def close(self) -> None:
+        self._pipe = None
+        self._tmp.cleanup()
