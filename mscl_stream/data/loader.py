@@ -47,7 +47,7 @@ from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.dali_reader import DaliFrameReader
 from mscl_stream.data.dali_source import DecoderSource, ReaderSource
 from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder, canonical_codec, dali_available, dali_can_decode
-from mscl_stream.data.pyav_decode import DecodeError, decode_frames
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, flow_steps
 from mscl_stream.errors import UserError
 
@@ -106,7 +106,9 @@ class ClipLoader:
         self._resumed = False
         self._lock = threading.Lock()
         self._stats = {"batches": 0, "samples": 0, "decode_seconds": 0.0, "skipped": 0, "skipped_files": [],
-                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0, "dali_runs": 0,
+                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0,
+                       "pyav_frames_requested": 0, "pyav_frames_wanted": 0, "pyav_frames_decoded": 0,
+                       "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
                        "dali_max_in_flight": 0}
         self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
         self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
@@ -152,9 +154,10 @@ class ClipLoader:
     @property
     def stats(self) -> dict:
         """Counters: batches, samples (handed out), decode_seconds, skipped (samples), skipped_files
-        (list of {"path", "reason"}), dali_samples, pyav_samples, dali_rebuilds, dali_runs (DALI
-        pipeline runs scheduled) and dali_max_in_flight (most runs scheduled and not yet collected at
-        once: the pipelining actually reached)."""
+        (list of {"path", "reason"}), dali_samples, pyav_samples (with pyav_frames_requested / _wanted /
+        _decoded, pyav_seeks and pyav_cpu_seconds: what they cost to decode, docs/data.md), dali_rebuilds,
+        dali_runs (DALI pipeline runs scheduled) and dali_max_in_flight (most runs scheduled and not yet
+        collected at once: the pipelining actually reached)."""
         with self._lock:
             return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
 
@@ -364,14 +367,16 @@ class ClipLoader:
     def _submit_pyav(self, w: _Work) -> Future:
         args = self._pyav_args(w)
         try:
-            return self._pyav_pool().submit(decode_frames, *args, threads=1)
+            return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
         except BrokenProcessPool:             # a worker died since the last batch
             self._restart_procs()
-            return self._pyav_pool().submit(decode_frames, *args, threads=1)
+            return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
 
     def _pyav_result(self, w: _Work, fut: Future) -> np.ndarray:
         try:
-            return fut.result()
+            frames, cost = fut.result()
+            self._count_pyav(cost)
+            return frames
         except BrokenProcessPool:             # a worker died while this sample was in flight
             self._restart_procs()
             return self._pyav_one(w)          # this sample retried in-process
@@ -388,7 +393,16 @@ class ClipLoader:
 
     def _pyav_one(self, w: _Work) -> np.ndarray:
         """Decode ``w`` in this process (fallbacks; the batch path goes through :meth:`_submit_pyav`)."""
-        return decode_frames(*self._pyav_args(w), threads=1)
+        frames, cost = decode_frames_counted(*self._pyav_args(w), threads=1)
+        self._count_pyav(cost)
+        return frames
+
+    def _count_pyav(self, cost: dict) -> None:
+        with self._lock:
+            for k in ("requested", "wanted", "decoded"):
+                self._stats[f"pyav_frames_{k}"] += cost[k]
+            self._stats["pyav_seeks"] += cost["seeks"]
+            self._stats["pyav_cpu_seconds"] += cost["cpu_seconds"]
 
     def _dali_source(self, cursor: int) -> DecoderSource | ReaderSource | None:
         """This iteration's DALI look-ahead (None without DALI): ``data.prefetch`` batches in flight

@@ -54,3 +54,35 @@ def test_both_paths_report_cost_rows(tmp_path):
         assert [(r["requested"], r["wanted"], r["decoded"], r["seeks"]) for r in rows] == [(6, 6, 16, 2)] * 3
         s = summarize(rows)
         assert s["median_amplification"] == pytest.approx(16 / 6) and s["samples_per_cpu_s"] > 0
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_loader_reports_pyav_decode_cost(h264_video, workers):
+    import dataclasses
+
+    import torch
+
+    from mscl_stream.config import Config
+    from mscl_stream.data.loader import build_loader
+
+    rec = VideoRecord(path=str(h264_video), label=0, label_name="a", split="train", num_frames=64, fps=25.0,
+                      width=176, height=128, codec="h264", duration=64 / 25)
+    cfg = Config()
+    cfg.data = dataclasses.replace(cfg.data, frames_per_clip=4, frame_stride=6, flow_gap=3, max_shift=8,
+                                   batch_size=2, frame_size=(32, 48), num_threads=1, prefetch=1,
+                                   pyav_workers=workers, decoder="pyav")
+    loader = build_loader(cfg, [rec] * 2, device=torch.device("cpu"))
+    loader.set_epoch(0)
+    (batch,) = list(loader)
+    loader.close()
+    st = loader.stats
+    # the counts equal the keyframe sweep over each delivered sample's unique frames, from the packet index
+    index = frame_index(h264_video)
+    expect = [0, 0, 0]
+    for b in range(2):
+        want = np.unique(np.concatenate([getattr(batch, k)[b].numpy() for k in
+                                         ("frames_a", "frames_b", "partners_a", "partners_b")]))
+        d, s = sweep_frames(index, want)
+        expect = [expect[0] + len(want), expect[1] + d, expect[2] + s]
+    assert [st["pyav_frames_wanted"], st["pyav_frames_decoded"], st["pyav_seeks"]] == expect
+    assert st["pyav_frames_requested"] == 2 * (2 * 4 + 2 * 2) and st["pyav_cpu_seconds"] > 0
