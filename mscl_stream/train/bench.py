@@ -6,7 +6,10 @@ device-resident batch (no decode): stream efficiency = (a) / (b); (c) per-stage 
 authors' pipeline: flow precomputed to disk once and read back (its footprint and one-off cost
 reported); (a') on a GPU, (a) again through DALI's NVDEC decoder (``data.decoder=dali``) for the
 comparison behind ``auto``'s choice there; (e) every estimator listed in --estimators swapped into the
-full loop. Throughput is
+full loop; (f) the PyAV decode cost of one sample on one core (frames decoded per frame wanted, CPU-ms)
+and the CPU cores per GPU that PyAV needs to feed the measured step (b). The sample data follow a data
+profile (``--profile``: ``k400`` on a GPU host, ``toy`` on CPU) unless ``data.manifest`` names a dataset.
+Throughput is
 measured on the second half of the steps (after warm-up: pipeline start, cuDNN autotuning,
 allocator growth).
 """
@@ -34,7 +37,8 @@ from mscl_stream.machine import resolve_device
 log = logging.getLogger(__name__)
 RAFT_NAMES = ("raft_small", "raft_large")
 # runs a user may leave out (``skip``); end_to_end and resident define stream efficiency and always run
-OPTIONAL_RUNS = ("pyav_dataloader", "end_to_end_nvdec", "precomputed_flow")
+OPTIONAL_RUNS = ("pyav_dataloader", "end_to_end_nvdec", "precomputed_flow", "decode_cost")
+DECODE_COST_SAMPLES = 16                  # samples timed one by one for the per-core PyAV cost (f)
 
 
 class ResidentLoader:
@@ -91,7 +95,12 @@ def bench_codec(codec: str, device_type: str) -> str:
     return codec
 
 
-def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None) -> Config:
+def bench_profile(profile: str | None, device_type: str) -> str:
+    """The sample data's profile: None is ``k400`` on CUDA (the data GPU hosts train on), else ``toy``."""
+    return profile or ("k400" if device_type == "cuda" else "toy")
+
+
+def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None, profile: str = "toy") -> Config:
     """Use the configured manifest, or make a sample dataset big enough for ``steps`` steps in one epoch.
 
     Each training video then gives several clips per epoch (different random windows, each decoded on
@@ -102,7 +111,7 @@ def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None) -> C
     from mscl_stream.data.manifest import build_manifest, read_manifest
     from mscl_stream.data.sample import make_sample_dataset
     data = workdir / "videos"
-    make_sample_dataset(data, videos=24, codec=codec)
+    make_sample_dataset(data, videos=24, codec=codec, profile=profile, workers=os.cpu_count() or 1)
     build_manifest(data, workdir / "manifest.jsonl", data=cfg.data)
     n_train = len(read_manifest(workdir / "manifest.jsonl", "train"))
     per_video = max(cfg.data.clips_per_video, math.ceil((steps + 1) * cfg.data.batch_size / max(n_train, 1)))
@@ -121,6 +130,36 @@ def _first_batch(cfg: Config) -> ClipBatch:
     return batch
 
 
+def decode_cost(cfg: Config, step_clips_per_s: float | None, loader_stats: dict | None = None) -> dict:
+    """(f): PyAV's cost per sample on one core, measured on :data:`DECODE_COST_SAMPLES` samples of the
+    run's data in a fresh worker process (its CPU time is the decode's alone), and the cores per GPU it
+    implies: ``step_clips_per_s / samples_per_cpu_s``. ``loader_stats`` (the end-to-end run's loader)
+    adds the amplification and CPU-ms the training run itself paid in its PyAV workers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mscl_stream.data.decode_cost import pyav_costs, summarize
+    from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.data.sampler import ClipSampler
+    records = read_manifest(cfg.data.manifest, cfg.data.split)
+    per_video = max(1, math.ceil(DECODE_COST_SAMPLES / len(records)))   # enough distinct samples
+    sampler = ClipSampler(records, replace(cfg.data, clips_per_video=per_video), seed=cfg.data.seed + 1)
+    sampler.set_epoch(0)
+    specs = [s for _, s in zip(range(DECODE_COST_SAMPLES), sampler)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        rows = pool.submit(pyav_costs, records, specs, tuple(cfg.data.frame_size)).result()
+    out = {"pyav_one_core": summarize(rows), "step_clips_per_s": step_clips_per_s}
+    if step_clips_per_s:
+        out["pyav_cores_per_gpu"] = step_clips_per_s / out["pyav_one_core"]["samples_per_cpu_s"]
+    st = loader_stats or {}
+    if st.get("pyav_samples"):
+        out["end_to_end_pyav"] = {
+            "samples": st["pyav_samples"],
+            "amplification": st["pyav_frames_decoded"] / max(st["pyav_frames_wanted"], 1),
+            "cpu_ms_per_sample": 1e3 * st["pyav_cpu_seconds"] / st["pyav_samples"]}
+    return out
+
+
 def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:
     """``flow`` with another estimator: RAFT's knobs carry over between RAFT models only (a classical
     estimator given ``precision: bf16`` would rightly refuse it); ``chunk_size`` always carries over."""
@@ -130,11 +169,13 @@ def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:
 
 
 def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
-              estimators: tuple[str, ...] = (), codec: str = "auto", skip: tuple[str, ...] = ()) -> dict:
+              estimators: tuple[str, ...] = (), codec: str = "auto", skip: tuple[str, ...] = (),
+              profile: str | None = None) -> dict:
     """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict.
 
     ``codec`` picks the sample data's codec when ``data.manifest`` is empty (see :func:`bench_codec`);
-    ``skip`` leaves out some of :data:`OPTIONAL_RUNS`.
+    ``skip`` leaves out some of :data:`OPTIONAL_RUNS`; ``profile`` picks the sample data's profile
+    (see :func:`bench_profile`; ignored with ``data.manifest``).
     """
     unknown = set(skip) - set(OPTIONAL_RUNS)
     if unknown:
@@ -143,13 +184,14 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mscl-bench-"))
     codec = None if cfg.data.manifest else bench_codec(codec, resolve_device(cfg.train.device).type)
-    cfg = _ensure_data(cfg, work, steps, codec)
+    profile = None if cfg.data.manifest else bench_profile(profile, resolve_device(cfg.train.device).type)
+    cfg = _ensure_data(cfg, work, steps, codec, profile or "toy")
     cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, ckpt_every=0, out_dir=str(work / "run"),
-                                     resume=""), log=replace(cfg.log, tensorboard=False))
+                                     resume="", overwrite=True), log=replace(cfg.log, tensorboard=False))
     result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps,
-              "sample_codec": codec, "runs": {}}
+              "sample_codec": codec, "profile": profile or "data.manifest", "runs": {}}
     tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
-    path = out / f"{tag}_{_dt.date.today().isoformat()}.json"
+    path = out / f"{tag}_{profile or 'manifest'}_{_dt.date.today().isoformat()}.json"
     runs = result["runs"]
 
     started = time.perf_counter()
@@ -171,6 +213,10 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     done("end_to_end", _run(cfg))
     print("bench (b): device-resident batches (no decode)", flush=True)
     done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
+    if "decode_cost" not in skip:
+        print("bench (f): PyAV decode cost per sample on one core", flush=True)
+        result["decode_cost"] = decode_cost(cfg, runs["resident"]["clips_per_s"], runs["end_to_end"].get("loader"))
+        path.write_text(json.dumps(result, indent=2, default=str))
     if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.train.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
@@ -198,6 +244,14 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     for name, r in runs.items():
         m = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
         print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}{m:>8}")
+    dc = result.get("decode_cost")
+    if dc:
+        one = dc["pyav_one_core"]
+        print(f"decode ({result['profile']}): PyAV {one['median_cpu_ms']:.0f} CPU-ms per sample, "
+              f"{one['median_decoded']:.0f} frames decoded for {one['median_wanted']:.0f} wanted "
+              f"(amplification {one['median_amplification']:.1f}), {one['samples_per_cpu_s']:.1f} samples/s "
+              f"per core; the step's {dc['step_clips_per_s']:.1f} clips/s need {dc['pyav_cores_per_gpu']:.1f} "
+              "PyAV cores per GPU")
     print(f"stream efficiency (a)/(b): {result['stream_efficiency']:.3f}; results in {path}")
     return result
 

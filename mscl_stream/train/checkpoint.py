@@ -143,14 +143,32 @@ def load_checkpoint(path: str | os.PathLike, expect: Mapping[str, Any] | None = 
                         f"{first})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(state).__name__}, expected a dict)")
-    for key, want in (expect or {}).items():
+    check_expect(state, expect or {}, path)
+    return state
+
+
+def check_expect(state: Mapping[str, Any], expect: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raise a one-line UserError at the first ``expect`` key whose value in ``state`` differs."""
+    for key, want in expect.items():
         got = _lookup(state, key)
         if got is _MISSING:
             raise UserError(f"{path}: checkpoint has no {key!r} (saved by another version or program?)")
         diff = _first_difference(got, want, key)
         if diff:
             raise UserError(f"{path}: checkpoint does not match the current run: {diff}")
-    return state
+
+
+def differences(got: Any, want: Any, key: str) -> list[str]:
+    """Every differing leaf between two nested dicts (for warnings), as ``key: old -> new``."""
+    if isinstance(got, Mapping) and isinstance(want, Mapping):
+        out = []
+        for k in sorted(set(got) | set(want), key=str):
+            out += differences(got.get(k, _MISSING), want.get(k, _MISSING), f"{key}.{k}")
+        return out
+    if got is _MISSING or want is _MISSING or _first_difference(got, want, key):
+        show = lambda v: "(none)" if v is _MISSING else _short(v)  # noqa: E731
+        return [f"{key}: {show(got)} -> {show(want)}"]
+    return []
 
 
 _MISSING = object()

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import signal
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mscl_stream.config import Config, dump_config, to_dict
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import read_manifest
-from mscl_stream.errors import UserError
+from mscl_stream.errors import Interrupted, UserError
 from mscl_stream.models.mscl import MSCL, momentum_at
-from mscl_stream.train.checkpoint import (expect_from_config, find_latest, load_checkpoint, load_model_state,
-                                          rng_state, save_checkpoint, set_rng_state)
+from mscl_stream.train.checkpoint import (check_expect, differences, expect_from_config, find_resumable,
+                                          list_checkpoints, load_checkpoint, load_model_state, rng_state,
+                                          save_checkpoint, save_step_checkpoint, set_rng_state)
+from mscl_stream.train.guard import StepGuard
+from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
 from mscl_stream.train.distributed import all_gather_objects, cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
@@ -29,9 +36,14 @@ from mscl_stream.train.step import amp_dtype, autocast, compute_flow, make_input
 
 log = logging.getLogger(__name__)
 
-# Config sections that must match between a checkpoint and the run resuming it.
+# Resume policy (docs/reliability.md). Settings that define the run must match the checkpoint, or the
+# resume is refused; the manifest's content (SHA-256) must match too.
 RESUME_MUST_MATCH = ("data.frames_per_clip", "data.frame_stride", "data.flow_gap", "data.flow_frames",
-                     "data.batch_size", "data.frame_size", "augment.out_size", "model", "loss")
+                     "data.batch_size", "data.frame_size", "data.mds", "augment.out_size", "model", "loss",
+                     "flow.estimator", "flow.weights", "flow.iters", "flow.options", "train.seed")
+# Settings a resumed run may change (lowering the learning rate after a spike, extending the schedule):
+# each change is logged as a warning and recorded in the metrics.
+RESUME_MAY_CHANGE = ("optim", "train.epochs", "train.max_steps", "augment", "data.manifest", "data.split")
 
 
 class TrainingDiverged(UserError):
@@ -40,6 +52,39 @@ class TrainingDiverged(UserError):
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (all devices) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (checkpoint, then exit 130/143).
+
+    The first signal only sets a flag; the previous handler is put back, so a second one acts at once
+    (KeyboardInterrupt for SIGINT, termination for SIGTERM). Installed only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
@@ -51,16 +96,68 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
             device-resident batches through it to measure the step without decode).
         on_step: optional ``on_step(step, model, batch)`` called after every optimiser step (tests,
             custom probes); ``model`` is the plain MSCL module.
+
+    Raises:
+        UserError: a problem with the configuration, the run folder, the data or a checkpoint (one line,
+            before any training step), or a diverged run (after writing ``checkpoints/diverged.pt``).
+        Interrupted: SIGINT/SIGTERM; a step checkpoint was written first.
     """
     dist = init_distributed(cfg.dist.backend, device=cfg.train.device)
+    seed_everything(cfg.train.seed + dist.rank)
+    if loader is None and not cfg.data.manifest:
+        raise UserError("data.manifest: not set; pass data.manifest=PATH (a manifest written by `mscl-stream index`)")
+    if cfg.train.overwrite and cfg.train.resume:
+        raise UserError("train.overwrite: cannot be combined with --resume (overwrite starts the run anew)")
+    # The run folder is checked and locked before anything expensive; a refusal on rank 0 stops every rank.
+    run, err = None, None
+    if dist.is_main:
+        try:
+            run = open_run_dir(cfg.train.out_dir, resume=bool(cfg.train.resume), overwrite=cfg.train.overwrite)
+        except UserError as e:
+            err = str(e)
+    errors = [e for e in all_gather_objects(err) if e]
+    if errors:
+        cleanup()
+        raise UserError(errors[0])
+    try:
+        with _StopSignals() as signals:
+            return _pretrain(cfg, dist, run, loader, on_step, signals)
+    finally:
+        if run is not None:
+            run.release()
+
+
+def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) -> dict:
     device = dist.device
-    torch.manual_seed(cfg.train.seed + dist.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(cfg.train.out_dir)
+    manifest_id = manifest_identity(cfg.data.manifest) if loader is None and dist.is_main else None
+
+    # ---- which checkpoint to resume (rank 0 decides; every rank loads the same file)
+    chosen, state, refusal = None, None, None
+    if dist.is_main and cfg.train.resume:
+        try:
+            chosen, state = _choose_checkpoint(cfg, run, out)
+        except UserError as e:
+            refusal = str(e)
+    decided = all_gather_objects((str(chosen) if chosen else None, refusal))[0]
+    if decided[1]:
+        cleanup()
+        raise UserError(decided[1])
+    ckpt_path = Path(decided[0]) if decided[0] else None
+    if ckpt_path is not None:
+        if state is None:                 # other ranks read the file rank 0 chose
+            state = load_checkpoint(ckpt_path)
+        check_expect(state, expect_from_config(to_dict(cfg), RESUME_MUST_MATCH), ckpt_path)
+        if dist.is_main:
+            _check_resume_data(state, manifest_id, ckpt_path)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        run_id = (state or {}).get("run_id") or new_run_id()
+        run.claim(run_id, cfg.train.seed, manifest_id)
         dump_config(cfg, out / "config.yaml")
+    else:
+        run_id = None
 
     # ---- data, flow, model, optimiser
     records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
@@ -99,9 +196,7 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     step, epoch, bad_streak, bad_total = 0, 0, 0, 0
 
     # ---- resume
-    ckpt_path = find_latest(out) if cfg.train.resume == "auto" else (Path(cfg.train.resume) if cfg.train.resume else None)
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, expect=expect_from_config(to_dict(cfg), RESUME_MUST_MATCH))
+    if state is not None:
         load_model_state(core, state["model"])
         opt.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -115,20 +210,43 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
         aug_gen.set_state(mine["aug_rng"])
         step, epoch, bad_total = state["step"], state["epoch"], state.get("bad_total", 0)
         if dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, epoch)
+            log.info("resumed from %s at step %d (epoch %d), run %s", ckpt_path, step, epoch,
+                     state.get("run_id", "(unrecorded)"))
     elif cfg.train.resume == "auto" and dist.is_main:
-        log.info("resume=auto: no checkpoint in %s, starting fresh", out)
+        log.info("resume=auto: no checkpoint in %s, starting run %s", out, run_id)
+    guard = StepGuard(core, opt if scaler is None else None, device, dist.world_size)
 
-    def checkpoint(tag: str) -> None:
+    def checkpoint(tag: str) -> Path | None:
         # Every rank contributes its loader position and RNG states (one list entry per rank); rank 0 writes.
         per_rank = all_gather_objects({"loader": loader.state_dict(), "rng": rng_state(),
                                        "aug_rng": aug_gen.get_state()})
-        if dist.is_main:
-            save_checkpoint(out / "checkpoints" / f"{tag}.pt", {
-                "model": core.state_dict(), "optimizer": opt.state_dict(),
+        if not dist.is_main:
+            return None
+        ckpt = {"model": core.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "ranks": per_rank,
                 "step": step, "epoch": epoch, "bad_total": bad_total, "config": to_dict(cfg),
-                "flow": estimator.describe()})
+                "flow": estimator.describe(), "run_id": run_id, "manifest": manifest_id}
+        if tag == "step":
+            return save_step_checkpoint(out, step, ckpt, keep=cfg.train.keep_checkpoints)
+        return save_checkpoint(out / "checkpoints" / f"{tag}.pt", ckpt)
+
+    def account(results: list[tuple[int, bool]]) -> None:
+        # Host view of the guard's verdicts (one step late on a GPU); stop after too many in a row.
+        nonlocal bad_streak, bad_total
+        for at, good in results:
+            if good:
+                bad_streak = 0
+                continue
+            bad_streak += 1
+            bad_total += 1
+            log.warning("step %d: non-finite loss or gradients (%d in a row, %d total); step skipped, "
+                        "weights kept", at, bad_streak, bad_total)
+            if bad_streak >= cfg.train.max_bad_steps:
+                account(guard.flush())
+                checkpoint("diverged")
+                raise TrainingDiverged(
+                    f"{bad_streak} non-finite steps in a row at step {at}; the last finite weights are in "
+                    f"{out / 'checkpoints' / 'diverged.pt'} (lower optim.lr or use train.amp=fp32)")
 
     metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl)
     timer = StageTimer(device)
@@ -136,10 +254,17 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     flops_per_clip = None
     if dist.is_main:
         source = f"{len(records)} videos" if records else f"loader {type(loader).__name__}"
-        log.info("pretrain: %s, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, device %s",
-                 source, steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
+        log.info("pretrain run %s: %s, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, "
+                 "device %s", run_id, source, steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
                  dtype or "fp32", device)
+        if state is not None:
+            changed = [d for k in RESUME_MAY_CHANGE
+                       for d in differences(_get(state["config"], k), _get(to_dict(cfg), k), k)]
+            if changed:
+                log.warning("resume: settings changed since the checkpoint: %s", "; ".join(changed))
+                metrics.log({"step": step, "run_id": run_id, "resume_changes": changed})
     t_start, clips_done, last_terms, step_ends = time.perf_counter(), 0, {}, []
+    t_window, wait_window = t_start, 0.0   # data-wait share of the steps since the last logged one
 
     # ---- the loop
     mid_epoch = ckpt_path is not None  # a resumed loader continues its epoch where it stopped
@@ -150,8 +275,10 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
         it = iter(loader)
         while step < total:
             timer.enabled = step % cfg.log.every == 0  # synchronising timers only on logged steps
+            t_wait = time.perf_counter()
             with timer("data_wait"):
                 batch = next(it, None)
+            wait_window += time.perf_counter() - t_wait
             if batch is None:
                 epoch_done = True
                 break
@@ -162,7 +289,9 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
                 if use_cl:
                     inputs = type(inputs)(**{k: _channels_last(v) for k, v in vars(inputs).items()})
             if flops_per_clip is None and peak is not None:
+                guard.before_forward()     # the extra pass must not move BN statistics (exact resume)
                 flops_per_clip = estimate_flops_per_clip(core, inputs, dtype)  # one extra fwd+bwd
+                guard.after_step(torch.zeros((), dtype=torch.bool, device=device))
                 opt.zero_grad(set_to_none=True)
 
             lr = lr_at(step, total, base_lr, warmup)
@@ -170,50 +299,42 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
                 g["lr"] = lr
             m = momentum_at(step * global_batch, total * global_batch, cfg.model.momentum)
             with timer("forward_backward"):
+                guard.before_forward()
                 with autocast(device, dtype):
                     out_terms = model(inputs)
                 loss = out_terms["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if dist.world_size > 1:
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if finite.item() == 0:
-                    bad_streak += 1
-                    bad_total += 1
-                    opt.zero_grad(set_to_none=True)
-                    log.warning("step %d: non-finite loss (%d in a row, %d total); step skipped",
-                                step, bad_streak, bad_total)
-                    if bad_streak >= cfg.train.max_bad_steps:
-                        checkpoint("diverged")
-                        raise TrainingDiverged(
-                            f"{bad_streak} non-finite losses in a row at step {step}; checkpoint "
-                            f"{out / 'checkpoints' / 'diverged.pt'} written (lower optim.lr or use amp=fp32)")
-                    step += 1
-                    continue
-                bad_streak = 0
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             with timer("optimizer"):
                 if scaler is not None:
                     scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad) if cfg.optim.clip_grad > 0 else None
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
+                if cfg.optim.clip_grad > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
                 else:
-                    opt.step()
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                # one device-side verdict gates every update of this step (no host read here)
+                ok = guard.check(loss, grad_norm if scaler is None else None)
+                guard.optimizer_step(opt, ok, scaler)
                 opt.zero_grad(set_to_none=True)
-                core.momentum_update(m)
-                core.enqueue(out_terms["keys_rgb"], out_terms["keys_flow"])
+                core.momentum_update(m, ok)
+                core.enqueue(out_terms["keys_rgb"], out_terms["keys_flow"], ok)
+                guard.after_step(ok)
             step += 1
             clips_done += global_batch
             step_ends.append(time.perf_counter() - t_start)
+            account(guard.publish(ok, step))
             if on_step is not None:
                 on_step(step, core, batch)
 
-            if step % cfg.log.every == 0 or step == total:
-                elapsed = time.perf_counter() - t_start
+            logged = step % cfg.log.every == 0 or step == total
+            if logged:
+                now = time.perf_counter()
+                elapsed = now - t_start
                 rate = clips_done / max(elapsed, 1e-9)
+                wait_share = wait_window / max(now - t_window, 1e-9)
+                t_window, wait_window = now, 0.0
                 last_terms = {k: float(v.detach()) for k, v in out_terms.items() if torch.is_tensor(v) and v.dim() == 0}
-                rec = {"step": step, "epoch": epoch, "lr": lr, "momentum": m, "clips_per_s": rate,
+                rec = {"step": step, "epoch": epoch, "run_id": run_id, "lr": lr, "momentum": m,
+                       "clips_per_s": rate, "data_wait_share": wait_share,
                        **{f"loss/{k}": v for k, v in last_terms.items()}, **timer.summary()}
                 if grad_norm is not None:
                     rec["grad_norm"] = float(grad_norm)
@@ -223,13 +344,25 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
                     rec["mfu"] = mfu(flops_per_clip, rate / dist.world_size, peak)
                 metrics.log(rec)
                 if dist.is_main:
-                    print(format_progress(step, total, elapsed, rate) + f" loss {last_terms.get('loss', math.nan):.4f}",
-                          flush=True)
+                    print(format_progress(step, total, elapsed, rate) + f" | data wait {100 * wait_share:.0f}%"
+                          f" | loss {last_terms.get('loss', math.nan):.4f}", flush=True)
+            if _should_stop(signals, dist.world_size, logged, device):
+                account(guard.flush())
+                path = checkpoint("step")
+                name = signal.Signals(signals.signum or signal.SIGTERM).name
+                if own_loader:
+                    loader.close()
+                metrics.close()
+                cleanup()
+                raise Interrupted(f"stopped by {name} at step {step}; checkpoint {path or out / 'checkpoints'} "
+                                  f"written (continue with --resume auto)", signals.signum or signal.SIGTERM)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
-                checkpoint(f"step_{step:08d}")
+                account(guard.flush())
+                checkpoint("step")
         if epoch_done:
             epoch += 1
 
+    account(guard.flush())
     checkpoint("last")
     elapsed = time.perf_counter() - t_start
     if own_loader:
@@ -240,11 +373,66 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
               # model FLOPs of one clip's forward + backward and the device's bf16 peak: callers that
               # measure a steady-state rate (bench) turn them into MFU; None where unknown (CPU)
               "flops_per_clip": flops_per_clip, "peak_flops": peak,
-              "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+              "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+              "run_id": run_id}
     metrics.log({"final": True, **result})
     metrics.close()
     if dist.is_main:
-        log.info("done: %d steps in %.1f s (%.2f clips/s); checkpoint %s", step, elapsed,
+        log.info("done: run %s, %d steps in %.1f s (%.2f clips/s); checkpoint %s", run_id, step, elapsed,
                  result["clips_per_s"], out / "checkpoints" / "last.pt")
     cleanup()
     return result
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def _should_stop(signals: _StopSignals, world_size: int, logged: bool, device: torch.device) -> bool:
+    """Whether a SIGINT/SIGTERM asked to stop: at every step in one process; at logged steps in DDP,
+    agreed by all ranks (a tiny all-reduce), so every rank writes the same checkpoint and stops."""
+    if world_size == 1:
+        return signals.signum is not None
+    if not logged:
+        return False
+    flag = torch.tensor([1 if signals.signum is not None else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and signals.signum is None:
+        signals.signum = signal.SIGTERM
+    return bool(flag.item())
+
+
+def _choose_checkpoint(cfg: Config, run, out: Path) -> tuple[Path, dict] | tuple[None, None]:
+    """(path, state) this start resumes from (main rank), or (None, None): fresh; UserError if unsafe."""
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        st = load_checkpoint(path)
+        theirs = st.get("run_id")
+        if run.previous_run_id and theirs != run.previous_run_id:
+            raise UserError(f"train.resume: {path} belongs to run {theirs or '(unrecorded)'}, but "
+                            f"{out} holds run {run.previous_run_id}; resume into that run's own folder or an "
+                            f"empty train.out_dir")
+        return path, st
+    path, st = find_resumable(out, run.previous_run_id)
+    if path is None and (list_checkpoints(out) or (out / "checkpoints" / "last.pt").is_file()):
+        raise UserError(f"train.resume=auto: {out} holds checkpoints, but none of run "
+                        f"{run.previous_run_id or '(unrecorded)'} that loads (see the warnings); use "
+                        f"--resume PATH, --overwrite, or another train.out_dir")
+    return path, st
+
+
+def _check_resume_data(state: dict, manifest_id: dict | None, path: Path) -> None:
+    """Refuse a resume whose manifest content differs from the checkpoint's (same size is not enough)."""
+    theirs = state.get("manifest")
+    if manifest_id is None or not theirs:
+        if manifest_id is not None:
+            log.warning("resume: %s records no manifest identity (older checkpoint): data not compared", path)
+        return
+    if theirs.get("sha256") != manifest_id["sha256"]:
+        raise UserError(f"data.manifest: {manifest_id['path']} ({manifest_id['bytes']} bytes) is not the "
+                        f"manifest {path.name} was trained on ({theirs.get('path')}, {theirs.get('bytes')} bytes, "
+                        f"different SHA-256); resume with that manifest or start a new run")
+    if theirs.get("path") != manifest_id["path"]:
+        log.info("resume: same manifest content at a new path (%s, was %s)", manifest_id["path"], theirs.get("path"))
