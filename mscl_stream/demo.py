@@ -100,7 +100,10 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
                         videos, manifest.name)
     if not manifest.is_file():
         build_manifest(data_dir, manifest, data=cfg.data)
-    cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", f"data.manifest={manifest}", *overrides])
+    # a rerun of the demo replaces its own earlier pretraining run (pretrain refuses that by default)
+    again = [] if any(o.startswith("train.resume=") for o in overrides) else ["train.overwrite=true"]
+    cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", f"data.manifest={manifest}", *again,
+                                    *overrides])
 
     stream = save_batch_png(cfg, out / "views.png")
     train = pretrain(cfg)
