@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import multiprocessing as mp
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -50,13 +52,48 @@ def write_manifest(records: list[VideoRecord], path: str | os.PathLike) -> None:
     """Write records as JSONL atomically; paths are stored relative to the manifest's folder."""
     path = Path(path)
     base = path.parent.resolve()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            d = dataclasses.asdict(r)
-            d["path"] = os.path.relpath(Path(r.path).resolve(), base)
-            f.write(json.dumps(d) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            for r in records:
+                d = dataclasses.asdict(r)
+                d["path"] = os.path.relpath(Path(r.path).resolve(), base)
+                f.write(json.dumps(d) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the manifest ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Field -> accepted types of a manifest row (bool is excluded from int explicitly).
+_ROW_TYPES = {"path": (str,), "label": (int,), "label_name": (str,), "split": (str,), "num_frames": (int,),
+              "fps": (int, float), "width": (int,), "height": (int,), "codec": (str,),
+              "duration": (int, float), "start": (int,), "end": (int,)}
+_ROW_REQUIRED = ("path", "label", "label_name", "split", "num_frames", "fps", "width", "height", "codec",
+                 "duration")
+
+
+def _row_problem(d: object) -> str:
+    """'' for a well-formed manifest row, else what is wrong with it (one phrase)."""
+    if not isinstance(d, dict):
+        return f"expected a JSON object, got {json.dumps(d)[:60]}"
+    missing = [k for k in _ROW_REQUIRED if k not in d]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for k, types_ in _ROW_TYPES.items():
+        if k in d and (isinstance(d[k], bool) or not isinstance(d[k], types_)):
+            want = "an integer" if types_ == (int,) else "a number" if float in types_ else "a string"
+            return f"{k} must be {want}, got {json.dumps(d[k])[:60]}"
+    if d["num_frames"] < 1:
+        return f"num_frames must be >= 1, got {d['num_frames']}"
+    if d["label"] < -1:
+        return f"label must be >= 0 (or -1 for unlabelled), got {d['label']}"
+    starts = d.get("mds_starts")
+    if starts is not None and not (isinstance(starts, list)
+                                   and all(isinstance(x, int) and not isinstance(x, bool) for x in starts)):
+        return "mds_starts must be a list of integers or null"
+    return ""
 
 
 def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[VideoRecord]:
@@ -67,14 +104,23 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[Vid
     base = path.parent.resolve()
     names = {f.name for f in dataclasses.fields(VideoRecord)}
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); is this a manifest?") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
-            rec = VideoRecord(**{k: v for k, v in d.items() if k in names})
-        except (json.JSONDecodeError, TypeError) as e:
-            raise UserError(f"{path}:{n}: not a manifest row ({e})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not a manifest row (not JSON: {e})") from None
+        problem = _row_problem(d)
+        if problem:
+            raise UserError(f"{path}:{n}: not a manifest row ({problem})")
+        rec = VideoRecord(**{k: v for k, v in d.items() if k in names})
         rec.path = str((base / rec.path).resolve())
         if not split or rec.split == split:
             out.append(rec)
@@ -110,8 +156,54 @@ def min_raw_frames(data: DataConfig) -> int:
     return need if data.wrap else need + data.max_shift
 
 
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _entry_kind(p: Path) -> tuple[str, str] | None:
+    """None for a regular file (followed through symlinks), else (reason, detail) why it is skipped."""
+    try:
+        st = p.stat()                       # follows symlinks
+    except OSError as e:
+        if p.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "symlink_loop", f"symbolic link loop ({os.readlink(p)})"
+            return "dangling_link", f"symbolic link to a missing target ({os.readlink(p)})"
+        return "unreadable", f"cannot stat ({e.strerror or e})"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else
+            "character device" if stat.S_ISCHR(mode) else "block device" if stat.S_ISBLK(mode) else
+            "folder" if stat.S_ISDIR(mode) else "special file")
+    return "not_a_file", f"a {kind}" + (" (through a symbolic link)" if p.is_symlink() else "")
+
+
+def _files_under(folder: Path) -> tuple[list[Path], list[dict]]:
+    """Regular files below ``folder`` (symlinks followed, folders not entered twice) and skipped entries.
+
+    Hidden names (starting with ".") are skipped; every other entry that is not a usable file
+    (symlink loop, dangling link, FIFO, socket, device) is returned with a reason.
+    """
+    files, skipped, seen = [], [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            key = os.stat(root).st_ino, os.stat(root).st_dev
+        except OSError:
+            key = None
+        if key in seen:                     # a symlinked folder pointing back up the tree
+            skipped.append({"path": root, "reason": "symlink_loop", "detail": "folder visited before"})
+            dirs[:] = []
+            continue
+        seen.add(key)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            p = Path(root) / name
+            if name.startswith("."):
+                skipped.append({"path": str(p), "reason": "hidden", "detail": "name starts with '.'"})
+                continue
+            why = _entry_kind(p)
+            if why is None:
+                files.append(p)
+            else:
+                skipped.append({"path": str(p), "reason": why[0], "detail": why[1]})
+    return sorted(files), skipped
 
 
 def discover(src: str | os.PathLike) -> tuple[list[_Entry], list[dict]]:
@@ -134,10 +226,17 @@ def discover(src: str | os.PathLike) -> tuple[list[_Entry], list[dict]]:
     roots = [(d, d.name) for d in split_dirs] if split_dirs else [(src, "train")]
     entries, skipped = [], []
     for root, split in roots:
-        for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-            skipped.append({"path": str(f), "reason": "no_class", "detail": f"file directly in {root}"})
+        for f in sorted(root.iterdir()):
+            if f.is_dir() and not f.name.startswith("."):
+                continue
+            why = _entry_kind(f)
+            reason, detail = ("no_class", f"file directly in {root}") if why is None else why
+            skipped.append({"path": str(f), "reason": "hidden" if f.name.startswith(".") else reason,
+                            "detail": detail})
         for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entries += [_Entry(str(f), cls.name, split) for f in _files_under(cls)]
+            files, skips = _files_under(cls)
+            entries += [_Entry(str(f), cls.name, split) for f in files]
+            skipped += skips
     return entries, skipped
 
 
@@ -258,8 +357,8 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
 
     Every file found is either a manifest row or an excluded entry with a reason in the report
     (empty, unreadable, no_video_stream, unsupported_codec, no_decodable_frame, too_short, no_class,
-    missing, bad_range); nothing is dropped silently. Labels are the sorted class names of the usable
-    videos over all splits, numbered 0..C-1.
+    missing, bad_range, hidden, symlink_loop, dangling_link, not_a_file); nothing is dropped silently.
+    Labels are the sorted class names of the usable videos over all splits, numbered 0..C-1.
 
     Args:
         src: folder of class folders (split "train"), folder of split folders (train/val/test) of class
@@ -277,6 +376,7 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
     """
     t0 = time.monotonic()
     output = Path(output)
+    check_output(output)                      # before probing: a bad -o must not cost the probe
     entries, excluded = discover(src)
     if not entries and not excluded:
         raise UserError(f"{src}: no video files found (expected <class>/<video> or train/<class>/<video>)")
@@ -339,15 +439,40 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
     return report
 
 
+def check_output(output: Path) -> None:
+    """Raise a one-line UserError unless the manifest and its report can be written at ``output``."""
+    for target in (output, _report_path(output)):
+        if target.is_dir():
+            raise UserError(f"index -o {output}: {target} is a folder; give a file name such as "
+                            f"{target / 'manifest.jsonl' if target == output else output.with_suffix('.jsonl')}")
+    for parent in (output.parent, *output.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"index -o {output}: {parent} is a file, not a folder")
+            break
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = output.with_name(f".{output.name}.write-test-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"index -o {output}: cannot write in {output.parent} ({e.strerror or e})") from None
+
+
 def _report_path(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json")
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the report ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _print_summary(report: dict, output: Path) -> None:
