@@ -115,7 +115,8 @@ class DaliFrameReader:
 
         @pipeline_def(batch_size=self.frames_per_run, num_threads=self.num_threads,
                       device_id=device_id_of(self.device), seed=self.seed, prefetch_queue_depth=self.depth,
-                      exec_dynamic=True)
+                      exec_dynamic=True,
+                      exec_pipelined=False)
         def frame_lists():
             outs = []
             for r, path in enumerate(files):

@@ -20,6 +20,11 @@ Geometry: ``fn.resize(mode="not_smaller")`` + ``fn.crop`` cover the working size
 ratio and centre-crop it on the GPU; on the CPU torch does the same resize (DALI's CPU resize costs
 ~4x more); :func:`mscl_stream.data.pyav_decode.cover_crop` reproduces it for PyAV.
 
+Scheduling: ``exec_dynamic=True`` with ``exec_pipelined=False``, because a pipelined executor's first
+``schedule_run`` runs ``prefetch_queue_depth`` iterations at once (expecting that many fed batches);
+without it every ``schedule_run`` is one run, still asynchronous, up to ``prefetch_queue_depth`` of
+them queued (checked on CPU: three runs scheduled, all decoded while the caller slept).
+
 Measured with DALI 2.4 (CPU): duplicates or backward steps in a ``frames`` list seek and decode again,
 so callers pass sorted unique frames and gather afterwards. ``pad_mode="none"`` makes a frame past the
 end an error instead of a padded frame. Any decode error invalidates a pipeline ("Current pipeline
@@ -128,7 +133,8 @@ def _build_decoder_pipeline(batch_size: int, num_threads: int, frame_size: tuple
     gpu = device.type == "cuda"
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id_of(device), seed=seed,
-                  prefetch_queue_depth=depth, exec_dynamic=True)
+                  prefetch_queue_depth=depth, exec_dynamic=True,
+                  exec_pipelined=False)
     def video_pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
