@@ -109,6 +109,21 @@ def _check_tail(ctx: av.CodecContext, gops: list[list[av.Packet]], pts: list, fi
     return usable
 
 
+def _header_frames(container: av.container.InputContainer, st: av.video.stream.VideoStream, fps: float) -> int:
+    """Frames the container header announces: the stream's frame count, else duration x fps (0 = unknown)."""
+    if st.frames:
+        return int(st.frames)
+    if fps <= 0:
+        return 0
+    if st.duration and st.time_base:
+        seconds = float(st.duration * st.time_base)
+    elif container.duration:
+        seconds = container.duration / av.time_base
+    else:
+        return 0
+    return int(round(seconds * fps))
+
+
 def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
     """Probe one file (never raises for bad media: the problem is returned as ``Probe.reason``).
 
@@ -193,6 +208,10 @@ def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
         if count == 0:
             p.reason, p.detail = "no_decodable_frame", "no video packets"
             return p
+        expected = _header_frames(container, st, p.fps)
+        if expected and count < expected - max(2, 0.02 * expected):
+            p.notes.append(f"shorter than its header says: {count} frames found, the header implies about "
+                           f"{expected} (file cut or damaged?); kept with {count} frames")
     p.num_frames = count
     p.duration = count / p.fps if p.fps > 0 else 0.0
     if p.fps <= 0:
