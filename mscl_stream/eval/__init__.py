@@ -88,6 +88,8 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
     clips = clips or cfg.eval.clips
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such file")
+    if out:
+        check_writable(out)        # before the features are paid for
     train, test, counts = split_records(cfg.data.manifest)
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
@@ -127,9 +129,28 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
     return result
 
 
+def check_writable(path: str) -> None:
+    """One-line UserError unless a results file can be written at ``path`` (checked by writing a probe)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--out {path}: is a folder; give a file name such as {p / 'results.json'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        probe = p.with_name(f".{p.name}.write-test-{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+
+
 def _write_json(path: str, obj: dict) -> None:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write the results ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

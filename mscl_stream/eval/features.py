@@ -63,6 +63,14 @@ def encoder_state_from_checkpoint(path: str, prefix: str = ENCODER_PREFIX) -> di
                     f"{', '.join(repr(s) for s in stems) or 'none'})")
 
 
+def check_finite_state(state: dict[str, torch.Tensor], where: str) -> None:
+    """UserError naming the tensors of ``state`` that hold NaN or inf (weights of a diverged run)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{where}: {len(bad)} encoder tensors hold NaN/inf (e.g. {bad[0]}): the run diverged; "
+                        f"evaluate an earlier checkpoint")
+
+
 def build_r3d(checkpoint: str | None, prefix: str = ENCODER_PREFIX, seed: int = 0,
               num_classes: int | None = None, width: int = WIDTH) -> tuple[nn.Module, str]:
     """torchvision ``r3d_18`` with the checkpoint's trunk, or a seeded random init without one.
@@ -81,6 +89,8 @@ def build_r3d(checkpoint: str | None, prefix: str = ENCODER_PREFIX, seed: int = 
     """
     torch.manual_seed(seed)
     state = encoder_state_from_checkpoint(checkpoint, prefix) if checkpoint else None
+    if state is not None:
+        check_finite_state(state, checkpoint)
     if state is not None and "stem.0.weight" in state:
         width = width_of(state)
     net = r3d18(width)
@@ -238,4 +248,9 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
         flush()
     if not labels:
         raise UserError(f"none of {len(records)} videos could be decoded for evaluation")
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.int64)
+    out = torch.cat(feats)
+    bad = int((~torch.isfinite(out).all(dim=1)).sum())
+    if bad:    # a NaN feature would rank and classify as if it were a number
+        raise UserError(f"{bad} of {out.shape[0]} videos have non-finite (NaN/inf) features: the encoder's weights "
+                        f"or BatchNorm statistics are not finite; evaluate an earlier checkpoint")
+    return out, torch.tensor(labels, dtype=torch.int64)
