@@ -4,14 +4,21 @@
     est = get_estimator("raft_small", weights="raft_small.pth", iters=12, device="cuda")
     flow = est(frames_a, frames_b)   # (N,3,H,W) uint8/float [0,255] -> (N,2,H,W) float32, pixels
 
-Names map to lazy factories (nothing heavy is imported until an estimator is built). A name of the
-form "package.module:factory" imports ``factory`` and calls it with the options ("bring your own
-estimator"); the result is checked against the protocol (mscl_stream.flow.base) on a tiny input.
+Names map to lazy factories (nothing heavy is imported until an estimator is built). Plug-ins add
+names in two ways: ``register_estimator(name, factory)`` in code, or a package that declares an entry
+point in the group ``mscl_stream.flow_estimators`` (``myflow = mypkg.flow:make_estimator`` in its
+pyproject.toml), found by name once installed. A name of the form "package.module:factory" imports
+``factory`` and calls it with the options; a config may use that form only with ``flow.allow_import:
+true`` (or MSCL_STREAM_ALLOW_IMPORT=1), because it runs whatever code it names. Estimators not built in
+are checked against the protocol (mscl_stream.flow.base) on a tiny input.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
+import re
 from typing import Any, Callable
 
 from mscl_stream.errors import UserError
@@ -32,6 +39,14 @@ _BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Estimators added at run time with register_estimator (validated when built).
 _REGISTERED: dict[str, Callable[..., Any]] = {}
+# Installed packages declare estimators here (importlib.metadata entry points; loaded only when built).
+ENTRY_POINT_GROUP = "mscl_stream.flow_estimators"
+_SPEC_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    """Installed plug-in estimators by name (reading metadata imports nothing)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def available_estimators() -> list[str]:
@@ -40,7 +55,7 @@ def available_estimators() -> list[str]:
     A name is listed whether or not its optional dependency (OpenCV, a GPU) is present here; building
     it then fails with a one-line error saying what is missing.
     """
-    return sorted(set(_BUILTIN) | set(_REGISTERED))
+    return sorted(set(_BUILTIN) | set(_REGISTERED) | set(_entry_points()))
 
 
 def register_estimator(name: str, factory: Callable[..., Any] | str) -> None:
@@ -60,8 +75,8 @@ def register_estimator(name: str, factory: Callable[..., Any] | str) -> None:
 
 def _import_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UserError(f"estimator {spec!r}: expected the form 'package.module:factory'")
+    if not module_name or not attr or not _SPEC_RE.match(spec):
+        raise UserError(f"estimator {spec!r}: expected the form 'package.module:factory' (Python names)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -85,12 +100,16 @@ def _call_factory(label: str, factory: Callable[..., Any], options: dict[str, An
         raise UserError(f"estimator {label!r}: bad options {sorted(options)}: {e}") from None
 
 
-def get_estimator(name: str, *, validate: bool | None = None, **options: Any) -> FlowEstimator:
+def get_estimator(name: str, *, validate: bool | None = None, allow_import: bool = True,
+                  **options: Any) -> FlowEstimator:
     """Build a flow estimator by name.
 
     Args:
-        name: a name from :func:`available_estimators` or "package.module:factory".
+        name: a name from :func:`available_estimators` (built in, registered, or an installed plug-in's
+            entry point) or "package.module:factory".
         validate: run the protocol check on a tiny input (default: only for estimators not built in).
+        allow_import: whether a "package.module:factory" name may be imported (code calling this
+            function may; a config only with ``flow.allow_import``, see :func:`estimator_from_config`).
         **options: estimator options, e.g. ``weights``, ``iters``, ``precision``, ``device``,
             ``chunk_size`` for RAFT (see each estimator's docstring).
 
@@ -113,7 +132,16 @@ def get_estimator(name: str, *, validate: bool | None = None, **options: Any) ->
             raise UserError(f"estimator {name!r} fixes option(s) {', '.join(clash)}; choose another name instead")
         options = {**fixed, **options}
         builtin = True
+    elif name in (plugins := _entry_points()):
+        try:
+            factory = plugins[name].load()
+        except Exception as e:   # an installed plug-in that fails to import: one line, naming it
+            raise UserError(f"estimator {name!r} (entry point {plugins[name].value!r}): cannot load it: "
+                            f"{type(e).__name__}: {e}") from None
     elif ":" in name:
+        if not allow_import:
+            raise UserError(f"estimator {name!r} names code to import and run; allow it with "
+                            f"flow.allow_import=true (or MSCL_STREAM_ALLOW_IMPORT=1), or register it by name")
         factory = _import_factory(name)
     else:
         raise UserError(f"unknown flow estimator {name!r}; known: {', '.join(available_estimators())} "
@@ -143,5 +171,6 @@ def estimator_from_config(flow_cfg: Any, device: str = "auto") -> FlowEstimator:
             options[key] = value
     options.update(dict(flow_cfg.options or {}))
     options["device"] = device
-    return get_estimator(flow_cfg.estimator, **options)
+    allow = bool(getattr(flow_cfg, "allow_import", False)) or os.environ.get("MSCL_STREAM_ALLOW_IMPORT") == "1"
+    return get_estimator(flow_cfg.estimator, allow_import=allow, **options)
 
