@@ -77,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     path = Path(path)
     _check_plain(dict(state), "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The dot prefix keeps half-written files out of find_latest's step_*.pt pattern.
+    # The dot prefix keeps half-written files out of list_checkpoints' step_*.pt pattern.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -272,21 +272,6 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def find_latest(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``--resume auto`` continues from, or None when the run has none.
-
-    Candidates are the highest-step ``step_*.pt`` and ``last.pt``; the more recently written one wins
-    (``last.pt`` of a finished run is newer than its step files; a longer re-run that crashed later has
-    newer step files). ``diverged.pt`` and temporary files are never picked.
-    """
-    found = list_checkpoints(out_dir)
-    cands = [found[-1][1]] if found else []
-    last = Path(out_dir) / CKPT_DIR / LAST_NAME
-    if last.is_file():
-        cands.append(last)
-    return max(cands, key=lambda p: p.stat().st_mtime_ns) if cands else None
 
 
 def find_resumable(out_dir: str | os.PathLike, run_id: str | None,

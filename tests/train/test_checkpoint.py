@@ -135,30 +135,32 @@ def test_load_model_state_mismatch_one_line():
         ck.load_model_state(nn.Sequential(nn.Linear(4, 3), nn.Identity(), nn.Linear(3, 2)), src.state_dict())
 
 
-def test_find_latest_and_keep(tmp_path):
-    assert ck.find_latest(tmp_path) is None
+def test_find_resumable_and_keep(tmp_path):
+    assert ck.find_resumable(tmp_path, "A") == (None, None)
     for step in (5, 100, 20, 3000):
-        ck.save_step_checkpoint(tmp_path, step, {"step": step}, keep=3)
+        ck.save_step_checkpoint(tmp_path, step, {"step": step, "run_id": "A"}, keep=3)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_00000020.pt", "step_00000100.pt", "step_00003000.pt"]
     # a stray temp file from a crashed save is never picked
     (tmp_path / "checkpoints" / ".step_00009999.pt.tmp-1").write_bytes(b"partial")
-    latest = ck.find_latest(tmp_path)
-    assert latest.name == "step_00003000.pt" and ck.load_checkpoint(latest)["step"] == 3000
-    ck.save_step_checkpoint(tmp_path, 3500, {"step": 3500}, keep=0)
+    latest, state = ck.find_resumable(tmp_path, "A")
+    assert latest.name == "step_00003000.pt" and state["step"] == 3000
+    ck.save_step_checkpoint(tmp_path, 3500, {"step": 3500, "run_id": "A"}, keep=0)
     assert len(ck.list_checkpoints(tmp_path)) == 4
     # last.pt of a finished run is newer than its step files -> picked; diverged.pt never is
-    ck.save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 4000})
+    ck.save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 4000, "run_id": "A"})
     os.utime(tmp_path / "checkpoints" / "step_00003500.pt", ns=(1, 1))   # make sure "older"
-    ck.save_checkpoint(tmp_path / "checkpoints" / "diverged.pt", {"step": 3999})
-    assert ck.load_checkpoint(ck.find_latest(tmp_path))["step"] == 4000
-    # a longer re-run that saved a later step file after last.pt resumes from the step file
-    ck.save_checkpoint(tmp_path / "checkpoints" / "step_00004500.pt", {"step": 4500})
-    os.utime(tmp_path / "checkpoints" / "last.pt", ns=(2, 2))
-    assert ck.load_checkpoint(ck.find_latest(tmp_path))["step"] == 4500
+    ck.save_checkpoint(tmp_path / "checkpoints" / "diverged.pt", {"step": 3999, "run_id": "A"})
+    assert ck.find_resumable(tmp_path, "A")[1]["step"] == 4000
+    # newer files of another run, or files that do not load, are passed over
+    ck.save_checkpoint(tmp_path / "checkpoints" / "step_00004500.pt", {"step": 4500, "run_id": "B"})
+    (tmp_path / "checkpoints" / "step_00004600.pt").write_bytes(b"truncated")
+    assert ck.find_resumable(tmp_path, "A")[1]["step"] == 4000
+    assert ck.find_resumable(tmp_path, "B")[1]["step"] == 4500
+    assert ck.find_resumable(tmp_path, "C") == (None, None)
     deleted = ck.prune_checkpoints(tmp_path, keep=1)
-    assert len(deleted) == 4 and {p.name for p in (tmp_path / "checkpoints").iterdir()} == {
-        "last.pt", "diverged.pt", "step_00004500.pt", ".step_00009999.pt.tmp-1"}
+    assert len(deleted) == 5 and {p.name for p in (tmp_path / "checkpoints").iterdir()} == {
+        "last.pt", "diverged.pt", "step_00004600.pt", ".step_00009999.pt.tmp-1"}
 
 
 def test_rng_round_trip(tmp_path):
