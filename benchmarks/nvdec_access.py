@@ -1,18 +1,30 @@
-"""Why is DALI's NVDEC path slow for MSCL clips? Frame-list access patterns through ``fn.decoders.video``.
+"""DALI decode variants against PyAV worker processes: MSCL samples/s through the real loader.
 
-MSCL asks for 2T + 2F = 24 scattered frames per clip (two windows of T frames at stride 16 plus their
-flow partners), spanning ~120-250 raw frames. This script decodes the same clips through DALI's
-``mixed`` (NVDEC) decoder three ways and reports clips/s and decoded-output frames/s:
+One MSCL sample = windows A and B (T frames at stride 16, B shifted by an even d) plus their even flow
+partners: ~24 wanted frames spread over ~120-250 raw frames. Each variant decodes the same epoch
+(the project's ClipSampler, seed 0) through ``ClipLoader`` with nothing else running, so the figure is
+what decode can feed a training step:
 
-  sparse:     each sample's sorted unique frame list (what ``ClipLoader`` does with data.decoder=dali);
-  contiguous: every frame from the sample's first to its last wanted frame (no seeks inside a sample);
-  per_window: as sparse, but each window (A + partners, B + partners) is its own sample (shorter spans).
+  dali_sync:      ``fn.decoders.video`` one batch at a time (``DaliDecoder`` depth 1: the old path);
+  dali_decoder:   ``data.dali_mode=decoder``: the same operator, ``data.prefetch`` runs in flight;
+  dali_reader:    ``data.dali_mode=reader``: ``fn.experimental.readers.video`` on per-frame file lists,
+                  ``data.num_threads`` readers, pipelined;
+  dali_legacy:    ``data.dali_mode=legacy`` (GPU only): ``fn.readers.video``, one sequence per window;
+                  samples with a window that wraps around the video's end go to ``fn.decoders.video``
+                  (``--no-wrap`` samples the method without wrapping, to see the reader alone);
+  pyav:           PyAV in ``--pyav-workers`` worker processes (``data.decoder=pyav``).
 
-and PyAV (``decode_frames``, the path ``data.decoder=auto`` takes on a GPU) on N threads as the reference.
+Reported per variant: samples/s (steady state: the first ``--warmup`` batches are left out; by default
+the timing runs to the end of the epoch, so no decoded work is left in flight), CPU-ms per sample (this
+process and its PyAV worker processes), frames wanted per sample, frames a keyframe-seeking decoder
+decodes per sample (modelled from each file's packet index: ``sweep_frames``) and the decoded frames/s
+that implies (on a GPU, the NVDEC rate the variant drives), and for DALI the most runs in flight.
 
-    python benchmarks/nvdec_access.py --out benchmarks/results      # needs CUDA + DALI + PyAV
+Every variant runs in its own subprocess with a time limit (``--time-limit``); the JSON in --out is
+rewritten after each one, so a failure or a timeout costs only that variant.
 
-Writes nvdec_access_<date>.json in --out.
+    python benchmarks/nvdec_access.py --device cuda --profile k400 --codec h264   # GPU host (NVDEC)
+    python benchmarks/nvdec_access.py --device cpu --profile toy --codec vp9      # CPU backend (VP9)
 """
 
 from __future__ import annotations
@@ -21,95 +33,231 @@ import argparse
 import datetime as dt
 import json
 import os
-import tempfile
+import resource
+import subprocess
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from mscl_stream.config import load_config
-from mscl_stream.data.manifest import build_manifest, read_manifest
-from mscl_stream.data.pipeline import DaliDecoder
-from mscl_stream.data.pyav_decode import decode_frames
-from mscl_stream.data.sample import make_sample_dataset
-from mscl_stream.data.sampler import ClipSampler
-from mscl_stream.machine import machine_info
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("dali_sync", "dali_decoder", "dali_reader", "dali_legacy", "pyav")
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _cpu_seconds(loader=None) -> float:
+    """CPU time of this process and of the loader's live PyAV worker processes (read from /proc:
+    getrusage counts children only once they have exited)."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    total = s.ru_utime + s.ru_stime
+    procs = getattr(loader, "_procs", None)
+    for pid in (list(procs._processes) if procs is not None else []):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
-def _time(fn, reps: int) -> float:
-    fn()                                   # warm-up: pipeline build, decoder creation
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync()
-    return (time.perf_counter() - t0) / reps
+def _data(a) -> Path:
+    """The profile's videos and manifest (made once, reused from --data)."""
+    from mscl_stream.config import load_config
+    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.sample import make_sample_dataset
+
+    root = a.data / f"{a.profile}_{a.codec}_{a.videos}"
+    manifest = root / "manifest.jsonl"
+    if not manifest.exists():
+        if not (root / "videos").exists():
+            make_sample_dataset(root / "videos", videos=a.videos, codec=a.codec, profile=a.profile)
+        build_manifest(root / "videos", manifest, data=load_config(None, []).data, workers=os.cpu_count() or 1)
+    return manifest
+
+
+def _config(a, variant: str):
+    from mscl_stream.config import load_config
+    ov = [f"data.batch_size={a.batch}", f"data.frame_size=[{a.size[0]}, {a.size[1]}]", "data.split=",
+          f"data.prefetch={a.depth}", f"data.clips_per_video={a.clips_per_video}",
+          f"data.wrap={'false' if a.no_wrap else 'true'}"]
+    if variant == "pyav":
+        ov += ["data.decoder=pyav", "data.pyav_workers=processes", f"data.num_threads={a.pyav_workers}"]
+    else:
+        mode = {"dali_reader": "reader", "dali_legacy": "legacy"}.get(variant, "decoder")
+        ov += ["data.decoder=dali", f"data.dali_mode={mode}", f"data.num_threads={a.dali_threads}"]
+    return load_config(None, ov)
+
+
+def _decode_model(records, sampler, positions) -> dict:
+    """Wanted and (modelled) decoded frames per sample over ``positions``."""
+    import numpy as np
+    from mscl_stream.data.pyav_decode import frame_index, sweep_frames
+    wanted, decoded = [], []
+    for p in positions:
+        s = sampler.spec(p)
+        uniq = np.unique(s.all_frames())
+        wanted.append(len(uniq))
+        decoded.append(sweep_frames(frame_index(records[s.video_idx].path), uniq)[0])
+    return {"frames_wanted_per_sample": float(np.mean(wanted)), "frames_decoded_per_sample": float(np.mean(decoded))}
+
+
+def run_one(a, variant: str) -> dict:
+    """Measure one variant in this process; returns its row."""
+    import numpy as np
+    import torch
+
+    from mscl_stream.data.loader import build_loader
+    from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.data.pipeline import DaliDecoder
+
+    records = read_manifest(_data(a), "")
+    cfg = _config(a, variant)
+    dev = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    loader = build_loader(cfg, records, device=dev)
+    loader.set_epoch(0)
+    n_batches = min(len(loader), a.warmup + a.batches) if a.batches else len(loader)
+    if n_batches <= a.warmup:
+        raise SystemExit(f"only {len(loader)} batches per epoch: use more --videos or --clips-per-video")
+    row: dict = {"variant": variant, "batches_timed": n_batches - a.warmup}
+    if variant == "dali_sync":
+        # the old path: the loader's work items, one synchronous DALI batch at a time
+        dec = DaliDecoder(a.batch, tuple(a.size), a.dali_threads, dev, depth=1)
+        works = [loader._work(p) for p in range(n_batches * a.batch)]
+        t0 = c0 = None
+        for b in range(n_batches):
+            if b == a.warmup:
+                sync()
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+            chunk = works[b * a.batch:(b + 1) * a.batch]
+            lists = [np.unique(w.all_frames()) for w in chunk]
+            dec.decode([np.fromfile(w.record.path, dtype=np.uint8) for w in chunk], lists)
+        sync()
+        cpu_end = None
+    else:
+        it = iter(loader)
+        for b in range(n_batches):
+            if b == a.warmup:
+                sync()
+                t0, c0 = time.perf_counter(), _cpu_seconds(loader)
+            next(it)
+        sync()
+        cpu_end = _cpu_seconds(loader)
+        st = loader.stats
+        row.update(skipped=st["skipped"], dali_runs=st["dali_runs"], dali_max_in_flight=st["dali_max_in_flight"],
+                   dali_samples=st["dali_samples"], pyav_samples=st["pyav_samples"],
+                   dali_rebuilds=st["dali_rebuilds"], dali_reader_fallbacks=st["dali_reader_fallbacks"])
+    sec = time.perf_counter() - t0
+    cpu = (cpu_end if cpu_end is not None else _cpu_seconds()) - c0
+    samples = (n_batches - a.warmup) * a.batch
+    row.update(_decode_model(records, loader.sampler, range(a.warmup * a.batch, n_batches * a.batch)))
+    row.update(samples_per_s=samples / sec, cpu_ms_per_sample=1e3 * cpu / samples, seconds=sec,
+               decoded_frames_per_s=samples / sec * row["frames_decoded_per_sample"],
+               output_frames_per_s=samples / sec * row["frames_wanted_per_sample"])
+    loader.close()
+    return row
+
+
+def _save(path: Path, res: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _plot(path: Path, res: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in res["variants"].values() if "samples_per_s" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = [r["variant"] for r in rows]
+    ax[0].bar(names, [r["samples_per_s"] for r in rows])
+    ax[0].set_ylabel("MSCL samples/s")
+    ax[1].bar(names, [r["cpu_ms_per_sample"] for r in rows])
+    ax[1].set_ylabel("CPU-ms per sample")
+    fig.suptitle(f"{res['machine'].get('gpu') or res['machine'].get('cpu', '')} {res['device']} "
+                 f"{res['profile']}/{res['codec']} batch {res['batch']}", fontsize=9)
+    for x in ax:
+        x.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=90)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", default="k400", choices=["toy", "ucf101", "k400"])
     ap.add_argument("--codec", default="h264", choices=["h264", "hevc", "vp9"])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--videos", type=int, default=16)
+    ap.add_argument("--clips-per-video", type=int, default=8, help="samples per video per epoch")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=0,
+                    help="timed batches per variant (0: the rest of the epoch; fewer than a few times "
+                         "--depth leaves work in flight that the CPU time counts and the samples do not)")
+    ap.add_argument("--warmup", type=int, default=2, help="batches left out of the timing")
+    ap.add_argument("--depth", type=int, default=3, help="data.prefetch: DALI runs in flight")
+    ap.add_argument("--size", type=int, nargs=2, default=(128, 176), metavar=("H", "W"))
+    ap.add_argument("--dali-threads", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--pyav-workers", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--time-limit", type=int, default=120, help="seconds per variant")
+    ap.add_argument("--no-wrap", action="store_true", help="data.wrap=false (windows clamped inside the video)")
+    ap.add_argument("--data", type=Path, default=Path("/tmp/mscl-nvdec-access"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "bench.yaml", [])
-    work = Path(tempfile.mkdtemp(prefix="nvdec-access-"))
-    make_sample_dataset(work / "videos", videos=12, codec=a.codec)
-    build_manifest(work / "videos", work / "m.jsonl", data=cfg.data)
-    records = read_manifest(work / "m.jsonl", "train")
-    sampler = ClipSampler(records, cfg.data, seed=0)
-    sampler.set_epoch(0)
-    specs = [sampler.spec(i % len(sampler)) for i in range(a.batch)]
-    enc = [np.fromfile(records[s.video_idx].path, dtype=np.uint8) for s in specs]
-    wanted = [np.unique(s.all_frames()) for s in specs]
-    size = tuple(cfg.data.frame_size)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU (VP9 only): to check the script
-    res = {"benchmark": "nvdec_access", "date": dt.datetime.now().isoformat(timespec="seconds"),
-           "machine": machine_info(), "codec": a.codec, "batch": a.batch, "frame_size": size,
-           "frames_wanted_per_clip": float(np.mean([len(w) for w in wanted])), "modes": {}}
+    sys.path.insert(0, str(REPO))
+    if a.one:                                       # child: one variant, one RESULT line
+        print("RESULT " + json.dumps(run_one(a, a.one)), flush=True)
+        return
 
-    def dali_mode(name: str, enc_list: list, frames: list, clips: int) -> None:
-        dec = DaliDecoder(len(enc_list), size, a.threads, dev)
-        sec = _time(lambda: dec.decode(enc_list, frames), a.reps)
-        n = sum(len(f) for f in frames)
-        res["modes"][name] = {"clips_per_s": clips / sec, "output_frames_per_s": n / sec,
-                              "output_frames_per_clip": n / clips}
-        print(f"{name:<12} {clips / sec:8.1f} clips/s {n / sec:9.0f} output frames/s", flush=True)
-        dec.close()
-
-    dali_mode("sparse", enc, wanted, a.batch)
-    dali_mode("contiguous", enc, [np.arange(w[0], w[-1] + 1) for w in wanted], a.batch)
-    win_enc, win_frames = [], []
-    for s, e in zip(specs, enc):
-        for frames, partners in ((s.frames_a, s.partners_a), (s.frames_b, s.partners_b)):
-            win_enc.append(e)
-            win_frames.append(np.unique(np.concatenate([frames, partners])))
-    dali_mode("per_window", win_enc, win_frames, a.batch)
-
-    pool = ThreadPoolExecutor(a.threads)
-    paths = [records[s.video_idx].path for s in specs]
-
-    def pyav() -> None:
-        out = list(pool.map(lambda i: decode_frames(paths[i], specs[i].all_frames(), size, threads=1),
-                            range(a.batch)))
-        t = torch.from_numpy(np.stack(out))
-        if dev.type == "cuda":
-            t.pin_memory().to(dev, non_blocking=True)
-    sec = _time(pyav, a.reps)
-    res["modes"][f"pyav_{a.threads}_threads"] = {"clips_per_s": a.batch / sec}
-    print(f"pyav x{a.threads:<6} {a.batch / sec:8.1f} clips/s", flush=True)
+    from mscl_stream.machine import machine_info
+    t0 = time.perf_counter()
+    _data(a)                                        # made once, before any variant's clock starts
+    made = time.perf_counter() - t0
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"nvdec_access_{a.codec}_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(res, indent=2, default=str))
+    tag = "_nowrap" if a.no_wrap else ""
+    path = a.out / f"nvdec_access_{a.device}_{a.profile}_{a.codec}{tag}_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    res = {"benchmark": "nvdec_access", "date": dt.datetime.now().isoformat(timespec="seconds"),
+           "machine": machine_info(), "device": a.device, "profile": a.profile, "codec": a.codec,
+           "videos": a.videos, "clips_per_video": a.clips_per_video, "wrap": not a.no_wrap, "batch": a.batch, "frame_size": list(a.size), "depth": a.depth,
+           "dali_threads": a.dali_threads, "pyav_workers": a.pyav_workers, "data_seconds": made, "variants": {}}
+    _save(path, res)
+    args = [a_ for a_ in sys.argv[1:]]
+    for v in a.variants:
+        if v == "dali_legacy" and a.device != "cuda":
+            res["variants"][v] = {"variant": v, "status": "skipped: fn.readers.video needs CUDA"}
+            print(f"{v:<14} skipped (needs CUDA)", flush=True)
+            continue
+        cmd = [sys.executable, __file__, *args, "--one", v]
+        t1 = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.time_limit, cwd=REPO)
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            row = json.loads(line[7:]) if line else {"variant": v, "status": f"exit {r.returncode}",
+                                                     "tail": (r.stdout + r.stderr)[-2000:]}
+        except subprocess.TimeoutExpired:
+            row = {"variant": v, "status": f"timeout {a.time_limit}s"}
+        row.setdefault("status", "ok")
+        row["wall_seconds"] = time.perf_counter() - t1
+        res["variants"][v] = row
+        _save(path, res)
+        if "samples_per_s" in row:
+            print(f"{v:<14} {row['samples_per_s']:8.1f} samples/s  {row['cpu_ms_per_sample']:7.1f} CPU-ms/sample  "
+                  f"{row['decoded_frames_per_s']:8.0f} decoded frames/s  in flight "
+                  f"{row.get('dali_max_in_flight', '-')}", flush=True)
+        else:
+            print(f"{v:<14} {row['status']}", flush=True)
+    base = res["variants"].get("pyav", {}).get("samples_per_s")
+    if base:
+        res["vs_pyav"] = {v: r["samples_per_s"] / base for v, r in res["variants"].items() if "samples_per_s" in r}
+        print("samples/s relative to PyAV:", json.dumps({k: round(x, 2) for k, x in res["vs_pyav"].items()}))
+    _save(path, res)
+    _plot(path, res)
     print(f"results in {path}")
 
 

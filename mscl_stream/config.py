@@ -47,8 +47,9 @@ class DataConfig:
     # (DALI's NVDEC path measured ~10x slower with per-sample frame lists). dali / pyav force one path.
     decoder: Literal["auto", "dali", "pyav"] = "auto"
     # how DALI decodes (docs/data.md): decoder = fn.decoders.video on whole files; reader =
-    # fn.experimental.readers.video on per-frame file lists (decoder kept open along a sample's frames)
-    dali_mode: Literal["decoder", "reader"] = "decoder"
+    # fn.experimental.readers.video on per-frame file lists (decoder kept open along a sample's frames);
+    # legacy = fn.readers.video (GPU only), one sequence per window
+    dali_mode: Literal["decoder", "reader", "legacy"] = "decoder"
     # PyAV decode workers. auto: processes on CUDA (decode threads would contend for the GIL with the
     # training thread, which launches thousands of small kernels per step: measured 104 vs 231 clips/s
     # on an H200), threads on CPU. Either way data.num_threads of them.
@@ -71,6 +72,7 @@ class AugmentConfig:
     gray_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    backend: Literal["auto", "torch", "triton"] = "auto"   # auto: fused Triton kernels on CUDA, kornia/torch else
 
 
 @dataclass
@@ -118,6 +120,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
     clip_grad: float = 40.0
+    # SGD kernels (mscl_stream/train/optim.py): auto = fused where torch supports it on the device
+    # (its found_inf lets the non-finite guard skip a step without a host read), else foreach
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
 
 
 @dataclass
@@ -127,7 +132,8 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True          # channels_last_3d on GPU
-    compile: bool = False
+    compile: bool = False               # torch.compile encoders, neck and heads (MSCL.compile_encoders)
+    flow_ahead: bool = False            # next batch's flow on a side CUDA stream (train/flow_ahead.py)
     out_dir: str = "runs/default"
     ckpt_every: int = 500               # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3           # periodic step files kept besides last.pt (0 = keep all)

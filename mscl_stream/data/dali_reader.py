@@ -1,10 +1,19 @@
-"""DaliFrameReader: many samples' frames through ``fn.experimental.readers.video`` file lists.
+"""DaliFrameReader: many samples' frames through DALI's video readers and per-sample file lists.
 
-See :mod:`mscl_stream.data.pipeline` for why: a reader keeps one decoder open across consecutive lines
-of a file and caches frame indexes, so each sample (all its sorted frames, one line per frame) is one
-forward sweep of one decoder, and only wanted frames are converted and resized. Samples are dealt
-round-robin to P readers (each decodes in its own background thread); the pipeline's batch is
-``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead.
+Two readers, both given lists of ``path slot start end`` lines (frame numbers):
+
+* ``fn.experimental.readers.video`` (``op="experimental"``, CPU or GPU), one line per wanted frame
+  (sequence length 1). See :mod:`mscl_stream.data.pipeline` for why: it keeps one decoder open across
+  consecutive lines of a file and caches frame indexes, so each sample (its sorted frames) is one
+  forward sweep of one decoder, and only wanted frames are converted and resized.
+* ``fn.readers.video`` (``op="legacy"``, GPU only), one line per window: a fixed-length sequence at a
+  fixed stride (every wanted frame of an MSCL window lies on the stride-``gcd(frame_stride, flow_gap)``
+  grid from its start). It keeps files open but seeks and flushes NVDEC for every sequence, and cannot
+  express a window that wraps around the video's end (those samples go elsewhere, see
+  :mod:`mscl_stream.data.dali_source`).
+
+Samples are dealt round-robin to P readers (each decodes in its own background thread); the pipeline's
+batch is ``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead.
 
 A line's label is its slot: the reader's position in its list. Readers deliver their lines in list
 order, so a slot that jumps ahead means the reader dropped lines at build time (it drops files it
@@ -31,12 +40,36 @@ from mscl_stream.data.pipeline import (DALI_ERRORS, DaliDecodeError, device_id_o
 
 @dataclass
 class FrameJob:
-    """One sample: ``frames`` sorted unique raw indices of the video at ``path``."""
+    """One sample: ``frames`` sorted unique raw indices of the video at ``path``.
+
+    ``starts`` (legacy reader): the start frame of each sequence line; ``rows[k]`` is the row of
+    wanted frame k in the concatenated sequences. Without ``starts`` every frame is its own line.
+    """
 
     key: Hashable
     path: str
     frames: np.ndarray
-    got: list = field(default_factory=list)      # decoded frames so far, in order
+    starts: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    got: list = field(default_factory=list)      # decoded lines so far, in order
+
+    def lines(self) -> np.ndarray:
+        return self.frames if self.starts is None else self.starts
+
+
+def window_job(key: Hashable, path: str, frames: np.ndarray, windows: Sequence[np.ndarray], length: int,
+               stride: int) -> FrameJob | None:
+    """A legacy-reader job: each window (its sorted raw frames) as one sequence of ``length`` frames at
+    ``stride`` from its first frame; None if some window is not on that grid (e.g. it wraps)."""
+    starts = []
+    for w in windows:
+        off = np.asarray(w, np.int64) - int(w[0])
+        if (off < 0).any() or (off % stride).any() or off.max() > (length - 1) * stride:
+            return None
+        starts.append(int(w[0]))
+    grid = np.concatenate([s + stride * np.arange(length) for s in starts])
+    rows = np.array([int(np.flatnonzero(grid == f)[0]) for f in frames])
+    return FrameJob(key, path, np.asarray(frames), np.asarray(starts), rows)
 
 
 class DaliFrameReader:
@@ -48,13 +81,19 @@ class DaliFrameReader:
         device: CPU ("cpu" readers, FFmpeg: VP8/VP9/MJPEG) or CUDA ("gpu" readers, NVDEC).
         readers: P, parallel readers (at most one per job).
         frames_per_run: lines each reader delivers per pipeline run.
+        op: "experimental" (``fn.experimental.readers.video``, one line per frame) or "legacy"
+            (``fn.readers.video``, GPU only, jobs made by :func:`window_job` with ``seq``).
+        seq: (length, stride) of the legacy reader's sequences.
         depth: runs scheduled ahead.
         num_threads: DALI's CPU thread pool (the readers decode in their own threads).
     """
 
     def __init__(self, jobs: Sequence[FrameJob], frame_size: tuple[int, int], device: torch.device,
                  readers: int = 2, frames_per_run: int = 64, depth: int = 2, num_threads: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, op: str = "experimental", seq: tuple[int, int] = (1, 1)) -> None:
+        if op not in ("experimental", "legacy") or (op == "legacy" and torch.device(device).type != "cuda"):
+            raise ValueError(f"DaliFrameReader: op {op!r} on {device}: legacy needs CUDA")
+        self.op, self.seq = op, (1, 1) if op == "experimental" else tuple(seq)
         self.frame_size, self.device = tuple(frame_size), torch.device(device)
         self.readers, self.frames_per_run = max(1, int(readers)), max(1, int(frames_per_run))
         self.depth, self.num_threads, self.seed = max(1, int(depth)), num_threads, seed
@@ -88,14 +127,14 @@ class DaliFrameReader:
         # slot lists: per reader, (key, frame) in order; samples dealt round-robin
         self._lists = [[] for _ in range(p)]
         for i, k in enumerate(keys):
-            self._lists[i % p] += [(k, int(f)) for f in self.jobs[k].frames]
+            self._lists[i % p] += [(k, int(f)) for f in self.jobs[k].lines()]
         self._next = [0] * p                      # next expected slot per reader
         self._total = max(-(-len(lst) // self.frames_per_run) for lst in self._lists)
-        files = []
+        files, span = [], 1 + (self.seq[0] - 1) * self.seq[1]     # end frame exclusive
         for r, lst in enumerate(self._lists):
             path = os.path.join(self._tmp.name, f"list{self.rebuilds}_{r}.txt")
             with open(path, "w") as f:
-                f.writelines(f"{self.jobs[k].path} {s} {fr} {fr + 1}\n" for s, (k, fr) in enumerate(lst))
+                f.writelines(f"{self.jobs[k].path} {s} {fr} {fr + span}\n" for s, (k, fr) in enumerate(lst))
             files.append(path)
         self.lines += sum(len(lst) for lst in self._lists)
         try:
@@ -120,10 +159,16 @@ class DaliFrameReader:
         def frame_lists():
             outs = []
             for r, path in enumerate(files):
-                video, slot, frame = fn.experimental.readers.video(
-                    device="gpu" if gpu else "cpu", file_list=path, file_list_format="frames",
-                    file_list_include_end=False, sequence_length=1, stride=1, step=1, random_shuffle=False,
-                    pad_mode="none", enable_frame_num=True, name=f"frames{r}")
+                if self.op == "legacy":
+                    video, slot, frame = fn.readers.video(
+                        device="gpu", file_list=path, file_list_frame_num=True, sequence_length=self.seq[0],
+                        stride=self.seq[1], step=1 << 20, random_shuffle=False, enable_frame_num=True,
+                        name=f"windows{r}")
+                else:
+                    video, slot, frame = fn.experimental.readers.video(
+                        device="gpu" if gpu else "cpu", file_list=path, file_list_format="frames",
+                        file_list_include_end=False, sequence_length=1, stride=1, step=1, random_shuffle=False,
+                        pad_mode="none", enable_frame_num=True, name=f"frames{r}")
                 outs += [gpu_resize(video, self.frame_size) if gpu else video, slot, frame]
             return tuple(outs)
 
@@ -150,8 +195,13 @@ class DaliFrameReader:
             self._pull()
         if key in self.failed:
             raise DaliDecodeError(self.failed[key])
-        frames = torch.cat(job.got) if self.device.type == "cuda" else \
-            resize_owned(torch.from_numpy(np.stack(job.got)), self.frame_size)
+        if self.device.type == "cuda":
+            frames = torch.cat(job.got)
+            if job.rows is not None:
+                frames = frames[torch.from_numpy(job.rows).to(frames.device)]
+        else:
+            full = np.concatenate(job.got)
+            frames = resize_owned(torch.from_numpy(full if job.rows is None else full[job.rows]), self.frame_size)
         job.got = []
         return frames
 
@@ -178,7 +228,7 @@ class DaliFrameReader:
                 feed_ndarray(dense, batch, cuda_stream=torch.cuda.current_stream(self.device))
                 rows = [batch[i] for i in range(len(slots))]
             else:
-                rows = [np.asarray(video[i])[0].copy() for i in range(len(slots))]
+                rows = [np.array(video[i]) for i in range(len(slots))]       # (frames, h, w, 3) copies
             slot_ids = np.asarray(slots.as_tensor()).reshape(-1)
             frame_ids = np.asarray(frames.as_tensor()).reshape(-1)
             for row, s, fr in zip(rows, slot_ids.tolist(), frame_ids.tolist()):
@@ -200,7 +250,7 @@ class DaliFrameReader:
             return
         job = self.jobs[key]
         job.got.append(row)
-        if len(job.got) == len(job.frames):
+        if len(job.got) == len(job.lines()):
             self.done.add(key)
 
     def _incomplete(self) -> list:

@@ -8,10 +8,11 @@ the loader asks for positions in increasing order (refills after a skipped sampl
 
 * :class:`DecoderSource` (``data.dali_mode=decoder``): batches of ``batch_size`` consecutive positions
   through :class:`~mscl_stream.data.pipeline.DaliDecoder`, ``ahead`` batches in flight.
-* :class:`ReaderSource` (``data.dali_mode=reader``): chunks of ``chunk`` batches through
+* :class:`ReaderSource` (``data.dali_mode=reader`` / ``legacy``): chunks of ``chunk`` batches through
   :class:`~mscl_stream.data.dali_reader.DaliFrameReader`; the next chunk's lists and pipeline are built
   in a background thread while the current one is consumed, so its readers start decoding before the
-  loader gets there.
+  loader gets there. Samples the reader cannot express (``to_job`` gives None: a window of the legacy
+  reader that wraps around the video's end) go to a ``fallback`` source, in flight at the same time.
 """
 
 from __future__ import annotations
@@ -22,13 +23,31 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mscl_stream.data.dali_reader import DaliFrameReader, FrameJob
+from mscl_stream.data.dali_reader import DaliFrameReader, FrameJob, window_job
 from mscl_stream.data.pipeline import DaliBatch, DaliDecodeError, DaliDecoder
 
 
 def _wanted(work) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique frames, rows of them for each of ``all_frames()``)."""
     return tuple(np.unique(work.all_frames(), return_inverse=True))
+
+
+def frame_job(pos: int, work) -> tuple[FrameJob, np.ndarray]:
+    """One line per wanted frame (``fn.experimental.readers.video``)."""
+    uniq, inv = _wanted(work)
+    return FrameJob(pos, work.record.path, uniq), inv
+
+
+def window_jobs(length: int, stride: int) -> Callable:
+    """``to_job`` for the legacy reader: one sequence line per window (A, B of every candidate), or
+    None where a window is off the grid (it wraps around the end of the video)."""
+    def to_job(pos: int, work):
+        uniq, inv = _wanted(work)
+        windows = [np.unique(np.concatenate([a, p])) for s in work.specs
+                   for a, p in ((s.frames_a, s.partners_a), (s.frames_b, s.partners_b))]
+        job = window_job(pos, work.record.path, uniq, windows, length, stride)
+        return None if job is None else (job, inv)
+    return to_job
 
 
 class DecoderSource:
@@ -104,8 +123,10 @@ class ReaderSource:
     """
 
     def __init__(self, make_reader: Callable[[list[FrameJob]], DaliFrameReader], lookup: Callable, chunk: int,
-                 limit: int) -> None:
+                 limit: int, to_job: Callable = frame_job, fallback: "DecoderSource | None" = None) -> None:
         self.make_reader, self.lookup, self.chunk, self.limit = make_reader, lookup, chunk, limit
+        self.to_job, self.fallback = to_job, fallback
+        self.fallback_samples = 0                 # samples the reader could not express
         self._chunks: list[tuple[int, int, Future, dict]] = []   # (start, end, reader future, rows)
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-lists")
         self.readers: list[DaliFrameReader] = []   # every reader started (for their counters)
@@ -114,10 +135,10 @@ class ReaderSource:
         jobs, rows = [], {}
         for p in range(start, end):
             w = self.lookup(p)
-            if w is not None:
-                uniq, inv = _wanted(w)
-                jobs.append(FrameJob(p, w.record.path, uniq))
-                rows[p] = inv
+            made = self.to_job(p, w) if w is not None else None
+            if made is not None:
+                jobs.append(made[0])
+                rows[p] = made[1]
         fut = self._builder.submit(self.make_reader, jobs) if jobs else None
         self._chunks.append((start, end, fut, rows))
 
@@ -138,6 +159,9 @@ class ReaderSource:
         last = self._chunks[-1][1]
         if pos >= (start + end) // 2 and last < self.limit and last == end:
             self._start(end, min(end + self.chunk, self.limit))
+        if pos not in rows and self.fallback is not None:
+            self.fallback_samples += 1
+            return self.fallback.take(work)
         if pos not in rows or fut is None:
             raise DaliDecodeError("sample not in the DALI reader's lists")
         try:
@@ -158,3 +182,5 @@ class ReaderSource:
             self._close_chunk(c)
         self._chunks = []
         self._builder.shutdown(wait=True)
+        if self.fallback is not None:
+            self.fallback.close()

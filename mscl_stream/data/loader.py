@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import queue
 from contextlib import nullcontext
@@ -45,10 +46,10 @@ from mscl_stream.config import Config, DataConfig
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.dali_reader import DaliFrameReader
-from mscl_stream.data.dali_source import DecoderSource, ReaderSource
+from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder, canonical_codec, dali_available, dali_can_decode
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted
-from mscl_stream.data.sampler import ClipSampler, SampleSpec, flow_steps
+from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps
 from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class ClipLoader:
                        "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0,
                        "pyav_frames_requested": 0, "pyav_frames_wanted": 0, "pyav_frames_decoded": 0,
                        "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
-                       "dali_max_in_flight": 0}
+                       "dali_max_in_flight": 0, "dali_reader_fallbacks": 0}
         self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
         self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
         self._routes_logged: set[str] = set()
@@ -156,8 +157,9 @@ class ClipLoader:
         """Counters: batches, samples (handed out), decode_seconds, skipped (samples), skipped_files
         (list of {"path", "reason"}), dali_samples, pyav_samples (with pyav_frames_requested / _wanted /
         _decoded, pyav_seeks and pyav_cpu_seconds: what they cost to decode, docs/data.md), dali_rebuilds,
-        dali_runs (DALI pipeline runs scheduled) and dali_max_in_flight (most runs scheduled and not yet
-        collected at once: the pipelining actually reached)."""
+        dali_runs (DALI pipeline runs scheduled), dali_max_in_flight (most runs scheduled and not yet
+        collected at once: the pipelining actually reached) and dali_reader_fallbacks (samples the
+        legacy reader cannot express, decoded by fn.decoders.video instead)."""
         with self._lock:
             return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
 
@@ -417,16 +419,28 @@ class ClipLoader:
             ok = w.record.path not in self._bad and self._route(w.record) == "dali"
             return w if ok else None
 
-        if self.data.dali_mode == "reader":
-            def make(jobs) -> DaliFrameReader:
-                return DaliFrameReader(jobs, tuple(self.data.frame_size), self.device,
-                                       readers=self.data.num_threads, frames_per_run=_READER_FRAMES_PER_RUN,
-                                       depth=depth, num_threads=1, seed=self.data.seed)
-            return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit)
         if self._dali is None:
             self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
                                      seed=self.data.seed, executor=self._workers(), depth=depth)
-        return DecoderSource(self._dali, lookup, bsz, limit)
+        if self.data.dali_mode == "decoder":
+            return DecoderSource(self._dali, lookup, bsz, limit)
+        legacy = self.data.dali_mode == "legacy"
+        # legacy: a window is one sequence on the grid of gcd(frame_stride, flow_gap) from its start
+        g = math.gcd(self.data.frame_stride, self.data.flow_gap)
+        seq = ((clip_span(self.data) - 1) // g + 1, g) if legacy else (1, 1)
+
+        def make(jobs) -> DaliFrameReader:
+            return DaliFrameReader(jobs, tuple(self.data.frame_size), self.device,
+                                   readers=self.data.num_threads, frames_per_run=max(1, _READER_FRAMES_PER_RUN // seq[0]),
+                                   depth=depth, num_threads=1, seed=self.data.seed,
+                                   op="legacy" if legacy else "experimental", seq=seq)
+        if not legacy:
+            return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit)
+        to_job = window_jobs(*seq)
+        rest = DecoderSource(self._dali, lambda p: (w if (w := lookup(p)) is not None and to_job(p, w) is None
+                                                    else None), bsz, limit)
+        return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit, to_job=to_job,
+                            fallback=rest)
 
     def _dali_counters(self, closing: bool = False) -> None:
         """Fold the DALI engines' run counters into the stats (readers live for one iteration)."""
@@ -438,6 +452,8 @@ class ClipLoader:
             st["dali_runs"] = self._reader_runs + sum(e.runs for e in engines)
             if closing:
                 self._reader_runs += sum(e.runs for e in readers)
+                if isinstance(self._src, ReaderSource):
+                    st["dali_reader_fallbacks"] += self._src.fallback_samples
 
     def _dali_batch(self, works: list[_Work], out: dict) -> None:
         """Collect ``works`` from this iteration's DALI look-ahead; a sample whose run failed is decoded
@@ -538,6 +554,14 @@ def build_loader(cfg: Config, records: list[VideoRecord], *, rank: int = 0, worl
         UserError: no records, or ``data.decoder=dali`` with a codec DALI cannot decode on ``device``.
     """
     device = torch.device(device)
+    if cfg.data.dali_mode == "legacy" and cfg.data.decoder != "pyav" and device.type != "cuda":
+        raise UserError("data.dali_mode=legacy: fn.readers.video decodes on the GPU only; use data.dali_mode=reader "
+                        "or decoder on CPU")
+    if cfg.data.dali_mode != "decoder" and cfg.data.decoder != "pyav":
+        spaced = [r.path for r in records if any(c.isspace() for c in r.path)]
+        if spaced:
+            raise UserError(f"data.dali_mode={cfg.data.dali_mode}: {len(spaced)} paths contain whitespace (e.g. "
+                            f"{spaced[0]!r}), which DALI's file lists cannot hold; use data.dali_mode=decoder")
     sampler = ClipSampler(records, cfg.data, rank=rank, world_size=world_size, seed=cfg.data.seed)
     if cfg.data.decoder == "dali":
         bad = [r for r in records if not dali_can_decode(r.codec, device)]

@@ -13,6 +13,7 @@ import torch
 from mscl_stream.data.dali_reader import DaliFrameReader, FrameJob
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.sampler import ClipSampler
+from mscl_stream.errors import UserError
 
 from test_loader import CPU, check_batch_frames, config, dataset, record, reference, small  # noqa: F401 (fixture)
 
@@ -109,3 +110,53 @@ def test_reader_reports_dropped_files_and_keeps_the_rest(vp9_video, tmp_path):
         assert reader.max_in_flight == 2 and reader.lines == 11
     finally:
         reader.close()
+
+
+def test_window_job_maps_wanted_frames_into_its_sequences():
+    """A legacy-reader job: each window is one sequence on its stride grid; rows point every wanted
+    frame at its place in the concatenated sequences; a wrapped or off-grid window is not expressible."""
+    from mscl_stream.data.dali_reader import window_job
+    a = np.array([10, 18, 34])                    # on the stride-8 grid from 10, within 4 frames
+    b = np.array([3, 11, 27])
+    frames = np.unique(np.concatenate([a, b]))
+    job = window_job(0, "v.mp4", frames, [a, b], length=4, stride=8)
+    grid = np.concatenate([10 + 8 * np.arange(4), 3 + 8 * np.arange(4)])
+    assert job.starts.tolist() == [10, 3] and (grid[job.rows] == frames).all()
+    assert window_job(0, "v.mp4", frames, [a, np.array([3, 12])], length=4, stride=8) is None   # off grid
+    assert window_job(0, "v.mp4", frames, [np.array([2, 10, 50]), b], length=4, stride=8) is None  # too long
+
+
+def test_legacy_reader_needs_cuda_and_lists_need_plain_paths(dataset, tmp_path):
+    recs, _ = dataset
+    with pytest.raises(UserError, match="GPU only"):
+        build_loader(small(decoder="dali", dali_mode="legacy"), recs, device=CPU)
+    spaced = tmp_path / "with space.webm"
+    shutil.copy(recs[0].path, spaced)
+    with pytest.raises(UserError, match="whitespace"):
+        build_loader(small(decoder="dali", dali_mode="reader"), [record(spaced, 40, 48, 64, "vp9")] * 2, device=CPU)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NVDEC)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["decoder", "reader", "legacy"])
+@pytest.mark.parametrize("wrap", [True, False])
+def test_nvdec_modes_frames_equal_reference(h264_video, mode, wrap):
+    """Every DALI engine on NVDEC (H.264): frames equal the PyAV reference (< 3/255); the legacy reader
+    hands wrapped windows to fn.decoders.video and counts them."""
+    ref = reference(h264_video)
+    n, h, w = ref.shape[:3]
+    cfg = small(decoder="dali", dali_mode=mode, frame_size=(h, w), wrap=wrap, batch_size=4, prefetch=2)
+    recs = [record(h264_video, n, h, w, "h264")] * 16
+    loader = build_loader(cfg, recs, device=torch.device("cuda"))
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 4
+    for b in batches:
+        assert b.rgb_a.is_cuda
+        check_batch_frames(b.to("cpu"), {i: ref for i in range(16)})
+    st = loader.stats
+    assert st["dali_samples"] == 16 and st["skipped"] == 0 and st["dali_max_in_flight"] >= 2
+    if mode == "legacy" and not wrap:
+        assert st["dali_reader_fallbacks"] == 0
