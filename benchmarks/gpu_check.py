@@ -3,12 +3,13 @@
     python benchmarks/gpu_check.py --part torch OUT   # torch alone: GPU/driver/NVDEC facts, the CUDA tests
                                                       # that need no DALI/Kornia/PyAV, TV-L1 fused vs eager,
                                                       # RAFT variants (80 s on an H100)
-    python benchmarks/gpu_check.py --part dali OUT    # with DALI + Kornia + PyAV: end-to-end bench with both
-                                                      # baselines, the remaining CUDA tests, NVDEC vs PyAV
-                                                      # decode (H.264/HEVC/VP9), the train step bf16 vs fp32
-                                                      # (~5 min on an H100: tests 36 s, bench ~70 s,
-                                                      # nvdec_access 49 s, decode ~40 s per codec,
-                                                      # train steps 16 s each)
+    python benchmarks/gpu_check.py --part dali OUT    # with DALI + PyAV (+ Kornia from the tests on): the
+                                                      # DALI decode variants against 16 PyAV processes on
+                                                      # the k400 profile first (no Kornia needed), then the
+                                                      # remaining CUDA tests, the end-to-end bench (DALI
+                                                      # run with the fastest variant), NVDEC vs PyAV decode
+                                                      # per codec, the train step bf16 vs fp32
+    python benchmarks/gpu_check.py --part dali --only dali_variants_k400 OUT   # the decode variants alone
 
 The parts follow the GPU host's staging (../shared/tools/gpu-stage): torch is there from the start,
 DALI/Kornia/PyAV only after the last of three transfers. Each measurement runs as its own subprocess
@@ -113,7 +114,8 @@ TORCH_TESTS = ["tests/flow/test_opencv.py::test_output_on_input_device",
                "tests/kernels/test_tvl1_kernel.py::test_compiled_kernels_match_reference_on_gpu",
                "tests/models/test_mscl.py::test_cuda_full_size_bf16_channels_last",
                "tests/test_losses.py::test_losses_on_cuda_match_cpu"]
-DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_manifest.py::test_probe_counts_equal_dali_gpu_decode",
+DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_dali_modes.py",
+              "tests/data/test_manifest.py::test_probe_counts_equal_dali_gpu_decode",
               "tests/flow/test_registry.py::test_dali_of_translation_or_clear_error",
               "tests/kernels/test_flow_encode.py", "tests/test_augment.py::test_cuda_matches_cpu"]
 
@@ -129,17 +131,41 @@ def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
             "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90)}
 
 
+# benchmarks/nvdec_access.py on the issue's shape: k400 profile (H.264, x264 medium, GOP 250), batch 64,
+# 16 videos x 32 samples = 8 batches per variant (2 left out as warm-up), every variant in a subprocess
+K400_DATA = Path("/tmp/mscl-nvdec-access")
+VARIANT_ARGS = ["--device", "cuda", "--profile", "k400", "--codec", "h264", "--videos", "16", "--clips-per-video",
+                "32", "--batch", "64", "--warmup", "2", "--depth", "3", "--pyav-workers", "16", "--time-limit", "90",
+                "--data", str(K400_DATA)]
+DALI_MODES = {"dali_decoder": "decoder", "dali_reader": "reader", "dali_legacy": "legacy"}
+
+
+def fastest_dali_mode(results: Path) -> str:
+    """The data.dali_mode of the fastest DALI variant in the newest k400 nvdec_access JSON ("reader"
+    when there is none yet)."""
+    files = sorted(results.glob("nvdec_access_cuda_k400_h264_2*.json"))
+    if not files:
+        return "reader"
+    rows = json.loads(files[-1].read_text())["variants"]
+    ok = {v: r["samples_per_s"] for v, r in rows.items() if v in DALI_MODES and "samples_per_s" in r}
+    return DALI_MODES[max(ok, key=ok.get)] if ok else "reader"
+
+
 def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
-    """Needs DALI + Kornia + PyAV (last staging call): the CUDA tests (NVDEC vs PyAV pixel agreement,
-    dali_of direction, kernels, augmentation), the end-to-end bench on H.264 sample data with both
-    baselines, NVDEC access patterns, NVDEC vs PyAV decode per codec, the
-    train step bf16 vs fp32."""
-    runs = {"tests_cuda_dali": (_pytest(DALI_TESTS), 90),
-            # NVDEC end to end (~15 clips/s, ~60 s of a lease) was measured on an H200: `bench` alone runs it
-            "bench_e2e": ([PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml", "--steps", "20",
-                           "--baselines", "--codec", "h264", "--skip", "end_to_end_nvdec", "--out", str(results),
-                           "data.num_threads=16"], 240),
-            "nvdec_access": ([PY, "benchmarks/nvdec_access.py", "--out", str(results)], 60)}
+    """Needs DALI + PyAV (+ Kornia from the tests on; last staging call): the DALI decode variants on the
+    k400 profile against 16 PyAV processes, the CUDA tests (NVDEC vs PyAV pixel agreement for every
+    DALI mode, dali_of direction, kernels, augmentation), the end-to-end bench on the same k400 videos
+    with both baselines and DALI (its fastest variant), the legacy reader without wrapped windows,
+    NVDEC vs PyAV decode per codec, the train step bf16 vs fp32."""
+    manifest = K400_DATA / "k400_h264_16" / "manifest.jsonl"
+    runs = {"dali_variants_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--out", str(results)], 560),
+            "tests_cuda_dali": (_pytest(DALI_TESTS), 150),
+            # built when it starts: the DALI run uses the variant that was fastest above
+            "bench_e2e": (lambda: [PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml", "--steps", "20",
+                                   "--baselines", "--out", str(results), f"data.manifest={manifest}", "data.split=",
+                                   "data.num_threads=16", f"data.dali_mode={fastest_dali_mode(results)}"], 420),
+            "dali_nowrap_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--no-wrap", "--variants",
+                                  "dali_legacy", "dali_reader", "--out", str(results)], 240)}
     for codec in ("h264", "hevc", "vp9"):
         runs[f"decode_{codec}"] = ([PY, "benchmarks/decode.py", "--device", "cuda", "--codec", codec, "--workers",
                                     "0", "--clips", "128", "--batch", "32", "--reps", "1", "--sweep", "",
@@ -163,6 +189,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["torch", "dali"], required=True)
     ap.add_argument("--skip", nargs="*", default=[], metavar="NAME",
                     help="measurements to leave out (e.g. tvl1_speed flow_speed where this card was measured)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="NAME", help="run only these measurements")
     ap.add_argument("out", type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -172,13 +199,13 @@ def main() -> None:
                "runs": {}}
     print("[gpu_check] environment:", json.dumps(summary["environment"]), flush=True)
     plan = (part_torch if a.part == "torch" else part_dali)(results)
-    unknown = set(a.skip) - set(plan)
+    unknown = (set(a.skip) | set(a.only or ())) - set(plan)
     if unknown:
         raise SystemExit(f"gpu_check: unknown measurement(s) {sorted(unknown)}; this part has {sorted(plan)}")
     _save(a.out, summary)
     for name, (cmd, timeout) in plan.items():
-        if name not in a.skip:
-            summary["runs"][name] = _run(name, cmd, a.out, timeout)
+        if name not in a.skip and (a.only is None or name in a.only):
+            summary["runs"][name] = _run(name, cmd() if callable(cmd) else cmd, a.out, timeout)
             _save(a.out, summary)
     print(f"\n{'measurement':<28}{'status':<16}{'seconds':>8}")
     for name, run in summary["runs"].items():
@@ -187,6 +214,10 @@ def main() -> None:
             r = run["result"]
             extra = f"  {r.get('clips_per_s', 0):.1f} clips/s" + (f", MFU {r['mfu']:.3f}" if r.get("mfu") else "")
         print(f"{name:<28}{run['status']:<16}{run['seconds']:>8.1f}{extra}")
+        if name.startswith("dali_") and "_k400" in name:     # nvdec_access's own table, one row per variant
+            for line in run["tail"].splitlines():
+                if line.startswith(("dali_", "pyav", "samples/s relative", "results in")):
+                    print(f"    {line}")
 
 
 if __name__ == "__main__":

@@ -58,17 +58,30 @@ def _cpu_seconds(loader=None) -> float:
     return total
 
 
+def _make_part(out: str, videos: int, codec: str, profile: str, seed: int) -> None:
+    from mscl_stream.data.sample import make_sample_dataset
+    make_sample_dataset(out, videos=videos, codec=codec, profile=profile, seed=seed)
+
+
 def _data(a) -> Path:
-    """The profile's videos and manifest (made once, reused from --data)."""
+    """The profile's videos and manifest (made once, reused from --data). Videos are made in parts of
+    four (one per class, each part its own seed) by parallel processes: x264 ``medium`` at Kinetics
+    size costs seconds per video."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from mscl_stream.config import load_config
     from mscl_stream.data.manifest import build_manifest
-    from mscl_stream.data.sample import make_sample_dataset
 
     root = a.data / f"{a.profile}_{a.codec}_{a.videos}"
     manifest = root / "manifest.jsonl"
     if not manifest.exists():
         if not (root / "videos").exists():
-            make_sample_dataset(root / "videos", videos=a.videos, codec=a.codec, profile=a.profile)
+            parts = max(1, a.videos // 4)
+            with ProcessPoolExecutor(min(parts, os.cpu_count() or 1)) as pool:
+                futs = [pool.submit(_make_part, str(root / "videos" / f"part{k}"), a.videos // parts
+                                    + (k < a.videos % parts), a.codec, a.profile, k) for k in range(parts)]
+                for f in futs:
+                    f.result()
         build_manifest(root / "videos", manifest, data=load_config(None, []).data, workers=os.cpu_count() or 1)
     return manifest
 
