@@ -1,9 +1,14 @@
 """On-device RGB augmentation of one clip window, with one parameter set per clip.
 
-Every random choice is drawn on the CPU (from an optional ``torch.Generator``) by :func:`sample_params`,
-then :func:`apply_params` runs the pixel work on whatever device the frames are on. The split keeps runs
-reproducible, keeps the device free of host syncs (which clips get which op is known on the host), and
-lets the flow side reuse exactly the same crop box and flip of a view.
+Every random choice is drawn on the CPU (one ``torch.rand`` call on an optional ``torch.Generator``,
+then numpy) by :func:`sample_params`; :func:`upload_views` sends all parameters of a step to the device
+as ONE float32 table (pinned, ``non_blocking`` on CUDA); :func:`apply_uploaded` runs the pixel work on
+whatever device the frames are on, reading nothing back. The split keeps runs reproducible, keeps the
+host from waiting on the device, and lets the flow side reuse exactly the same crop box and flip of a view.
+
+Two implementations (``augment.backend``): "torch" (kornia's colour ops and blur on the subsets of clips
+that draw each op; the reference, and the CPU path) and "triton" (``mscl_stream.kernels.augment_rgb``:
+a few fused kernels over the whole batch with per-clip parameters; the CUDA default).
 
 Order of operations per clip (MoCo v2 order, torchvision semantics):
     random resized crop (box shared by all T frames) + horizontal flip -> /255 -> colour jitter
@@ -23,10 +28,12 @@ Crop geometry (shared with the flow side through :func:`crop_resize`):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +47,8 @@ _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop before its centre-crop
 
 @dataclass
 class AugmentParams:
-    """The random choices of one batch of views (CPU tensors; B = batch).
+    """The random choices of one batch of views (CPU tensors, or numpy arrays from ``params_from_uniforms(...,
+    as_numpy=True)``; B = batch).
 
     Attributes:
         boxes: (B, 4) float32 relative crop boxes (x0, y0, x1, y1), pixel-edge convention (module doc).
@@ -86,8 +94,55 @@ def blur_kernel_size(cfg: AugmentConfig) -> int:
     return max(1, min(k, 2 * ((cfg.out_size - 1) // 2) + 1))  # reflect padding needs k // 2 < S
 
 
-def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator | None) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
+# Uniform draws per clip of one view: 10 crop attempts x (area, aspect), crop position (2), flip, jitter,
+# 4 factors, 4 order keys, gray, blur, sigma. One torch.rand call per batch draws them all (few host ops,
+# reproducible from the generator); the parameters are then computed in numpy.
+_U_CROP = 2 * _CROP_ATTEMPTS + 2
+N_UNIFORMS = _U_CROP + 13
+
+# Columns of a view's parameter table (B, VIEW_COLS) float32, the form the device (and the fused kernels)
+# receive: box x0 y0 x1 y1, flip, jitter, factors (brightness, contrast, saturation, hue fraction), op order
+# (4 op ids), gray, blur, sigma.
+COL_BOX, COL_FLIP, COL_JITTER, COL_FACTORS, COL_ORDER, COL_GRAY, COL_BLUR, COL_SIGMA = 0, 4, 5, 6, 10, 14, 15, 16
+VIEW_COLS = 17
+
+
+def crop_boxes_from_uniforms(u: np.ndarray, height: int, width: int, area: tuple[float, float],
+                             ratio: tuple[float, float]) -> np.ndarray:
+    """Random resized crop boxes from uniforms u (B, 22) in [0, 1): see :func:`sample_crop_boxes`."""
+    n = _CROP_ATTEMPTS
+    scale = (area[0] + (area[1] - area[0]) * u[:, :n]) * (height * width)
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[:, n:2 * n])
+    w = np.round(np.sqrt(scale * aspect))
+    h = np.round(np.sqrt(scale / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.argmax(axis=1)[:, None]                       # first fitting attempt per row
+    w = np.take_along_axis(w, first, 1)[:, 0]
+    h = np.take_along_axis(h, first, 1)[:, 0]
+    i = np.minimum(np.floor(u[:, 2 * n] * (height - h + 1)), height - h)
+    j = np.minimum(np.floor(u[:, 2 * n + 1] * (width - w + 1)), width - w)
+
+    # Fallback for rows where nothing fitted: centred crop, aspect clamped into the range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = int(round(height * ratio[1])), height
+    else:
+        fw, fh = width, height
+    miss = ~ok.any(axis=1)
+    w = np.where(miss, float(fw), w)
+    h = np.where(miss, float(fh), h)
+    i = np.where(miss, float((height - fh) // 2), i)
+    j = np.where(miss, float((width - fw) // 2), j)
+    return np.stack([j / width, i / height, (j + w) / width, (i + h) / height], axis=1).astype(np.float32)
+
+
+def _draw(shape: tuple[int, int], generator: torch.Generator | None) -> np.ndarray:
+    if generator is not None and generator.device.type != "cpu":
+        raise UserError(f"augment: the generator must live on the CPU, got one on {generator.device}")
+    return torch.rand(shape, generator=generator, dtype=torch.float64).numpy()
 
 
 def sample_crop_boxes(batch_size: int, height: int, width: int, area: tuple[float, float],
@@ -106,40 +161,36 @@ def sample_crop_boxes(batch_size: int, height: int, width: int, area: tuple[floa
         generator: CPU generator (None: torch's default generator).
 
     Returns:
-        (B, 4) float32 relative boxes (x0, y0, x1, y1) with edges on pixel boundaries.
+        (B, 4) float32 relative boxes (x0, y0, x1, y1) with edges on pixel boundaries (CPU).
     """
-    b, n = batch_size, _CROP_ATTEMPTS
-    scale = _uniform((b, n), area[0], area[1], generator) * (height * width)
-    aspect = torch.exp(_uniform((b, n), math.log(ratio[0]), math.log(ratio[1]), generator))
-    w = torch.round(torch.sqrt(scale * aspect))
-    h = torch.round(torch.sqrt(scale / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)        # first fitting attempt per row
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-    u = torch.rand((b, 2), generator=generator, dtype=torch.float64)
-    i = torch.minimum(torch.floor(u[:, 0] * (height - h + 1)), height - h)
-    j = torch.minimum(torch.floor(u[:, 1] * (width - w + 1)), width - w)
+    u = _draw((batch_size, _U_CROP), generator)
+    return torch.from_numpy(crop_boxes_from_uniforms(u, height, width, area, ratio))
 
-    # Fallback for rows where nothing fitted: centred crop, aspect clamped into the range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
-    else:
-        fw, fh = width, height
-    miss = ~ok.any(dim=1)
-    w = torch.where(miss, float(fw), w)
-    h = torch.where(miss, float(fh), h)
-    i = torch.where(miss, float((height - fh) // 2), i)
-    j = torch.where(miss, float((width - fw) // 2), j)
-    return torch.stack([j / width, i / height, (j + w) / width, (i + h) / height], dim=1).float()
+
+def params_from_uniforms(u: np.ndarray, height: int, width: int, cfg: AugmentConfig,
+                         as_numpy: bool = False) -> AugmentParams:
+    """A view's parameters from uniforms u (B, N_UNIFORMS) in [0, 1), computed on the host (numpy).
+
+    With ``as_numpy`` the fields are numpy arrays (what the step uploads; no torch ops), else CPU tensors.
+    """
+    b = u.shape[0]
+    boxes = crop_boxes_from_uniforms(u[:, :_U_CROP], height, width, cfg.crop_area, cfg.crop_ratio)
+    v = u[:, _U_CROP:]
+    br, co, sa, hu = cfg.jitter
+    lo = np.array([max(0.0, 1.0 - br), max(0.0, 1.0 - co), max(0.0, 1.0 - sa), -hu])
+    hi = np.array([1.0 + br, 1.0 + co, 1.0 + sa, hu])
+    factors = (lo + (hi - lo) * v[:, 2:6]).astype(np.float32)
+    order = np.argsort(v[:, 6:10], axis=1, kind="stable")      # a uniform random permutation per row
+    sigma = (cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * v[:, 12]).astype(np.float32)
+    t = (lambda a: a) if as_numpy else torch.from_numpy
+    return AugmentParams(boxes=t(boxes), flips=t(v[:, 0] < cfg.flip_p), jitter=t(v[:, 1] < cfg.jitter_p),
+                         factors=t(factors), order=t(order.astype(np.int64)), gray=t(v[:, 10] < cfg.gray_p),
+                         blur=t(v[:, 11] < cfg.blur_p), sigma=t(sigma.reshape(b)))
 
 
 def sample_params(batch_size: int, height: int, width: int, cfg: AugmentConfig,
                   generator: torch.Generator | None = None) -> AugmentParams:
-    """Draw every random choice of a batch of views on the CPU.
+    """Draw every random choice of a batch of views on the CPU (one ``torch.rand`` call).
 
     Args:
         batch_size: B.
@@ -150,22 +201,52 @@ def sample_params(batch_size: int, height: int, width: int, cfg: AugmentConfig,
     Returns:
         AugmentParams with CPU tensors.
     """
-    if generator is not None and generator.device.type != "cpu":
-        raise UserError(f"augment: the generator must live on the CPU, got one on {generator.device}")
-    g, b = generator, batch_size
-    boxes = sample_crop_boxes(b, height, width, cfg.crop_area, cfg.crop_ratio, g)
-    flips = torch.rand(b, generator=g) < cfg.flip_p
-    jitter = torch.rand(b, generator=g) < cfg.jitter_p
-    br, co, sa, hu = cfg.jitter
-    factors = torch.stack([_uniform((b,), max(0.0, 1.0 - br), 1.0 + br, g),
-                           _uniform((b,), max(0.0, 1.0 - co), 1.0 + co, g),
-                           _uniform((b,), max(0.0, 1.0 - sa), 1.0 + sa, g),
-                           _uniform((b,), -hu, hu, g)], dim=1).float()
-    order = torch.argsort(torch.rand((b, 4), generator=g), dim=1)  # a uniform random permutation per row
-    gray = torch.rand(b, generator=g) < cfg.gray_p
-    blur = torch.rand(b, generator=g) < cfg.blur_p
-    sigma = _uniform((b,), cfg.blur_sigma[0], cfg.blur_sigma[1], g).float()
-    return AugmentParams(boxes, flips, jitter, factors, order, gray, blur, sigma)
+    return params_from_uniforms(_draw((batch_size, N_UNIFORMS), generator), height, width, cfg)
+
+
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
+def param_table(p: AugmentParams) -> np.ndarray:
+    """(B, VIEW_COLS) float32 host table of one view's parameters (column layout: COL_* above)."""
+    cols = [_np(p.boxes), _np(p.flips)[:, None], _np(p.jitter)[:, None], _np(p.factors),
+            _np(p.order), _np(p.gray)[:, None], _np(p.blur)[:, None], _np(p.sigma)[:, None]]
+    return np.concatenate([c.astype(np.float32) for c in cols], axis=1)
+
+
+def subset_rows(p: AugmentParams) -> tuple[np.ndarray, dict]:
+    """Rows of each op subset of one view, for the subset (kornia/torch) path.
+
+    Returns:
+        rows: (L,) int64, the concatenated row lists; spans: {key: (start, end)} into rows, keys
+        ("jitter", slot, op) for slot, op in 0..3, "gray" and "blur".
+    """
+    jit, order = _np(p.jitter), _np(p.order)
+    lists, spans, at = [], {}, 0
+    keys = [("jitter", s, o) for s in range(4) for o in range(4)] + ["gray", "blur"]
+    for key in keys:
+        mask = jit & (order[:, key[1]] == key[2]) if isinstance(key, tuple) else _np(getattr(p, key))
+        rows = np.flatnonzero(mask)
+        lists.append(rows)
+        spans[key] = (at, at + rows.size)
+        at += rows.size
+    return np.concatenate(lists).astype(np.int64), spans
+
+
+def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host array to the device as ONE copy: pinned host memory and ``non_blocking`` on CUDA (no sync).
+
+    The pinned block is returned to PyTorch's caching host allocator only after the copy has run, so it
+    is never overwritten in flight.
+    """
+    host = np.ascontiguousarray(host, dtype=np.float32)
+    if device.type == "cuda":
+        src = torch.empty(host.shape, dtype=torch.float32, pin_memory=True)
+        src.numpy()[...] = host
+    else:
+        src = torch.from_numpy(host)
+    return torch.empty(host.shape, dtype=torch.float32, device=device).copy_(src, non_blocking=True)
 
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int],
@@ -233,53 +314,170 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_on(x: torch.Tensor, rows: torch.Tensor, fn, *per_clip: torch.Tensor) -> None:
-    """x[rows] = fn(frames of those clips, per-frame params), in place; rows is a CPU index (n,)."""
-    if rows.numel() == 0:
+    """x[rows] = fn(frames of those clips, per-frame params), in place.
+
+    rows: (n,) long on x's device (a slice of the uploaded index list: no host-device copy); per_clip:
+    (B,) tensors on x's device, gathered and repeated over the T frames on the device.
+    """
+    n = rows.numel()
+    if n == 0:
         return
-    b, t = x.shape[:2]
-    idx = rows.to(x.device)
-    sub = x.index_select(0, idx).flatten(0, 1)                               # (n*T, 3, S, S)
-    args = [p.index_select(0, rows).repeat_interleave(t, dim=0).to(x.device) for p in per_clip]
-    x.index_copy_(0, idx, fn(sub, *args).view(rows.numel(), t, *x.shape[2:]))
+    t = x.shape[1]
+    sub = x.index_select(0, rows).flatten(0, 1)                               # (n*T, 3, S, S)
+    args = [p.index_select(0, rows).view(n, 1).expand(n, t).reshape(n * t) for p in per_clip]
+    x.index_copy_(0, rows, fn(sub, *args).view(n, t, *x.shape[2:]))
 
 
-def apply_params(rgb: torch.Tensor, params: AugmentParams, cfg: AugmentConfig) -> AugmentedView:
-    """Apply drawn augmentation parameters to one window of clips on rgb's device.
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # built once per device and dtype: a torch.tensor(..., device=cuda) per call is a blocking copy
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 1, 3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 1, 3, 1, 1).to(device)
+    return mean, std
+
+
+def augment_backend(backend: str, device: torch.device) -> str:
+    """Resolve ``augment.backend``: auto = the fused Triton kernels on CUDA (when Triton imports), else torch.
+
+    "triton" on CPU tensors needs TRITON_INTERPRET=1 (tests, the op-count proxy).
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise UserError(f"augment.backend must be auto, torch or triton, got {backend!r}")
+    if backend != "auto":
+        return backend
+    from mscl_stream.kernels.augment_rgb import triton_available   # lazy: kernels import this module
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+@dataclass
+class UploadedView:
+    """One view's parameters on the device (see :func:`upload_views`).
+
+    table: (B, VIEW_COLS) float32 device view of the uploaded parameter table; rows / host_rows / spans:
+    the subset row lists (device long, and the host copy they came from) and their (start, end) spans
+    (torch path only, else None); sigma: (B,) host float32 blur sigmas (kornia checks them on the host).
+    """
+
+    table: torch.Tensor
+    rows: torch.Tensor | None
+    host_rows: np.ndarray | None
+    spans: dict | None
+    sigma: np.ndarray
+
+
+def upload_views(params: list[AugmentParams], extra: np.ndarray | None, device: torch.device,
+                 subsets: bool) -> tuple[list[UploadedView], torch.Tensor | None]:
+    """Every view's parameters (and ``extra`` (B,) per-clip values, e.g. FRA angles) in ONE upload.
+
+    Layout of the uploaded float32 buffer: the (B, V * VIEW_COLS [+ 1]) table, then with ``subsets``
+    the row lists of every view (exact as float32 below 2**24).
+
+    Returns:
+        one UploadedView per view, and ``extra`` as a (B,) device view (None without it).
+    """
+    b = params[0].boxes.shape[0]
+    cols = [param_table(p) for p in params] + ([extra.reshape(b, 1).astype(np.float32)] if extra is not None else [])
+    table = np.concatenate(cols, axis=1)
+    parts, row_info = [table.ravel()], []
+    if subsets:
+        at = table.size
+        for p in params:
+            rows, spans = subset_rows(p)
+            parts.append(rows.astype(np.float32))
+            row_info.append((at, at + rows.size, rows, spans))
+            at += rows.size
+    buf = upload(np.concatenate(parts), device)
+    dev_table = buf[:table.size].view(b, table.shape[1])
+    views = []
+    for v, p in enumerate(params):
+        rows = host_rows = spans = None
+        if subsets:
+            lo, hi, host_rows, spans = row_info[v]
+            rows = buf[lo:hi].long()
+        views.append(UploadedView(dev_table[:, v * VIEW_COLS:(v + 1) * VIEW_COLS], rows, host_rows, spans,
+                                  _np(p.sigma)))
+    return views, (dev_table[:, -1] if extra is not None else None)
+
+
+def apply_uploaded(rgb: torch.Tensor, view: UploadedView, cfg: AugmentConfig, backend: str = "torch",
+                   out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> AugmentedView:
+    """Augment one window with parameters already on the device; no host-device copy, no host read.
+
+    Args:
+        rgb: (B, T, 3, H, W) uint8 frames of one window.
+        view: from :func:`upload_views` (with subsets for the torch backend).
+        cfg: augmentation config (out_size and blur range are read here).
+        backend: "torch" (kornia per op subset; the reference and the CPU path) or "triton" (fused kernels
+            over the whole batch with per-clip parameters).
+        out_dtype, channels_last: the frames' dtype and memory format (the fused path writes them
+            directly; the torch path converts at the end).
+
+    Returns:
+        AugmentedView with frames (B, 3, T, S, S) normalised, boxes (B, 4) and flips (B,) on the device.
+    """
+    if rgb.ndim != 5 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
+        raise UserError(f"augment: expected (B, T, 3, H, W) uint8 frames, got {rgb.dtype} {tuple(rgb.shape)}")
+    b, t, _, h, w = rgb.shape
+    if view.table.shape[0] != b:
+        raise UserError(f"augment: parameters for {view.table.shape[0]} clips, frames for {b}")
+    tab = view.table
+    boxes, flips = tab[:, COL_BOX:COL_BOX + 4], tab[:, COL_FLIP] > 0.5
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if backend == "triton":
+        from mscl_stream.kernels.augment_rgb import augment_rgb
+        frames = augment_rgb(rgb, tab, cfg.out_size, blur_kernel_size(cfg), out_dtype, fmt)
+        return AugmentedView(frames, boxes, flips)
+    if backend != "torch":
+        raise UserError(f"augment: backend must be 'torch' or 'triton', got {backend!r}")
+    s, dev = cfg.out_size, rgb.device
+
+    # Crop + flip while still 0..255 (a convex resampling), on T*3 channels so frames share the box.
+    x = crop_resize(rgb.reshape(b, t * 3, h, w).float(), boxes, s, flips)
+    x = x.view(b, t, 3, s, s).mul_(1.0 / 255.0)
+
+    # Colour jitter in each clip's own op order; the subsets are known on the host, their rows were uploaded.
+    span = view.spans
+
+    def rows(key) -> torch.Tensor:
+        lo, hi = span[key]
+        return view.rows[lo:hi]
+
+    for slot in range(4):
+        for op in range(4):
+            _apply_on(x, rows(("jitter", slot, op)), lambda v, f, op=op: _jitter_op(op, v, f),
+                      tab[:, COL_FACTORS + op])
+    _apply_on(x, rows("gray"), lambda v: _gray(v).expand(-1, 3, -1, -1))
+    k = blur_kernel_size(cfg)
+    # kornia's gaussian_blur2d with kernels built from the device sigmas: its (sigma > 0) check would read
+    # a device sigma back (sigma > 0 holds by construction: augment.blur_sigma is validated)
+    _apply_on(x, rows("blur"), lambda v, sg: kornia.filters.filter2d_separable(
+        v, *(kornia.filters.get_gaussian_kernel1d(k, sg.view(-1, 1)),) * 2, "reflect"), tab[:, COL_SIGMA])
+
+    mean, std = _mean_std(dev, x.dtype)
+    frames = ((x - mean) / std).permute(0, 2, 1, 3, 4)                        # (B, 3, T, S, S)
+    return AugmentedView(frames.to(out_dtype).contiguous(memory_format=fmt), boxes, flips)
+
+
+def apply_params(rgb: torch.Tensor, params: AugmentParams, cfg: AugmentConfig,
+                 backend: str = "auto") -> AugmentedView:
+    """Apply drawn augmentation parameters to one window of clips on rgb's device (one upload).
 
     Args:
         rgb: (B, T, 3, H, W) uint8 frames of one window.
         params: from :func:`sample_params` (CPU tensors) for batch B.
         cfg: augmentation config (out_size and blur range are read here).
+        backend: "auto" (fused kernels on CUDA), "torch" or "triton".
 
     Returns:
-        AugmentedView with frames (B, 3, T, S, S) float32 normalised, boxes (B, 4), flips (B,).
+        AugmentedView with frames (B, 3, T, S, S) float32 normalised (contiguous), boxes (B, 4), flips (B,).
     """
     if rgb.ndim != 5 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
         raise UserError(f"augment: expected (B, T, 3, H, W) uint8 frames, got {rgb.dtype} {tuple(rgb.shape)}")
-    b, t, _, h, w = rgb.shape
-    if params.boxes.shape[0] != b:
-        raise UserError(f"augment: parameters for {params.boxes.shape[0]} clips, frames for {b}")
-    s, dev = cfg.out_size, rgb.device
-
-    # Crop + flip while still 0..255 (a convex resampling), on T*3 channels so frames share the box.
-    x = crop_resize(rgb.reshape(b, t * 3, h, w).float(), params.boxes, s, params.flips)
-    x = x.view(b, t, 3, s, s).mul_(1.0 / 255.0)
-
-    # Colour jitter in each clip's own op order; clip subsets are known on the host (no device sync).
-    for slot in range(4):
-        for op in range(4):
-            rows = torch.nonzero(params.jitter & (params.order[:, slot] == op)).flatten()
-            _apply_on(x, rows, lambda v, f, op=op: _jitter_op(op, v, f), params.factors[:, op])
-    _apply_on(x, torch.nonzero(params.gray).flatten(), lambda v: _gray(v).expand(-1, 3, -1, -1))
-    k = blur_kernel_size(cfg)
-    _apply_on(x, torch.nonzero(params.blur).flatten(),
-              lambda v, sg: kornia.filters.gaussian_blur2d(v, (k, k), torch.stack([sg, sg], 1), "reflect"),
-              params.sigma)
-
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 1, 3, 1, 1)
-    frames = ((x - mean) / std).permute(0, 2, 1, 3, 4).contiguous()          # (B, 3, T, S, S)
-    return AugmentedView(frames, params.boxes.to(dev), params.flips.to(dev))
+    if params.boxes.shape[0] != rgb.shape[0]:
+        raise UserError(f"augment: parameters for {params.boxes.shape[0]} clips, frames for {rgb.shape[0]}")
+    backend = augment_backend(backend, rgb.device)
+    (view,), _ = upload_views([params], None, rgb.device, subsets=backend == "torch")
+    return apply_uploaded(rgb, view, cfg, backend)
 
 
 def augment_view(rgb: torch.Tensor, cfg: AugmentConfig,
@@ -288,7 +486,7 @@ def augment_view(rgb: torch.Tensor, cfg: AugmentConfig,
 
     Args:
         rgb: (B, T, 3, H, W) uint8 frames of one window (any device).
-        cfg: augmentation config.
+        cfg: augmentation config (``cfg.backend`` picks the implementation).
         generator: CPU ``torch.Generator`` for reproducible draws (None: torch's default generator).
 
     Returns:
@@ -300,4 +498,4 @@ def augment_view(rgb: torch.Tensor, cfg: AugmentConfig,
     if rgb.ndim != 5:
         raise UserError(f"augment: expected (B, T, 3, H, W) uint8 frames, got {rgb.dtype} {tuple(rgb.shape)}")
     params = sample_params(rgb.shape[0], rgb.shape[3], rgb.shape[4], cfg, generator)
-    return apply_params(rgb, params, cfg)
+    return apply_params(rgb, params, cfg, cfg.backend)

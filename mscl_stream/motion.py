@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -141,6 +142,12 @@ def fra_angles(batch_size: int, generator: torch.Generator | None = None,
     c = torch.randint(0, FRA_BINS, (batch_size,), generator=generator, device=gen_dev)
     b = (0.2 + 0.2 * c.to(torch.float64)) * math.pi
     return b.to(device=device or gen_dev, dtype=torch.float32)
+
+
+def fra_angles_from_uniforms(u: np.ndarray) -> np.ndarray:
+    """FRA angles from uniforms u (B,) in [0, 1): c = floor(8 u), b = (0.2 + 0.2 c) pi. Returns (B,) float32."""
+    c = np.minimum(np.floor(u * FRA_BINS), FRA_BINS - 1)
+    return ((0.2 + 0.2 * c) * math.pi).astype(np.float32)
 
 
 def flow_views(flow: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,

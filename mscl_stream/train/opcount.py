@@ -8,7 +8,8 @@ the host, or copy from pageable host memory, stalls the host until the GPU catch
 they flow through the ops, so the same run on CPU tells what would be a sync on CUDA:
 
 * host tensors: made while counting by ``torch.tensor`` / ``torch.from_numpy`` (``lift_fresh``), by a
-  factory op that draws from a ``generator`` (host RNG), or by an op whose tensor inputs are all host;
+  factory op that draws from a ``generator`` (host RNG) or pins memory, or by an op whose tensor inputs
+  are all host;
 * device tensors: everything else (the step's inputs, the model, cached constants, ``empty(device=)``).
 
 Counted per call:
@@ -18,8 +19,9 @@ Counted per call:
   ``masked_select``, ``unique``, ``equal``, tensor-valued ``repeat_interleave``) or Python-side reads
   (``.tolist()``, ``.numpy()``, ``.cpu()``) of a device tensor;
 * ``blocking_copies``: an op that mixes a device tensor with a host tensor of dim > 0 (on CUDA an
-  implicit copy or an error: a sync either way), or a ``copy_`` from host to device without
-  ``non_blocking=True``;
+  implicit copy or an error: a sync either way), a ``copy_`` from host to device without
+  ``non_blocking=True``, or ``host.to(device)`` without it (on CPU a no-op, on CUDA a copy; its result
+  counts as a device tensor from then on);
 * ``async_uploads``: ``copy_(device, host, non_blocking=True)`` (the one allowed upload: on CUDA from
   pinned memory, no sync);
 * ``triton_launches``: Triton kernel launches (under ``TRITON_INTERPRET=1`` the interpreter's own
@@ -118,7 +120,7 @@ class OpCounter(TorchDispatchMode):
                 c.blocking_copies += 1
                 c.copy_ops[name] += 1
         if name == "lift_fresh" or (tensors and all(host)) or \
-                (not tensors and kwargs.get("generator") is not None):
+                (not tensors and (kwargs.get("generator") is not None or kwargs.get("pin_memory"))):
             if name != "copy_":      # copy_ returns its (device) destination
                 self._mark_host(out)
         return out
@@ -139,6 +141,24 @@ class OpCounter(TorchDispatchMode):
                 return _orig(t, *a, **k)
             self._patches.append((torch.Tensor, meth, orig))
             setattr(torch.Tensor, meth, wrapped)
+        orig_to = torch.Tensor.to
+
+        def to(t, *a, _orig=orig_to, **k):
+            # an explicit move to a device: on CUDA a host-to-device copy even where the CPU makes it a no-op
+            dev, _, non_blocking, _ = torch._C._nn._parse_to(*a, **k)
+            host = counter.is_host(t)
+            out = _orig(t, *a, **k)
+            if dev is not None and host and not counter._paused:
+                if counter.current is not None:
+                    if non_blocking:
+                        counter.current.async_uploads += 1
+                    else:
+                        counter.current.blocking_copies += 1
+                        counter.current.copy_ops["to(device)"] += 1
+                counter._host.pop(id(out), None)
+            return out
+        self._patches.append((torch.Tensor, "to", orig_to))
+        torch.Tensor.to = to
         try:
             from triton.runtime.interpreter import GridExecutor
         except ImportError:

@@ -15,11 +15,11 @@ from contextlib import nullcontext
 
 import torch
 
-from mscl_stream.augment import augment_view
+from mscl_stream.augment import N_UNIFORMS, apply_uploaded, augment_backend, params_from_uniforms, upload_views
 from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.models.mscl import MSCLInputs
-from mscl_stream.motion import flow_views, fra_angles, window_motion_scores
+from mscl_stream.motion import flow_views, fra_angles_from_uniforms, window_motion_scores
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -94,13 +94,32 @@ def make_inputs(batch: ClipBatch, flow_a: torch.Tensor, flow_b: torch.Tensor, cf
     """Augment both RGB views and turn each window's flow into base and FRA-rotated colour images.
 
     The crop box and flip of a view are shared exactly by its RGB frames and its flow; one FRA angle
-    per sample is shared by both windows (MSCL_METHOD.md section 3).
+    per sample is shared by both windows (MSCL_METHOD.md section 3). All random choices come from one
+    ``torch.rand`` draw on the host ``generator`` and reach the device as one upload; nothing is read
+    back. ``augment.backend`` picks kornia/torch or the fused Triton kernels (the CUDA default), which
+    write the model's dtype (the autocast dtype) and memory format (channels_last_3d on CUDA) directly.
     """
-    view_q = augment_view(batch.rgb_a, cfg.augment, generator=generator)
-    view_k = augment_view(batch.rgb_b, cfg.augment, generator=generator)
-    angles = fra_angles(batch.batch_size, generator=generator).to(batch.device)
-    size, compat = cfg.augment.out_size, cfg.model.compat
-    flow_q, rot_q = flow_views(flow_a, view_q.boxes, view_q.flips, angles, out_size=size, compat=compat)
-    flow_k, rot_k = flow_views(flow_b, view_k.boxes, view_k.flips, angles, out_size=size, compat=compat)
-    return MSCLInputs(rgb_q=view_q.frames, rgb_k=view_k.frames, flow_q=flow_q, flow_k=flow_k,
-                      rot_q=rot_q, rot_k=rot_k)
+    dev, acfg = batch.device, cfg.augment
+    backend = augment_backend(acfg.backend, dev)
+    b, h, w = batch.batch_size, batch.rgb_a.shape[3], batch.rgb_a.shape[4]
+    u = torch.rand((b, 2 * N_UNIFORMS + 1), generator=generator, dtype=torch.float64).numpy()
+    pq = params_from_uniforms(u[:, :N_UNIFORMS], h, w, acfg, as_numpy=True)
+    pk = params_from_uniforms(u[:, N_UNIFORMS:2 * N_UNIFORMS], h, w, acfg, as_numpy=True)
+    angles = fra_angles_from_uniforms(u[:, -1])
+    (uq, uk), ang = upload_views([pq, pk], angles, dev, subsets=backend == "torch")
+    size, compat = acfg.out_size, cfg.model.compat
+    if backend == "triton":
+        dtype = amp_dtype(cfg, dev) or torch.float32
+        fmt = torch.channels_last_3d if (cfg.train.channels_last and dev.type == "cuda") else torch.contiguous_format
+        from mscl_stream.kernels.flow_views import flow_views_fused
+        rgb_q = apply_uploaded(batch.rgb_a, uq, acfg, "triton", dtype, fmt == torch.channels_last_3d).frames
+        rgb_k = apply_uploaded(batch.rgb_b, uk, acfg, "triton", dtype, fmt == torch.channels_last_3d).frames
+        flow_q, rot_q = flow_views_fused(flow_a, uq.table, ang, size, compat, dtype, fmt)
+        flow_k, rot_k = flow_views_fused(flow_b, uk.table, ang, size, compat, dtype, fmt)
+    else:
+        view_q = apply_uploaded(batch.rgb_a, uq, acfg, "torch")
+        view_k = apply_uploaded(batch.rgb_b, uk, acfg, "torch")
+        rgb_q, rgb_k = view_q.frames, view_k.frames
+        flow_q, rot_q = flow_views(flow_a, view_q.boxes, view_q.flips, ang, out_size=size, compat=compat)
+        flow_k, rot_k = flow_views(flow_b, view_k.boxes, view_k.flips, ang, out_size=size, compat=compat)
+    return MSCLInputs(rgb_q=rgb_q, rgb_k=rgb_k, flow_q=flow_q, flow_k=flow_k, rot_q=rot_q, rot_k=rot_k)
