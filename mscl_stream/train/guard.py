@@ -9,9 +9,9 @@ on the device from one 0-dim bool tensor ``ok``:
   SGD/Adam: ``_step_supports_amp_scaling``); any other optimizer gets a blocking ``ok.item()`` before
   its step (correct, slower: the one host read this module otherwise avoids);
 * momentum update and enqueue take ``ok`` (``MSCL.momentum_update`` / ``MSCL.enqueue``);
-* BatchNorm running statistics (which the forward pass already changed) are restored from a copy taken
-  before the forward: they live as views of one flat tensor, so the copy and the restore are one kernel
-  each.
+* BatchNorm running statistics and counters (which the forward pass already changed) are restored from
+  a copy taken before the forward: they live as views of two flat tensors (float, int64), so the copy
+  and the restore are a couple of kernels.
 
 The host learns about bad steps one step late: ``ok`` is copied into pinned memory without blocking,
 and read after the next step has been launched (:meth:`StepGuard.publish`), to count streaks.
@@ -22,29 +22,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_BN_STATS = ("running_mean", "running_var")
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _flatten_bn_stats(model: nn.Module) -> torch.Tensor | None:
-    """Re-point every floating BatchNorm running statistic of ``model`` to a view of one flat tensor.
+def _flatten_bn_stats(model: nn.Module) -> list[torch.Tensor]:
+    """Re-point the BatchNorm running statistics of ``model`` to views of a few flat tensors.
 
-    In-place updates (BatchNorm forward, ``load_state_dict``) keep writing into the flat tensor; call
-    after the model reached its device. Returns the flat tensor (None if there are no statistics).
+    One flat tensor per (dtype, device): the float statistics and the int64 step counters. In-place
+    updates (BatchNorm forward, ``load_state_dict``) keep writing into them; call after the model
+    reached its device. Returns the flat tensors.
     """
-    slots = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
-             if name in _BN_STATS and buf is not None and buf.is_floating_point()]
-    if not slots:
-        return None
-    dtypes = {buf.dtype for _, _, buf in slots} | {buf.device for _, _, buf in slots}
-    if len(dtypes) != 2:      # mixed dtypes or devices: keep them as they are (no flat copy)
-        return None
-    flat = torch.cat([buf.detach().reshape(-1) for _, _, buf in slots])
-    at = 0
-    for mod, name, buf in slots:
-        n = buf.numel()
-        mod._buffers[name] = flat[at:at + n].view_as(buf)
-        at += n
-    return flat
+    groups: dict[tuple, list] = {}
+    for mod in model.modules():
+        for name, buf in mod._buffers.items():
+            if name in _BN_STATS and buf is not None:
+                groups.setdefault((buf.dtype, buf.device), []).append((mod, name, buf))
+    flats = []
+    for slots in groups.values():
+        flat = torch.cat([buf.detach().reshape(-1) for _, _, buf in slots])
+        at = 0
+        for mod, name, buf in slots:
+            n = buf.numel()
+            mod._buffers[name] = flat[at:at + n].view_as(buf)
+            at += n
+        flats.append(flat)
+    return flats
 
 
 def supports_found_inf(opt: torch.optim.Optimizer) -> bool:
@@ -87,8 +89,8 @@ class StepGuard:
                  world_size: int = 1) -> None:
         self.device = torch.device(device)
         self.world_size = world_size
-        self._flat = _flatten_bn_stats(model)
-        self._shadow = torch.empty_like(self._flat) if self._flat is not None else None
+        self._flats = _flatten_bn_stats(model)
+        self._shadows = [torch.empty_like(f) for f in self._flats]
         pin = self.device.type == "cuda"
         self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
         self._pin = pin
@@ -96,8 +98,8 @@ class StepGuard:
             _init_momentum_buffers(opt)
 
     def before_forward(self) -> None:
-        if self._flat is not None:
-            self._shadow.copy_(self._flat)
+        for flat, shadow in zip(self._flats, self._shadows):
+            shadow.copy_(flat)
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
         """0-dim bool device tensor: loss and gradient norm finite (on every rank)."""
@@ -122,8 +124,8 @@ class StepGuard:
             opt.step()
 
     def after_step(self, ok: torch.Tensor) -> None:
-        if self._flat is not None:
-            self._flat.copy_(torch.where(ok, self._flat, self._shadow))
+        for flat, shadow in zip(self._flats, self._shadows):
+            flat.copy_(torch.where(ok, flat, shadow))
 
     def publish(self, ok: torch.Tensor, step: int) -> list[tuple[int, bool]]:
         """Queue this step's flag for the host; return ``(step, ok)`` of earlier steps now known.

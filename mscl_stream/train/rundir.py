@@ -219,7 +219,7 @@ def open_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -
                         "choose a folder on a disk")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise UserError(f"train.out_dir: {out}: a parent is a file, not a folder") from None
     except OSError as e:
         raise UserError(f"train.out_dir: {out}: cannot create it ({_why(e)})") from None

@@ -1,13 +1,8 @@
-"""The pretraining loop end to end on CPU: finite losses, kill -9 + resume equality, 2-process DDP."""
+"""The pretraining loop end to end on CPU: finite losses, checkpoints, NaN stop, 2-process DDP."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -43,47 +38,11 @@ def test_a_few_steps_have_finite_losses_and_checkpoint(manifest, tmp_path):
     assert state["step"] == 3 and (tmp_path / "checkpoints" / "step_00000002.pt").is_file()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "step" in r and not r.get("final")] == [1, 2, 3]
-    assert all("time/flow" in r or r["step"] != 1 for r in lines if "step" in r and not r.get("final"))
+    timing = res["stage_timing"]      # steps 0-1 are the timer's warm-up: step 2 is measured
+    assert timing["steps"] == 1 and timing["stage_median_s"]["flow"] > 0 and timing["step_median_s"] > 0
 
 
-def _run_cli(cfg_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mscl_stream.cli", "pretrain", "--config", str(cfg_path), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-@pytest.mark.slow
-def test_kill_and_resume_reaches_the_same_state(manifest, tmp_path):
-    steps = "train.max_steps=6"
-    # Uninterrupted reference run (in a subprocess too: identical thread settings).
-    ref_dir = tmp_path / "ref"
-    ref_cfg = _cfg(manifest, ref_dir, steps, "train.ckpt_every=0")
-    dump_config(ref_cfg, tmp_path / "ref.yaml")
-    assert _run_cli(tmp_path / "ref.yaml").wait(timeout=300) == 0
-
-    run_dir = tmp_path / "run"
-    cfg = _cfg(manifest, run_dir, steps, "train.ckpt_every=2")
-    dump_config(cfg, tmp_path / "run.yaml")
-    proc = _run_cli(tmp_path / "run.yaml")
-    ckpts = run_dir / "checkpoints"
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step_*.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint(sorted(ckpts.glob("step_*.pt"))[-1])["step"]
-    assert killed_at < 6
-    resumed = _run_cli(tmp_path / "run.yaml", "--resume", "auto")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resumed from" in out
-
-    a = load_checkpoint(ref_dir / "checkpoints" / "last.pt")
-    b = load_checkpoint(ckpts / "last.pt")
-    assert a["step"] == b["step"] == 6
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+# kill -9 / SIGTERM and resume to the full uninterrupted state: tests/train/test_reliability.py
 
 
 def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(manifest, tmp_path):
