@@ -26,6 +26,7 @@ per sample, and the batch holds ``batch_size * K`` rows, a sample's candidates a
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -47,7 +48,8 @@ from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.dali_reader import DaliFrameReader
 from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
-from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder, canonical_codec, dali_available, dali_can_decode
+from mscl_stream.data.pipeline import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
+                                       dali_available, dali_can_decode)
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps
 from mscl_stream.errors import UserError
@@ -59,6 +61,35 @@ _END = object()
 _READER_FRAMES_PER_RUN = 64
 _READER_CHUNK_BATCHES = 16
 _LIVE: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
+
+
+def _one_torch_thread() -> None:
+    """Loader threads resize and gather with torch on one OpenMP thread each: their own OpenMP teams
+    beside DALI's threads and the training thread spun on idle cores (~3x the CPU time per sample,
+    measured on 2 cores). ``torch.set_num_threads`` would also change the process-wide default (new
+    threads, the training thread if it had run no parallel op yet), so the OpenMP runtime's own
+    per-thread setting is used, after torch's lazy per-thread initialisation has run."""
+    torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), size=(2, 2), mode="bilinear", antialias=True)
+    omp = _openmp()
+    if omp is not None:
+        omp.omp_set_num_threads(1)
+
+
+def _openmp():
+    """The OpenMP runtime torch loaded (libgomp / libiomp5), or None where it cannot be found."""
+    global _OMP
+    if _OMP is None:
+        _OMP = False
+        try:
+            with open("/proc/self/maps") as f:
+                path = next((ln.split()[-1] for ln in f if "libgomp" in ln or "libiomp" in ln), None)
+            _OMP = ctypes.CDLL(path) if path else False
+        except OSError:
+            pass
+    return _OMP or None
+
+
+_OMP = None
 
 
 def _close_live_loaders() -> None:
@@ -123,6 +154,10 @@ class ClipLoader:
         self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
+        # data.decoder=auto on a GPU: the DALI engine measured faster than PyAV there, if any
+        self._auto_gpu_mode = auto_dali_mode_on_gpu(torch.cuda.get_device_name(self.device)) \
+            if data.decoder == "auto" and self.device.type == "cuda" else None
+        self._dali_mode = self._auto_gpu_mode or data.dali_mode
         _LIVE.add(self)
         if data.decoder == "dali" and not dali_available():
             raise UserError("data.decoder=dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
@@ -233,6 +268,7 @@ class ClipLoader:
             return False
 
         self._ahead = {}
+        _one_torch_thread()
         try:
             self._src = self._dali_source(cursor)
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -286,15 +322,15 @@ class ClipLoader:
         codec = canonical_codec(rec.codec)
         if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._dali_bad:
             return "pyav"
-        if self.data.decoder == "auto" and self.device.type == "cuda":
-            # Measured on an H200 host (16 cores, H.264 at ~144x192, 24 frames per clip; benchmarks/README.md):
-            # DALI's NVDEC decoder fed per-sample frame lists gives ~20 clips/s, an order of magnitude
-            # below 16 PyAV worker processes, so `auto` decodes on the CPU and uploads from pinned
-            # memory. data.decoder=dali still forces NVDEC.
+        if self.data.decoder == "auto" and self.device.type == "cuda" and self._auto_gpu_mode is None:
+            # The rule (docs/data.md, "Choosing the decoder"): PyAV in worker processes unless this GPU
+            # has a measured DALI variant faster than PyAV (pipeline.AUTO_DALI_ON_GPU); the old
+            # synchronous NVDEC path measured ~10x slower. data.decoder=dali still forces NVDEC.
             if "auto-cuda" not in self._routes_logged:
                 self._routes_logged.add("auto-cuda")
-                log.info("data.decoder=auto on CUDA: PyAV decodes (%d workers), frames go to the GPU; "
-                         "data.decoder=dali selects DALI's NVDEC decoder", self.data.num_threads)
+                log.info("data.decoder=auto on CUDA: PyAV decodes (%d workers), frames go to the GPU; no DALI "
+                         "variant is measured faster on this GPU (docs/data.md); data.decoder=dali selects NVDEC",
+                         self.data.num_threads)
             return "pyav"
         if dali_can_decode(codec, self.device):
             if codec not in self._routes_logged:
@@ -349,7 +385,8 @@ class ClipLoader:
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode")
+            self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode",
+                                            initializer=_one_torch_thread)
         return self._pool
 
     def _pyav_pool(self) -> Executor:
@@ -422,9 +459,9 @@ class ClipLoader:
         if self._dali is None:
             self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
                                      seed=self.data.seed, executor=self._workers(), depth=depth)
-        if self.data.dali_mode == "decoder":
+        if self._dali_mode == "decoder":
             return DecoderSource(self._dali, lookup, bsz, limit)
-        legacy = self.data.dali_mode == "legacy"
+        legacy = self._dali_mode == "legacy"
         # legacy: a window is one sequence on the grid of gcd(frame_stride, flow_gap) from its start
         g = math.gcd(self.data.frame_stride, self.data.flow_gap)
         seq = ((clip_span(self.data) - 1) // g + 1, g) if legacy else (1, 1)

@@ -79,6 +79,20 @@ def dali_available() -> bool:
     return True
 
 
+# data.decoder=auto on a GPU: DALI only on a GPU where benchmarks/nvdec_access.py (k400 profile, batch 64)
+# measured a DALI variant at least AUTO_DALI_MIN_SPEEDUP times the samples/s of PyAV in one worker
+# process per CPU core, with that variant's data.dali_mode. GPU name prefix -> mode; docs/data.md
+# ("Choosing the decoder") holds the measurements behind each entry. No entry yet: the pipelined
+# engines have not been measured on a GPU, and the synchronous path lost to PyAV by ~10x there.
+AUTO_DALI_ON_GPU: dict[str, str] = {}
+AUTO_DALI_MIN_SPEEDUP = 1.2
+
+
+def auto_dali_mode_on_gpu(gpu_name: str) -> str | None:
+    """The ``data.dali_mode`` that ``data.decoder=auto`` uses on this GPU, or None for PyAV."""
+    return next((m for prefix, m in AUTO_DALI_ON_GPU.items() if gpu_name.startswith(prefix)), None)
+
+
 def error_line(e: BaseException) -> str:
     """The last non-empty line of a DALI error (its cause; the rest is a C++ stack)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

@@ -160,3 +160,11 @@ def test_nvdec_modes_frames_equal_reference(h264_video, mode, wrap):
     assert st["dali_samples"] == 16 and st["skipped"] == 0 and st["dali_max_in_flight"] >= 2
     if mode == "legacy" and not wrap:
         assert st["dali_reader_fallbacks"] == 0
+
+
+def test_auto_rule_picks_dali_only_on_a_gpu_with_a_measured_entry(monkeypatch):
+    from mscl_stream.data import pipeline
+    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
+    monkeypatch.setattr(pipeline, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
+    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
+    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H200") is None
