@@ -200,6 +200,22 @@ class MSCL(nn.Module):
         """False when some loss weight is 0, so DDP needs ``find_unused_parameters=True``."""
         return all(w > 0 for w in self.weights.values())
 
+    def compile_encoders(self, **compile_kwargs) -> list[str]:
+        """``torch.compile`` the encoders, the neck and the projection heads in place (query and momentum
+        copies; ``nn.Module.compile``: parameter names and checkpoints do not change).
+
+        What stays eager, on purpose: the loss terms, the queue snapshots and ring writes, the
+        momentum update and the shuffled-BN gathers. The compiled graphs see parameters, buffers and
+        inputs only, so an in-place EMA of the key encoders' parameters, BatchNorm statistics and the
+        queues changing every step cause no recompiles (tests/train/test_step_options.py counts them).
+        Returns the compiled modules' names.
+        """
+        names = ["rgb_encoder", "rgb_neck", "flow_encoder", "rgb_head", "flow_head",
+                 "rgb_encoder_k", "flow_encoder_k", "rgb_head_k", "flow_head_k"]
+        for name in names:
+            getattr(self, name).compile(**compile_kwargs)
+        return names
+
     @torch.no_grad()
     def momentum_update(self, m: float, ok: torch.Tensor | None = None) -> None:
         """EMA of the key encoders and projections: p_k <- m * p_k + (1 - m) * p_q (parameters only;

@@ -1,7 +1,9 @@
 """`mscl-stream bench`: end-to-end training throughput, stream efficiency, stages and baselines.
 
 (a) end-to-end pretraining steps through the streaming loader; (b) the same step fed from one
-device-resident batch (no decode): stream efficiency = (a) / (b); (c) per-stage times of (a);
+device-resident batch (no decode): stream efficiency = (a) / (b); (c) per-stage times of (a)
+(``StageTimer``: CUDA events on a GPU, warm-up steps left out, shares of the measured step time with
+the part outside every stage as "gap");
 (d) with --baselines, the same flow + model fed by a PyAV + torch DataLoader (N workers), and the
 authors' pipeline: flow precomputed to disk once and read back (its footprint and one-off cost
 reported); (a') on a GPU, (a) again through DALI's NVDEC decoder (``data.decoder=dali``) for the
@@ -77,11 +79,19 @@ def _run(cfg: Config, loader=None) -> dict:
     from mscl_stream.train.trainer import pretrain
     res = pretrain(cfg, loader=loader)
     rate = steady_rate(res, cfg.data.batch_size)
-    stages = res.get("stage_seconds", {})
-    total = sum(stages.values()) or 1.0
+    stages = res.get("stage_seconds", {})          # per-stage totals over the timer's post-warm-up steps
+    timing = res.get("stage_timing") or {}
+    step_total = timing.get("step_total_s") or sum(stages.values()) or 1.0
+    share = {k: v / step_total for k, v in stages.items()}
+    share["gap"] = max(0.0, 1.0 - sum(share.values()))   # step time outside every stage
+    if timing:
+        med = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in timing["stage_median_s"].items())
+        print(f"  stage medians (ms, {timing['method']}, {timing['steps']} steps after {timing['warmup_steps']} "
+              f"warm-up): {med}; sum {1e3 * timing['stage_sum_median_s']:.1f} vs step "
+              f"{1e3 * timing['step_median_s']:.1f}, gap {1e3 * timing['gap_median_s']:.1f} ms", flush=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return {"clips_per_s": rate, "steps_per_s": rate / cfg.data.batch_size,
-            "stage_share": {k: v / total for k, v in stages.items()}, "stage_seconds": stages,
+            "stage_share": share, "stage_seconds": stages, "stage_timing": timing,
             "loss": res.get("loss/loss"), "loader": res.get("loader", {}),
             "flops_per_clip": res.get("flops_per_clip"), "gpu_mem_gb": res.get("gpu_mem_gb"),
             "mfu": mfu(res.get("flops_per_clip"), rate / world, res.get("peak_flops"))}
@@ -271,7 +281,7 @@ def _plot(result: dict, path: Path) -> None:
         vals = np.array([runs[n]["stage_share"].get(s, 0.0) for n in names])
         ax2.barh(names, vals, left=left, label=s)
         left += vals
-    ax2.set_xlabel("share of step time (sampled, synchronised)")
+    ax2.set_xlabel("share of measured step time (after warm-up; gap = outside every stage)")
     ax2.legend(fontsize=7)
     fig.suptitle(f"mscl-stream bench on {result['machine']['gpu'] or result['machine']['cpu']}")
     fig.tight_layout()

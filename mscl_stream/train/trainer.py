@@ -249,7 +249,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                     f"{out / 'checkpoints' / 'diverged.pt'} (lower optim.lr or use train.amp=fp32)")
 
     metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl)
-    timer = StageTimer(device)
+    timer = StageTimer(device, warmup_steps=2)   # steps 0-1: captures, autotuning, the FLOP count
     peak = peak_flops(device)
     flops_per_clip = None
     if dist.is_main:
@@ -274,7 +274,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         mid_epoch, epoch_done = False, False
         it = iter(loader)
         while step < total:
-            timer.enabled = step % cfg.log.every == 0  # synchronising timers only on logged steps
+            timer.begin_step()   # CUDA events, no device sync: every step is timed
             t_wait = time.perf_counter()
             with timer("data_wait"):
                 batch = next(it, None)
@@ -369,7 +369,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         loader.close()
     result = {"steps": step, "epochs": epoch, "clips_per_s": clips_done / max(elapsed, 1e-9),
               "skipped_steps": bad_total, "loader": getattr(loader, "stats", {}),
-              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), **{f"loss/{k}": v for k, v in last_terms.items()},
+              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), "stage_timing": timer.report(), **{f"loss/{k}": v for k, v in last_terms.items()},
               # model FLOPs of one clip's forward + backward and the device's bf16 peak: callers that
               # measure a steady-state rate (bench) turn them into MFU; None where unknown (CPU)
               "flops_per_clip": flops_per_clip, "peak_flops": peak,

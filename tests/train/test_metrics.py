@@ -38,22 +38,43 @@ def test_non_main_rank_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_stage_timer_accumulates_and_disables():
-    timer = M.StageTimer("cpu")
-    for _ in range(2):
-        with timer("flow"):
-            time.sleep(0.03)
-    with timer("optimizer"):
-        time.sleep(0.01)
-    s = timer.summary()
-    assert 0.03 <= s["time/flow"] < 0.03 + 0.05        # mean per call, sleeps are lower bounds
-    assert 0.01 <= s["time/optimizer"] < 0.01 + 0.05
-    assert timer.totals()["flow"] >= 0.06 and timer.counts() == {"flow": 2, "optimizer": 1}
-    timer.enabled = False
+def test_stage_timer_per_step_medians_warmup_and_gap():
+    timer = M.StageTimer("cpu", warmup_steps=1)
+    timer.begin_step()
     with timer("flow"):
-        time.sleep(0.02)
-    assert timer.counts()["flow"] == 2 and timer.summary() == {}   # window reset, nothing measured
+        time.sleep(0.2)                   # warm-up step: left out of everything
+    for _ in range(3):
+        timer.begin_step()
+        for _ in range(2):                # a stage twice in a step counts once, summed
+            with timer("flow"):
+                time.sleep(0.015)
+        time.sleep(0.02)                  # outside any stage: the gap
+        with timer("optimizer"):
+            time.sleep(0.01)
+    timer.begin_step()
+    s = timer.summary()                   # the three closed steps after warm-up
+    assert 0.03 <= s["time/flow"] < 0.03 + 0.1           # sleeps are lower bounds (a loaded machine adds)
+    assert 0.01 <= s["time/optimizer"] < 0.01 + 0.1
+    assert 0.06 <= s["time/step"] < 0.06 + 0.2
+    assert 0.02 <= s["time/stage_gap"] < 0.02 + 0.1
+    assert timer.counts() == {"flow": 3, "optimizer": 3}
+    assert timer.summary() == {}          # window reset
+    rep = timer.report()
+    assert rep["steps"] == 3 and rep["warmup_steps"] == 1 and rep["method"] == "perf_counter"
+    assert abs(rep["stage_sum_median_s"] + rep["gap_median_s"] - rep["step_median_s"]) < 0.01
+    assert 0.1 < rep["gap_share"] < 0.5
+    assert timer.totals()["flow"] < 0.2   # the warm-up step's 0.2 s is not in the totals
+
+
+def test_stage_timer_disabled_and_exceptions():
+    timer = M.StageTimer("cpu")
+    timer.enabled = False
+    timer.begin_step()
+    with timer("flow"):
+        time.sleep(0.01)
+    assert timer.totals() == {}
     timer.enabled = True
+    timer.begin_step()
     with pytest.raises(RuntimeError):
         with timer("forward_backward"):   # an exception still records the stage's time
             raise RuntimeError("x")
