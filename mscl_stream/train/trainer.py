@@ -32,7 +32,9 @@ from mscl_stream.train.distributed import all_gather_objects, cleanup, init_dist
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
 from mscl_stream.flow import estimator_from_config
-from mscl_stream.train.step import amp_dtype, autocast, compute_flow, make_inputs
+from mscl_stream.train.flow_ahead import FlowFeed
+from mscl_stream.train.optim import build_optimizer
+from mscl_stream.train.step import amp_dtype, autocast, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
     if own_loader:
         loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
     estimator = estimator_from_config(cfg.flow, device)
+    feed = FlowFeed(estimator, loader, device, ahead=cfg.train.flow_ahead)   # batches with their flow
     model = MSCL(cfg).to(device)
     use_cl = cfg.train.channels_last and device.type == "cuda"
     if use_cl:
@@ -175,12 +178,12 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=unused)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    if cfg.train.compile:     # encoders, neck, heads; losses, queues, EMA stay eager (MSCL.compile_encoders)
+        core.compile_encoders()
     params = [p for p in core.parameters() if p.requires_grad]
     global_batch = cfg.data.batch_size * dist.world_size
     base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
-    opt = torch.optim.SGD(params, lr=base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg, params, base_lr)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     aug_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + dist.rank)
@@ -218,7 +221,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
 
     def checkpoint(tag: str) -> Path | None:
         # Every rank contributes its loader position and RNG states (one list entry per rank); rank 0 writes.
-        per_rank = all_gather_objects({"loader": loader.state_dict(), "rng": rng_state(),
+        per_rank = all_gather_objects({"loader": feed.loader_state(), "rng": rng_state(),
                                        "aug_rng": aug_gen.get_state()})
         if not dist.is_main:
             return None
@@ -272,25 +275,27 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         if not mid_epoch:
             loader.set_epoch(epoch)
         mid_epoch, epoch_done = False, False
-        it = iter(loader)
+        feed.start(iter(loader))
         while step < total:
             timer.begin_step()   # CUDA events, no device sync: every step is timed
             t_wait = time.perf_counter()
             with timer("data_wait"):
-                batch = next(it, None)
+                batch = feed.next_batch()
             wait_window += time.perf_counter() - t_wait
             if batch is None:
                 epoch_done = True
                 break
             with timer("flow"):
-                batch, flow_a, flow_b = compute_flow(batch, estimator)  # MDS online: keeps 1 of K rows
+                # MDS online keeps 1 of K rows; train.flow_ahead launches the next batch's flow here
+                batch, flow_a, flow_b = feed.flow(batch, look_ahead=step + 1 < total)
             with timer("motion_augment"):
                 inputs = make_inputs(batch, flow_a, flow_b, cfg, aug_gen)
                 if use_cl:
                     inputs = type(inputs)(**{k: _channels_last(v) for k, v in vars(inputs).items()})
             if flops_per_clip is None and peak is not None:
                 guard.before_forward()     # the extra pass must not move BN statistics (exact resume)
-                flops_per_clip = estimate_flops_per_clip(core, inputs, dtype)  # one extra fwd+bwd
+                with torch.compiler.set_stance("force_eager"):   # count the modules, not a compile
+                    flops_per_clip = estimate_flops_per_clip(core, inputs, dtype)  # one extra fwd+bwd
                 guard.after_step(torch.zeros((), dtype=torch.bool, device=device))
                 opt.zero_grad(set_to_none=True)
 
