@@ -168,3 +168,23 @@ def test_auto_rule_picks_dali_only_on_a_gpu_with_a_measured_entry(monkeypatch):
     monkeypatch.setattr(pipeline, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
     assert pipeline.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
     assert pipeline.auto_dali_mode_on_gpu("NVIDIA H200") is None
+
+
+def test_failed_run_fails_only_its_batch_and_later_runs_are_resubmitted(vp9_video, tmp_path):
+    """Three batches in flight, the middle one holds a file that cannot be decoded: the failing run
+    takes the pipeline down, only its batch raises, the batch after it is decoded by a fresh pipeline."""
+    from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder
+    ref = reference(vp9_video)
+    enc = np.fromfile(vp9_video, dtype=np.uint8)
+    bad = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
+    dec = DaliDecoder(batch_size=2, frame_size=ref.shape[1:3], num_threads=1, device=CPU, depth=3)
+    lists = [np.array([0, 9, 33]), np.array([2, 63])]
+    batches = [dec.submit([enc, enc], lists), dec.submit([enc, bad], lists), dec.submit([enc, enc], lists)]
+    assert dec.in_flight == 3 and dec.max_in_flight == 3
+    for i in (0, 2):
+        for frames, idx in zip(batches[i].result(), lists):
+            for k, f in enumerate(idx):
+                assert np.abs(frames[k].numpy().astype(float) - ref[f]).mean() < 3.0
+    with pytest.raises(DaliDecodeError):
+        batches[1].result()
+    assert dec.rebuilds == 1 and dec.runs == 4          # the third batch ran twice
