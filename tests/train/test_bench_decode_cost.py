@@ -1,0 +1,27 @@
+"""bench (f): PyAV decode cost per sample and the cores per GPU it implies."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_TRAIN
+from mscl_stream.config import load_config
+from mscl_stream.train.bench import DECODE_COST_SAMPLES, bench_profile, decode_cost
+
+
+def test_bench_profile_default():
+    assert bench_profile(None, "cuda") == "k400" and bench_profile(None, "cpu") == "toy"
+    assert bench_profile("ucf101", "cuda") == "ucf101"
+
+
+def test_decode_cost_and_cores_per_gpu(tiny_manifest):
+    cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split="])
+    stats = {"pyav_samples": 4, "pyav_frames_wanted": 80, "pyav_frames_decoded": 200, "pyav_cpu_seconds": 0.2}
+    out = decode_cost(cfg, 50.0, stats)
+    one = out["pyav_one_core"]
+    assert one["samples"] == DECODE_COST_SAMPLES and one["median_cpu_ms"] > 0
+    # every wanted frame decoded at least once; requested = 2 windows x (8 frames + 4 even flow partners)
+    assert one["median_decoded"] >= one["median_wanted"] > 0 and one["median_requested"] == 2 * 8 + 2 * 4
+    assert out["pyav_cores_per_gpu"] == pytest.approx(50.0 / one["samples_per_cpu_s"])
+    assert one["samples_per_cpu_s"] == pytest.approx(1e3 / one["median_cpu_ms"])
+    assert out["end_to_end_pyav"] == {"samples": 4, "amplification": 2.5, "cpu_ms_per_sample": pytest.approx(50.0)}
