@@ -41,6 +41,9 @@ class DataConfig:
     wrap: bool = True                   # indices past the end wrap around (else clamp the start)
     flow_frames: Literal["even", "all"] = "even"   # which sampled frames get a flow pair
     clips_per_video: int = 1            # samples per video per epoch
+    # repeated sampling (docs/data.md): each video visit gives R samples, each with its own windows, decoded
+    # in one sweep; an epoch has R times the samples. 1 = off (the method's sampling)
+    repeat_samples: int = 1
     batch_size: int = 8                 # clips per rank per step
     frame_size: tuple[int, int] = (128, 176)   # (H, W) working size after decode: flow runs here
     # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV (see pyav_workers)
@@ -301,6 +304,7 @@ def validate(cfg: Config) -> Config:
     need(d.flow_gap >= 1, "data.flow_gap", "must be >= 1")
     need(d.max_shift >= 0 and d.max_shift % 2 == 0, "data.max_shift", "must be even and >= 0")
     need(d.clips_per_video >= 1, "data.clips_per_video", "must be >= 1")
+    need(d.repeat_samples >= 1, "data.repeat_samples", "must be >= 1 (1 = off)")
     need(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(d.num_threads >= 1, "data.num_threads", "must be >= 1")
     need(d.prefetch >= 1, "data.prefetch", "must be >= 1")

@@ -12,7 +12,8 @@ Two readers, both given lists of ``path slot start end`` lines (frame numbers):
   express a window that wraps around the video's end (those samples go elsewhere, see
   :mod:`mscl_stream.data.dali_source`).
 
-Samples are dealt round-robin to P readers (each decodes in its own background thread); the pipeline's
+Samples are dealt round-robin to P readers (each decodes in its own background thread; consecutive
+samples of one file stay on one reader, which keeps its decoder open); the pipeline's
 batch is ``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead.
 
 A line's label is its slot: the reader's position in its list. Readers deliver their lines in list
@@ -124,10 +125,17 @@ class DaliFrameReader:
         if p == 0:
             self._lists, self._total = [], 0
             return
-        # slot lists: per reader, (key, frame) in order; samples dealt round-robin
+        # slot lists: per reader, (key, frame) in order; samples dealt round-robin, except that a sample
+        # of the same file as the one before stays on its reader (whose decoder is still open there)
         self._lists = [[] for _ in range(p)]
-        for i, k in enumerate(keys):
-            self._lists[i % p] += [(k, int(f)) for f in self.jobs[k].lines()]
+        r, prev = -1, None
+        for k in keys:
+            job = self.jobs[k]
+            if job.path != prev:
+                r, prev = (r + 1) % p, job.path
+            self._lists[r] += [(k, int(f)) for f in job.lines()]
+        self._lists = [lst for lst in self._lists if lst]          # one file only: fewer readers
+        p = len(self._lists)
         self._next = [0] * p                      # next expected slot per reader
         self._total = max(-(-len(lst) // self.frames_per_run) for lst in self._lists)
         files, span = [], 1 + (self.seq[0] - 1) * self.seq[1]     # end frame exclusive

@@ -50,7 +50,7 @@ from mscl_stream.data.dali_reader import DaliFrameReader
 from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.pipeline import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
                                        dali_available, dali_can_decode)
-from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps
 from mscl_stream.errors import UserError
 
@@ -152,6 +152,9 @@ class ClipLoader:
         self._pool: ThreadPoolExecutor | None = None
         self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
         self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
+        # repeated sampling: first position of a group -> its one PyAV decode (shared by the members)
+        self._groups: dict[int, Future] = {}
+        self._groups_counted: "weakref.WeakSet[Future]" = weakref.WeakSet()
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
         # data.decoder=auto on a GPU: the DALI engine measured faster than PyAV there, if any
@@ -404,6 +407,8 @@ class ClipLoader:
         return self._procs
 
     def _submit_pyav(self, w: _Work) -> Future:
+        if self.sampler.repeat > 1:
+            return self._submit_group(w)
         args = self._pyav_args(w)
         try:
             return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
@@ -411,9 +416,32 @@ class ClipLoader:
             self._restart_procs()
             return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
 
+    def _submit_group(self, w: _Work) -> Future:
+        """Repeated sampling (data.repeat_samples): one PyAV sweep over the union of the frames of the
+        group holding ``w`` (``ClipSampler.group``), shared by every member's future; each member takes
+        its part in :meth:`_pyav_result`."""
+        g = self.sampler.group(w.position)
+        fut = self._groups.get(g.start)
+        if fut is None or fut.cancelled():
+            args = (w.record.path, [self._work(p).all_frames() for p in g], tuple(self.data.frame_size))
+            try:
+                fut = self._pyav_pool().submit(decode_group_counted, *args, threads=1)
+            except BrokenProcessPool:         # a worker died since the last batch
+                self._restart_procs()
+                fut = self._pyav_pool().submit(decode_group_counted, *args, threads=1)
+            self._groups[g.start] = fut
+            while len(self._groups) > 4 * self.data.batch_size:   # oldest first: long consumed
+                self._groups.pop(next(iter(self._groups)))
+        return fut
+
     def _pyav_result(self, w: _Work, fut: Future) -> np.ndarray:
         try:
             frames, cost = fut.result()
+            if isinstance(frames, list):      # a repeated-sampling group: its cost once, this member's part
+                if fut not in self._groups_counted:
+                    self._groups_counted.add(fut)
+                    self._count_pyav(cost)
+                return frames[w.position - self.sampler.group(w.position).start]
             self._count_pyav(cost)
             return frames
         except BrokenProcessPool:             # a worker died while this sample was in flight
