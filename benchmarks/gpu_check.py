@@ -8,7 +8,8 @@
                                                       # the k400 profile first (no Kornia needed), then the
                                                       # remaining CUDA tests, the end-to-end bench (DALI
                                                       # run with the fastest variant), NVDEC vs PyAV decode
-                                                      # per codec, the train step bf16 vs fp32
+                                                      # per codec, the train step bf16 vs fp32, the
+                                                      # input path (fused kernels vs kornia, step profile)
     python benchmarks/gpu_check.py --part dali --only dali_variants_k400 OUT   # the decode variants alone
 
 The parts follow the GPU host's staging (../shared/tools/gpu-stage): torch is there from the start,
@@ -101,7 +102,7 @@ res = pretrain(cfg, loader=ResidentLoader(batch, {steps}))
 stages = res['stage_seconds']; tot = sum(stages.values()); rate = steady_rate(res, B)
 print('RESULT', json.dumps({{'clips_per_s': rate, 'stage_share': {{k: v / tot for k, v in stages.items()}},
       'peak_mem_gb': res['gpu_mem_gb'], 'loss': res.get('loss/loss'), 'flops_per_clip': res['flops_per_clip'],
-      'mfu': mfu(res['flops_per_clip'], rate, res['peak_flops'])}}))
+      'mfu': mfu(res['flops_per_clip'], rate, res['peak_flops']), 'stage_timing': res.get('stage_timing')}}))
 """
     return [PY, "-c", code]
 
@@ -117,7 +118,8 @@ TORCH_TESTS = ["tests/flow/test_opencv.py::test_output_on_input_device",
 DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_dali_modes.py",
               "tests/data/test_manifest.py::test_probe_counts_equal_dali_gpu_decode",
               "tests/flow/test_registry.py::test_dali_of_translation_or_clear_error",
-              "tests/kernels/test_flow_encode.py", "tests/test_augment.py::test_cuda_matches_cpu"]
+              "tests/kernels/test_flow_encode.py", "tests/test_augment.py::test_cuda_matches_cpu",
+              "tests/train/test_step_syncs.py"]
 
 
 def _pytest(tests: list[str]) -> list[str]:
@@ -151,6 +153,14 @@ def fastest_dali_mode(results: Path) -> str:
     return DALI_MODES[max(ok, key=ok.get)] if ok else "reader"
 
 
+def input_path_runs(results: Path) -> dict[str, tuple[list[str], int]]:
+    """The step's input path (benchmarks/augment_kernels.py, needs Kornia for the reference backend):
+    make_inputs with the fused kernels vs kornia at batch 64 (ms, kernels, sync-debug check, parity),
+    then a torch.profiler summary of steady training steps (kernels, syncing calls, idle gaps)."""
+    return {"input_path": ([PY, "benchmarks/augment_kernels.py", "--device", "cuda", "--batch", "64",
+                            "--out", str(results)], 240)}
+
+
 def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
     """Needs DALI + PyAV (+ Kornia from the tests on; last staging call): the DALI decode variants on the
     k400 profile against 16 PyAV processes, the CUDA tests (NVDEC vs PyAV pixel agreement for every
@@ -160,6 +170,7 @@ def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
     manifest = K400_DATA / "k400_h264_16" / "manifest.jsonl"
     runs = {"dali_variants_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--out", str(results)], 560),
             "tests_cuda_dali": (_pytest(DALI_TESTS), 150),
+            **input_path_runs(results),
             # built when it starts: the DALI run uses the variant that was fastest above
             "bench_e2e": (lambda: [PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml", "--steps", "20",
                                    "--baselines", "--out", str(results), f"data.manifest={manifest}", "data.split=",

@@ -7,7 +7,8 @@ out_size 32, dis_fast flow) at batch 64 on CPU:
   make_inputs: one call of ``mscl_stream.train.step.make_inputs`` (both RGB views, both flow views),
                median of --calls calls after one warm-up call, for each augmentation backend asked for
                (``torch`` = kornia/torch, the CPU path; ``triton`` = the fused kernels the CUDA path runs,
-               forced on CPU under TRITON_INTERPRET=1 in a child process).
+               forced on CPU under TRITON_INTERPRET=1 in a child process: one counted call after a
+               one-clip warm-up, since the interpreter takes minutes per call at batch 64).
   step:        the training thread's whole step (flow, make_inputs, forward, backward, NaN guard,
                optimiser, momentum update, enqueue) through ``pretrain`` on a device-resident batch,
                median over the steps after the first two.
@@ -75,7 +76,10 @@ def _summary(counts: list[Counts]) -> dict:
             "detail_last_call": counts[-1].as_dict()}
 
 
-def count_make_inputs(cfg, device: torch.device, calls: int) -> dict:
+def count_make_inputs(cfg, device: torch.device, calls: int, warmup_clips: int = 0) -> dict:
+    """Median counts of ``calls`` make_inputs calls after one warm-up call (on the first ``warmup_clips``
+    clips when > 0: the caches it fills depend on the device and dtype only, and the Triton interpreter
+    takes minutes per call at batch 64)."""
     from mscl_stream.train.step import make_inputs
     batch = synthetic_batch(cfg, device)
     b, nf = batch.batch_size, batch.partner_a.shape[1]
@@ -84,7 +88,11 @@ def count_make_inputs(cfg, device: torch.device, calls: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     counts = []
     with OpCounter() as counter:
-        make_inputs(batch, flow[0], flow[1], cfg, gen)               # warm-up: caches, first launches
+        if warmup_clips:
+            small = ClipBatch(**{k: v if k == "flow_steps" else v[:warmup_clips] for k, v in batch.tensors().items()})
+            make_inputs(small, flow[0, :warmup_clips], flow[1, :warmup_clips], cfg, gen)
+        else:
+            make_inputs(batch, flow[0], flow[1], cfg, gen)           # warm-up: caches, first launches
         for _ in range(calls):
             with counter.region() as c:
                 make_inputs(batch, flow[0], flow[1], cfg, gen)
@@ -123,8 +131,13 @@ def _child(backend: str, args) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"} if backend == "triton" else dict(os.environ)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
+    interp = backend == "triton"
     cmd = [sys.executable, __file__, "--child", backend, "--child-out", out, "--batch", str(args.batch),
-           "--calls", str(args.calls), "--steps", str(args.steps)] + (["--no-step"] if args.no_step else [])
+           "--calls", str(1 if interp else args.calls), "--steps", str(args.steps)]
+    if args.no_step or (interp and not args.interpreted_step):
+        cmd.append("--no-step")
+    if interp:
+        cmd += ["--warmup-clips", "1"]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(Path(out).read_text())
 
@@ -137,6 +150,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-step", action="store_true", help="count make_inputs only")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--interpreted-step", action="store_true",
+                    help="also count the whole step with the Triton backend (interpreter: very slow)")
+    ap.add_argument("--warmup-clips", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,7 +161,9 @@ def main() -> None:
     if args.child:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         cfg = demo_config(args.batch, args.child, args.device)
-        res = {"make_inputs": count_make_inputs(cfg, device, args.calls)}
+        res = {"make_inputs": count_make_inputs(cfg, device, args.calls, args.warmup_clips)}
+        res["make_inputs"]["interpreted"] = os.environ.get("TRITON_INTERPRET") == "1"
+        res["make_inputs"]["warmup_clips"] = args.warmup_clips or args.batch
         if not args.no_step:
             res["step"] = count_step(cfg, device, args.steps)
         Path(args.child_out).write_text(json.dumps(res))

@@ -32,7 +32,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -295,9 +294,15 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int
     return out.to(x.dtype)
 
 
+def _kornia():
+    # imported where used: the fused (Triton) path runs on hosts without kornia
+    import kornia
+    return kornia
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     # ITU-R 601 luma 0.299/0.587/0.114 (PIL's; torchvision's tensor path uses 0.2989 for R).
-    return kornia.color.rgb_to_grayscale(x)
+    return _kornia().color.rgb_to_grayscale(x)
 
 
 def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -310,7 +315,7 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return (fv * x + (1.0 - fv) * mean).clamp_(0.0, 1.0)
     if op == 2:    # saturation: blend with the grayscale image
         return (fv * x + (1.0 - fv) * _gray(x)).clamp_(0.0, 1.0)
-    return kornia.enhance.adjust_hue(x, f * (2.0 * math.pi)).clamp_(0.0, 1.0)  # hue: fraction -> radians
+    return _kornia().enhance.adjust_hue(x, f * (2.0 * math.pi)).clamp_(0.0, 1.0)  # hue: fraction -> radians
 
 
 def _apply_on(x: torch.Tensor, rows: torch.Tensor, fn, *per_clip: torch.Tensor) -> None:
@@ -450,8 +455,9 @@ def apply_uploaded(rgb: torch.Tensor, view: UploadedView, cfg: AugmentConfig, ba
     k = blur_kernel_size(cfg)
     # kornia's gaussian_blur2d with kernels built from the device sigmas: its (sigma > 0) check would read
     # a device sigma back (sigma > 0 holds by construction: augment.blur_sigma is validated)
-    _apply_on(x, rows("blur"), lambda v, sg: kornia.filters.filter2d_separable(
-        v, *(kornia.filters.get_gaussian_kernel1d(k, sg.view(-1, 1)),) * 2, "reflect"), tab[:, COL_SIGMA])
+    kf = _kornia().filters
+    _apply_on(x, rows("blur"), lambda v, sg: kf.filter2d_separable(
+        v, *(kf.get_gaussian_kernel1d(k, sg.view(-1, 1)),) * 2, "reflect"), tab[:, COL_SIGMA])
 
     mean, std = _mean_std(dev, x.dtype)
     frames = ((x - mean) / std).permute(0, 2, 1, 3, 4)                        # (B, 3, T, S, S)
