@@ -245,3 +245,14 @@ def decode_frames_counted(path: str | os.PathLike, indices: Sequence[int] | np.n
     frames = decode_frames(path, indices, size, threads=threads, stats=stats)
     stats["cpu_seconds"] = clock() - t0
     return frames, stats
+
+
+def decode_group_counted(path: str | os.PathLike, index_lists: Sequence[np.ndarray], size: tuple[int, int] | None,
+                         threads: int = 1) -> tuple[list[np.ndarray], dict]:
+    """Several samples of one video (repeated sampling) in one forward sweep over the union of their
+    frames: ([(len(index_lists[j]), H, W, 3) uint8 per sample], the sweep's stats as in
+    :func:`decode_frames_counted`, counted once for the group). Frames shared by samples decode once."""
+    lens = [len(x) for x in index_lists]
+    frames, stats = decode_frames_counted(path, np.concatenate([np.asarray(x, np.int64) for x in index_lists]),
+                                          size, threads=threads)
+    return np.split(frames, np.cumsum(lens)[:-1]), stats

@@ -15,6 +15,13 @@ the dataset, and every rank has the same number of samples. Each video of the sh
 (seed, epoch, rank). The whole epoch's draws are made up front (a few integers per sample), so a sample
 is a pure function of (epoch, position) and resuming needs only those two numbers.
 
+Repeated sampling (``data.repeat_samples`` = R > 1, off by default): every video visit of the plan
+becomes R consecutive positions, each drawn exactly as a single sample would be (its own start and
+shift, uniform over the video), so each sample's distribution is the method's; what changes is that
+the R samples of a group share a video and sit next to each other in a batch, and an epoch has R times
+the samples. The loader decodes a group's frames in one sweep (:meth:`ClipSampler.group`;
+docs/data.md).
+
 MDS ``online`` (section 4): every sample expands into K = ``data.mds_candidates`` candidates of the same
 video, K distinct uniform even starts for window A (repeats only when the video has fewer than K
 starts), each with its own window B = its A + the sample's one shift d. The device scores the A windows
@@ -115,6 +122,7 @@ class ClipSampler:
         self.steps = flow_steps(data)
         self.span = clip_span(data)
         self.epoch, self.position = 0, 0
+        self.repeat = data.repeat_samples
         self._resumed = False
         self.candidates = data.mds_candidates if data.mds == "online" else 1
         self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None   # ra, rb: (n, K)
@@ -141,7 +149,13 @@ class ClipSampler:
     def __len__(self) -> int:
         """Samples per epoch on this rank (the same on every rank)."""
         per_rank = -(-len(self.records) // self.world_size)
-        return per_rank * self.data.clips_per_video
+        return per_rank * self.data.clips_per_video * self.repeat
+
+    def group(self, position: int) -> range:
+        """Positions of the repeated-sampling group holding ``position``: R consecutive samples of one
+        video (``range(position, position + 1)`` with repeated sampling off)."""
+        g = position // self.repeat * self.repeat
+        return range(g, g + self.repeat)
 
     def shard(self, epoch: int) -> np.ndarray:
         """Video indices of this rank for ``epoch`` (padded by repetition; order of the global permutation)."""
@@ -167,6 +181,7 @@ class ClipSampler:
         rng = _rng(self.seed, epoch, _STREAM_RANK, self.rank)
         vids = np.repeat(self.shard(epoch), d.clips_per_video)
         vids = vids[rng.permutation(len(vids))]
+        vids = np.repeat(vids, self.repeat)      # a group's samples: consecutive, each drawn on its own
         ra = np.empty((len(vids), self.candidates), np.int64)
         rb = np.empty((len(vids), self.candidates), np.int64)
         half = d.max_shift // 2
@@ -254,14 +269,15 @@ class ClipSampler:
         """Position in the run: the epoch, samples consumed in it, and what they depend on."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "num_records": len(self.records),
-                "clips_per_video": self.data.clips_per_video}
+                "clips_per_video": self.data.clips_per_video, "repeat_samples": self.repeat}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was taken; the remaining samples equal those of an uninterrupted run."""
         for key, have in (("seed", self.seed), ("rank", self.rank), ("world_size", self.world_size),
-                          ("num_records", len(self.records)), ("clips_per_video", self.data.clips_per_video)):
-            if state.get(key) != have:
+                          ("num_records", len(self.records)), ("clips_per_video", self.data.clips_per_video),
+                          ("repeat_samples", self.repeat)):
+            if state.get(key, 1 if key == "repeat_samples" else None) != have:   # older states: no repeats
                 raise UserError(f"cannot resume the sampler: saved {key}={state.get(key)!r}, now {have!r} "
-                                "(same manifest, seed and number of ranks needed)")
+                                "(same manifest, seed, number of ranks and sampling settings needed)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._resumed = True
