@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Exact pins for the setup step (ranges live in pyproject.toml).
 PINS := torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda130==2.4.0 kornia==0.9.0 av pyyaml numpy \
-        opencv-python-headless pytest scipy matplotlib scikit-video
+        opencv-python-headless pytest scipy matplotlib scikit-video tqdm
 
 .PHONY: demo test venv clean bench
 $(BIN)/.ready: pyproject.toml Makefile

