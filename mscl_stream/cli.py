@@ -1,4 +1,4 @@
-"""`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, demo.
+"""`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, ablate, demo.
 
 Each subcommand parses its arguments here, validates the config before any heavy import, and calls one
 plain function in the package. Configuration problems and bad input end as a one-line error with
@@ -76,6 +76,23 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from mscl_stream.demo import run_demo
     run_demo(Path(a.out), overrides=a.overrides)
+    return 0
+
+
+def _cmd_ablate(a: argparse.Namespace) -> int:
+    from mscl_stream.ablate import load_variants, parse_variant_arg, run_ablation
+    known = load_variants(a.variants_file)
+    if a.list:
+        for v in known.values():
+            print(f"{v.name:<12} {v.about}\n{'':<12} {' '.join(v.overrides) or '(base config)'}")
+        return 0
+    unknown = [n for n in a.variants if n not in known]
+    if unknown:
+        raise UserError(f"ablate: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)} "
+                        f"(or add one with --variant NAME=key=value,...)")
+    chosen = [known[n] for n in (a.variants or list(known))] + [parse_variant_arg(t) for t in a.variant]
+    run_ablation(Path(a.out), chosen, a.seeds, config=a.config, manifest=a.manifest, videos=a.videos,
+                 extra=list(a.overrides), random_init=not a.no_random_init)
     return 0
 
 
@@ -161,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode_cost")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("ablate", help="pretrain + retrieval + linear probe per variant and seed (resumable study)")
+    p.add_argument("--out", default="runs/ablate", help="study folder (rerun to continue a study)")
+    p.add_argument("--variants", nargs="*", default=[], metavar="NAME",
+                   help="variants from --variants-file to run (default: all of them)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
+                   help="an extra variant given as config overrides (repeatable)")
+    p.add_argument("--variants-file", default=str(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--manifest", help="labelled manifest with train/test splits (default: the demo's videos)")
+    p.add_argument("--videos", type=int, default=120, help="demo videos to make when --manifest is not given")
+    p.add_argument("--no-random-init", action="store_true", help="leave out the untrained-encoder rows")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_ablate)
 
     p = sub.add_parser("demo", help="sample data -> index -> pretrain -> eval vs random init, on CPU")
     p.add_argument("--out", default="runs/demo")

@@ -74,32 +74,44 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     return {"first_batch_seconds": seconds, "clips_per_s": rate}
 
 
-def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int = 120) -> dict:
-    """Run the whole demo into ``out``; returns the side-by-side evaluation results.
+def prepare_demo_data(out: Path, cfg: Config, videos: int = 120) -> Path:
+    """Make (or reuse) the demo's labelled videos in ``out/videos`` and index them; returns the manifest.
 
-    ``videos`` synthetic videos, about 2/3 train (pretraining + gallery) and 1/3 test (queries): 120 gives
-    40 queries, so one standard error of R@1 is about 0.07 (with 16 queries it was 0.11).
+    Videos are made with ``cfg.train.seed`` (the split and the noise of every comparison depend on
+    them); an existing folder is reused, with a warning when it holds another number of videos.
     """
     from mscl_stream.data.manifest import build_manifest
-    from mscl_stream.data.sample import CLASSES, make_sample_dataset
-    from mscl_stream.eval import run_eval
-    from mscl_stream.train.trainer import pretrain
+    from mscl_stream.data.sample import make_sample_dataset
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
-    cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", *overrides], check=False)
     data_dir = out / "videos"
     if not (data_dir / "train").is_dir():
         make_sample_dataset(data_dir, videos=videos, codec="vp9", seed=cfg.train.seed)
     else:
         found = sum(1 for sp in ("train", "test") for f in (data_dir / sp).glob("*/*") if f.is_file())
         if found != videos:
-            log.warning("demo: reusing %s with %d videos, not the %d this demo makes (its test split sets "
-                        "the noise of the comparison); delete it and %s to regenerate", data_dir, found,
-                        videos, manifest.name)
+            log.warning("reusing %s with %d videos, not the %d asked for (its test split sets the noise of "
+                        "the comparison); delete it and %s to regenerate", data_dir, found, videos,
+                        manifest.name)
     if not manifest.is_file():
         build_manifest(data_dir, manifest, data=cfg.data)
+    return manifest
+
+
+def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int = 120) -> dict:
+    """Run the whole demo into ``out``; returns the side-by-side evaluation results.
+
+    ``videos`` synthetic videos, about 2/3 train (pretraining + gallery) and 1/3 test (queries): 120 gives
+    40 queries, so one standard error of R@1 is about 0.07 (with 16 queries it was 0.11).
+    """
+    from mscl_stream.data.sample import CLASSES
+    from mscl_stream.eval import run_eval
+    from mscl_stream.train.trainer import pretrain
+
+    out = Path(out)
+    cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", *overrides], check=False)
+    manifest = prepare_demo_data(out, cfg, videos)
     # a rerun of the demo replaces its own earlier pretraining run (pretrain refuses that by default)
     again = [] if any(o.startswith("train.resume=") for o in overrides) else ["train.overwrite=true"]
     cfg = load_config(DEMO_CONFIG, [f"train.out_dir={out / 'pretrain'}", f"data.manifest={manifest}", *again,

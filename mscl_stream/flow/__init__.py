@@ -36,6 +36,7 @@ _BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
     "dis_medium": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "dis_medium"}),
     "farneback": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "farneback"}),
     "dali_of": ("mscl_stream.flow.dali_hw:DALIOpticalFlow", {}),
+    "zero": ("mscl_stream.flow.control:ZeroFlow", {}),   # control for ablations: no motion at all
 }
 # Estimators added at run time with register_estimator (validated when built).
 _REGISTERED: dict[str, Callable[..., Any]] = {}

@@ -1,0 +1,243 @@
+"""`mscl-stream ablate`: what each part of MSCL and each flow estimator buy, over variants and seeds.
+
+A study is a base config (the demo's by default), a set of named variants (each a list of plain config
+overrides, from configs/ablations.yaml or the command line) and a list of seeds. Every (variant, seed)
+pair is one run: pretrain, then motion-label retrieval and a linear probe on the test split. A
+``random_init`` row per seed evaluates the untrained encoder as the floor. Everything lands in one
+study folder:
+
+    STUDY/runs/<variant>/seed<k>/pretrain/   the run (config, metrics, checkpoints)
+    STUDY/runs/<variant>/seed<k>/row.json    its result row, written last (atomically)
+    STUDY/ablation.json                      all rows: a list of {variant, seed, overrides, R@1, ...}
+    STUDY/ablation.md / .png                 mean +- standard error per variant; bars with every seed
+
+Rows already written are skipped, and an interrupted pretrain resumes from its newest checkpoint, so a
+study can span several sittings: rerun the same command. Data: the demo's labelled videos in
+``STUDY/videos`` (made once, with the base config's seed, so every run sees the same split), or any
+labelled manifest given with ``--manifest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mscl_stream.config import load_config
+from mscl_stream.errors import UserError
+
+log = logging.getLogger(__name__)
+VARIANTS_FILE = Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"
+RANDOM_INIT = "random_init"
+# Metrics carried into the table and the plot (fractions); the rows keep every metric eval returns.
+HEADLINE = ("R@1", "R@5", "linear_top1")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the study: a name, what it tests, and the config overrides that make it."""
+
+    name: str
+    about: str
+    overrides: tuple[str, ...]
+
+
+def load_variants(path: Path | str = VARIANTS_FILE) -> dict[str, Variant]:
+    """Variants from a YAML file: ``name: {about: str, overrides: [key=value, ...]}``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        msg = " ".join(str(e).split())   # YAML errors span lines; the CLI prints one
+        raise UserError(f"--variants-file {path}: cannot read it ({e.__class__.__name__}: {msg})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--variants-file {path}: expected a mapping of variant names")
+    out = {}
+    for name, spec in raw.items():
+        ov = spec.get("overrides") if isinstance(spec, dict) else None
+        if not isinstance(ov, list) or not all(isinstance(o, str) and "=" in o for o in ov):
+            raise UserError(f"--variants-file {path}: variant {name!r} needs 'overrides: [key=value, ...]'")
+        out[str(name)] = Variant(str(name), str(spec.get("about", "")), tuple(ov))
+    return out
+
+
+def parse_variant_arg(text: str) -> Variant:
+    """``NAME=key=value,key=value`` (an empty list after ``NAME=`` is the base config) -> Variant."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or name == RANDOM_INIT:
+        raise UserError(f"--variant {text!r}: expected NAME=key=value[,key=value...] (NAME not {RANDOM_INIT!r})")
+    ov = tuple(o for o in rest.split(",") if o)
+    if any("=" not in o for o in ov):
+        raise UserError(f"--variant {text!r}: every override must be key=value")
+    return Variant(name, "from the command line", ov)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _run_one(variant: Variant, seed: int, base_config: str, manifest: Path, run_dir: Path,
+             extra: list[str]) -> dict:
+    """Pretrain (resuming an interrupted run) and evaluate one (variant, seed); returns its row."""
+    from mscl_stream.eval import run_eval
+    from mscl_stream.train.trainer import pretrain
+
+    pre_dir = run_dir / "pretrain"
+    ckpts = pre_dir / "checkpoints"
+    started = ckpts.is_dir() and any(ckpts.glob("*.pt"))
+    common = [f"data.manifest={manifest}", f"train.seed={seed}", *extra]
+    t0 = time.perf_counter()
+    metrics: dict = {}
+    if variant.name == RANDOM_INIT:
+        cfg = load_config(base_config, common)
+        checkpoint = None
+        train = {}
+    else:
+        # an interrupted run resumes from its newest checkpoint; a run dir without one starts over
+        how = "train.resume=auto" if started else "train.overwrite=true"
+        cfg = load_config(base_config, [*common, *variant.overrides, f"train.out_dir={pre_dir}", how])
+        train = pretrain(cfg)
+        checkpoint = str(ckpts / "last.pt")
+        metrics["final_loss"] = train.get("loss/loss")
+    ret = run_eval("retrieval", checkpoint=checkpoint, cfg=cfg)
+    lin = run_eval("linear", checkpoint=checkpoint, cfg=cfg)
+    metrics.update({k: v for k, v in ret.items() if k.startswith("R@")})
+    metrics.update({f"linear_{k}": v for k, v in lin.items() if isinstance(v, float)})
+    return {"variant": variant.name, "seed": seed, "overrides": list(variant.overrides), **metrics,
+            "about": variant.about, "test_queries": ret["info"]["test"], "steps": train.get("steps"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summarize(rows: list[dict], metrics: tuple[str, ...] = HEADLINE) -> list[dict]:
+    """Per variant (in first-seen order): n seeds, and mean and standard error of each metric.
+
+    The standard error is the sample standard deviation over seeds / sqrt(n) (NaN for one seed).
+    """
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    table = []
+    for name, rs in by.items():
+        entry = {"variant": name, "n": len(rs), "seeds": sorted(r["seed"] for r in rs)}
+        for m in metrics:
+            xs = [r[m] for r in rs if r.get(m) is not None]
+            n = len(xs)
+            mean = sum(xs) / n if n else math.nan
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
+            entry[m] = {"mean": mean, "se": sd / math.sqrt(n) if n > 1 else math.nan, "values": xs}
+        table.append(entry)
+    return table
+
+
+def markdown_table(table: list[dict], metrics: tuple[str, ...] = HEADLINE) -> str:
+    """The summary as a Markdown table: mean +- standard error per metric, seeds per variant."""
+    head = "| variant | seeds | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + " --- |" * (len(metrics) + 2)]
+    for e in table:
+        cells = []
+        for m in metrics:
+            s = e[m]
+            cells.append("-" if math.isnan(s["mean"]) else
+                         f"{s['mean']:.3f}" + ("" if math.isnan(s["se"]) else f" +- {s['se']:.3f}"))
+        lines.append(f"| {e['variant']} | {e['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path, metrics: tuple[str, ...] = HEADLINE) -> None:
+    """Bars of the mean per variant and metric, +- one standard error, every seed as a dot, and a dashed
+    line at the untrained encoder's mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(table) + 1.5),
+                             squeeze=False)
+    names = [e["variant"] for e in table]
+    for ax, m in zip(axes[0], metrics):
+        means = [e[m]["mean"] for e in table]
+        ses = [0 if math.isnan(e[m]["se"]) else e[m]["se"] for e in table]
+        ax.barh(range(len(table)), means, xerr=ses, color="#c8cde8", ecolor="#555", capsize=3)
+        for i, e in enumerate(table):
+            ax.plot(e[m]["values"], [i] * len(e[m]["values"]), "o", color="#c33", ms=4, zorder=3)
+        floor = next((e[m]["mean"] for e in table if e["variant"] == RANDOM_INIT), None)
+        if floor is not None and not math.isnan(floor):
+            ax.axvline(floor, color="#999", ls="--", lw=1)     # the untrained encoder's mean
+        ax.set_yticks(range(len(table)), names if ax is axes[0][0] else [""] * len(table))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(m)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], config: str | None = None,
+                 manifest: str | None = None, videos: int = 120, extra: list[str] | None = None,
+                 random_init: bool = True) -> list[dict]:
+    """Run (or continue) a study into ``out``; returns every row (done now or earlier).
+
+    Args:
+        out: the study folder.
+        variants: the arms, in the order of the table.
+        seeds: ``train.seed`` of each run (the data stay the same).
+        config: base config (default: the demo's).
+        manifest: a labelled manifest with train/test splits (default: the demo's videos in out/videos).
+        videos: number of demo videos when they are made here.
+        extra: overrides applied to every run (e.g. ``train.max_steps=200`` for a pilot).
+        random_init: add the untrained-encoder row per seed.
+    """
+    from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
+
+    out = Path(out)
+    config = str(config or DEMO_CONFIG)
+    extra = list(extra or [])
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise UserError(f"ablate: variant names repeat: {names}")
+    if not seeds:
+        raise UserError("ablate: --seeds needs at least one seed")
+    base = load_config(config, extra, check=False)      # fails here, before any work, on a bad config
+    for v in variants:                                    # every variant's overrides parse and validate
+        load_config(config, [*extra, *v.overrides, "data.manifest=" + (manifest or "unused")], check=False)
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = Path(manifest) if manifest else prepare_demo_data(out, base, videos)
+    arms = ([Variant(RANDOM_INIT, "untrained encoder (the floor)", ())] if random_init else []) + list(variants)
+    plan = [(v, s) for v in arms for s in seeds]
+    rows, t_start, done_now = [], time.perf_counter(), 0
+    for i, (v, seed) in enumerate(plan, 1):
+        run_dir = out / "runs" / v.name / f"seed{seed}"
+        row_path = run_dir / "row.json"
+        if row_path.is_file():
+            row = json.loads(row_path.read_text())
+            if row.get("overrides") != list(v.overrides):
+                raise UserError(f"ablate: {row_path} was run with overrides {row.get('overrides')}, variant "
+                                f"{v.name!r} now has {list(v.overrides)}; rename the variant or delete that folder")
+            rows.append(row)
+            print(f"[{i}/{len(plan)}] {v.name} seed {seed}: done earlier, skipped", flush=True)
+            continue
+        left = len(plan) - i + 1
+        eta = ((time.perf_counter() - t_start) / done_now * left) if done_now else None
+        print(f"[{i}/{len(plan)}] {v.name} seed {seed}: running"
+              + (f" (about {eta / 60:.0f} min left)" if eta else ""), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        row = _run_one(v, seed, config, mpath, run_dir, extra)
+        row.update(config=config, manifest=str(mpath), extra_overrides=extra)
+        _write_json(row_path, row)
+        rows.append(row)
+        done_now += 1
+    table = summarize(rows)
+    _write_json(out / "ablation.json", rows)
+    md = markdown_table(table)
+    (out / "ablation.md").write_text(md)
+    plot(table, out / "ablation.png")
+    print("\n" + md + f"\nstudy folder: {out} (ablation.json, ablation.md, ablation.png)", flush=True)
+    return rows

@@ -1,0 +1,131 @@
+"""`mscl-stream ablate`: every shipped variant's overrides reach the loss term / estimator / sampler
+they name (tiny shapes), the summary's statistics against an independent computation, and a study
+that skips finished rows and refuses a variant whose overrides changed."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from mscl_stream import ablate
+from mscl_stream.ablate import RANDOM_INIT, Variant, load_variants, markdown_table, run_ablation, summarize
+from mscl_stream.config import load_config
+from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data.sampler import ClipSampler
+from mscl_stream.demo import DEMO_CONFIG
+from mscl_stream.errors import UserError
+from mscl_stream.flow import estimator_from_config
+from mscl_stream.models.mscl import MSCL, MSCLInputs
+
+ALL = {"rgb_rgb", "flow_flow", "rot_rot", "rgb_flow", "flow_rgb", "rgb_rot", "rot_rgb", "lmcl"}
+# What each shipped variant must train, written out here (not read from the code under test).
+EXPECTED_TERMS = {
+    "full": ALL, "farneback": ALL, "tvl1": ALL, "zero_flow": ALL, "mds_online": ALL,
+    "rgb_only": {"rgb_rgb"},
+    "no_lmcl": ALL - {"lmcl"},
+    "no_fra": ALL - {"rot_rot", "rgb_rot", "rot_rgb"},
+    "no_cross": ALL - {"rgb_flow", "flow_rgb", "rgb_rot", "rot_rgb"},
+}
+EXPECTED_ESTIMATOR = {"farneback": "farneback", "tvl1": "tvl1", "zero_flow": "zero"}
+
+
+def variant_cfg(v: Variant):
+    return load_config(DEMO_CONFIG, [*v.overrides, "data.manifest=unused", "model.queue_size=8",
+                                     "model.rgb_width=8"], check=False)
+
+
+def test_shipped_variants_are_the_study_the_method_needs():
+    assert set(load_variants()) == set(EXPECTED_TERMS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_variant_overrides_reach_the_model(name):
+    cfg = variant_cfg(load_variants()[name])
+    torch.manual_seed(0)
+    model = MSCL(cfg)
+    g = torch.Generator().manual_seed(0)
+    b, t, s = 2, cfg.data.frames_per_clip, 16
+    inp = MSCLInputs(*[torch.randn(b, 3, t, s, s, generator=g) for _ in range(2)],
+                     *[torch.rand(b, 3, t // 2, s, s, generator=g) for _ in range(4)])
+    with torch.no_grad():
+        out = model(inp)
+    assert set(out) & ALL == EXPECTED_TERMS[name]
+    # the total is the sum of exactly those terms (weights 1)
+    assert float(out["loss"]) == pytest.approx(sum(float(out[k]) for k in EXPECTED_TERMS[name]), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ESTIMATOR))
+def test_variant_overrides_reach_the_estimator(name):
+    cfg = variant_cfg(load_variants()[name])
+    est = estimator_from_config(cfg.flow, "cpu")
+    assert est.name.startswith(EXPECTED_ESTIMATOR[name])
+
+
+def test_zero_flow_control_says_nothing_about_motion():
+    cfg = variant_cfg(load_variants()["zero_flow"])
+    est = estimator_from_config(cfg.flow, "cpu")
+    a = torch.randint(0, 255, (3, 3, 24, 32), dtype=torch.uint8)
+    flow = est(a, torch.roll(a, 2, dims=-1))           # a real 2-pixel shift: still zero
+    assert flow.shape == (3, 2, 24, 32) and flow.dtype == torch.float32 and not flow.any()
+
+
+def test_mds_variant_reaches_the_sampler():
+    cfg = variant_cfg(load_variants()["mds_online"])
+    recs = [VideoRecord(path=f"/d/v{i}.webm", label=0, label_name="c", split="train", num_frames=300, fps=25.0,
+                        width=64, height=48, codec="vp9", duration=12.0) for i in range(4)]
+    sampler = ClipSampler(recs, cfg.data, seed=0)
+    sampler.set_epoch(0)
+    cands = sampler.specs(0)
+    # two candidate windows A of one video, at different starts
+    assert len(cands) == 2 and cands[0].video_idx == cands[1].video_idx
+    assert cands[0].frames_a[0] != cands[1].frames_a[0]
+
+
+def test_summary_statistics_against_statistics_module():
+    rows = [{"variant": "a", "seed": s, "R@1": x, "R@5": 1.0, "linear_top1": y}
+            for s, (x, y) in enumerate([(0.5, 0.2), (0.7, 0.4), (0.6, 0.9)])]
+    rows.append({"variant": "b", "seed": 0, "R@1": 0.25, "R@5": 0.5, "linear_top1": 0.3})
+    table = {e["variant"]: e for e in summarize(rows)}
+    xs = [0.5, 0.7, 0.6]
+    assert table["a"]["R@1"]["mean"] == pytest.approx(statistics.mean(xs))
+    assert table["a"]["R@1"]["se"] == pytest.approx(statistics.stdev(xs) / 3 ** 0.5)
+    assert table["a"]["n"] == 3 and table["b"]["n"] == 1
+    md = markdown_table(list(table.values()))
+    assert "| a | 3 | 0.600 +- 0.058 |" in md and "| b | 1 | 0.250 |" in md
+
+
+def test_study_skips_finished_rows_and_refuses_changed_overrides(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(variant, seed, config, manifest, run_dir, extra):
+        calls.append((variant.name, seed))
+        return {"variant": variant.name, "seed": seed, "overrides": list(variant.overrides),
+                "R@1": 0.25 + 0.1 * seed, "R@5": 0.5, "linear_top1": 0.3}
+
+    monkeypatch.setattr(ablate, "_run_one", fake_run)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    arms = [Variant("full", "", ()), Variant("no_lmcl", "", ("loss.weights.lmcl=0",))]
+    run_ablation(tmp_path / "s", arms, [0, 1], manifest=str(manifest))
+    assert calls == [(RANDOM_INIT, 0), (RANDOM_INIT, 1), ("full", 0), ("full", 1), ("no_lmcl", 0), ("no_lmcl", 1)]
+    rows = json.loads((tmp_path / "s" / "ablation.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == calls
+    assert all({"variant", "seed", "overrides", "R@1"} <= set(r) for r in rows)
+    assert (tmp_path / "s" / "ablation.png").stat().st_size > 0
+    assert "no_lmcl" in (tmp_path / "s" / "ablation.md").read_text()
+
+    calls.clear()    # an interrupted study: one row lost, the rest is skipped
+    (tmp_path / "s" / "runs" / "full" / "seed1" / "row.json").unlink()
+    run_ablation(tmp_path / "s", arms, [0, 1], manifest=str(manifest))
+    assert calls == [("full", 1)]
+
+    changed = [Variant("full", "", ("loss.weights.lmcl=2",))]
+    with pytest.raises(UserError, match="overrides"):
+        run_ablation(tmp_path / "s", changed, [0], manifest=str(manifest), random_init=False)
+
+
+def test_bad_variant_override_fails_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "_run_one", lambda *a: pytest.fail("ran a study with a bad variant"))
+    with pytest.raises(UserError, match="nosuch"):
+        run_ablation(tmp_path, [Variant("x", "", ("loss.weights.nosuch=1",))], [0], manifest="m.jsonl")
