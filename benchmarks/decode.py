@@ -214,22 +214,65 @@ def child(a: argparse.Namespace) -> dict:
 def cost_child(a: argparse.Namespace) -> dict:
     """One (profile, path) cost run in this fresh process: synthetic and real rows."""
     from mscl_stream.config import DataConfig
-    from mscl_stream.data.decode_cost import dali_cpu_costs, pyav_costs, summarize
+    from mscl_stream.data.decode_cost import dali_cpu_costs, pyav_costs, pyav_group_costs, summarize
     from mscl_stream.data.manifest import read_manifest
     from mscl_stream.data.sampler import ClipSampler
 
     records = read_manifest(a.manifest)
     fn = pyav_costs if a.child == "cost-pyav" else dali_cpu_costs
-    out = {}
-    for kind in ("synthetic", "real"):
-        recs = [r for r in records if r.label_name.startswith("real_") == (kind == "real")]
-        if not recs:
-            continue
+    if a.child == "cost-pyav-repeat":         # repeated sampling: groups of R samples of one video
+        data = DataConfig()
+        data.repeat_samples = a.repeat
+        recs = [r for r in records if not r.label_name.startswith("real_")]
+        data.clips_per_video = max(1, math.ceil(a.samples / (a.repeat * len(recs))))
+        sampler = ClipSampler(recs, data, seed=0)
+        sampler.set_epoch(0)
+        specs = [s for _, s in zip(range(a.samples // a.repeat * a.repeat), sampler)]
+        groups = [specs[i:i + a.repeat] for i in range(0, len(specs), a.repeat)]
+        # paired and interleaved: each group's samples decoded alone and as one sweep, alternating which
+        # goes first, so load from other jobs on the machine falls on both alike
+        alone, grouped = [], []
+        for k, g in enumerate(groups):
+            for which in ((0, 1) if k % 2 == 0 else (1, 0)):
+                if which == 0:
+                    alone += pyav_costs(recs, g, tuple(data.frame_size))
+                else:
+                    grouped += pyav_group_costs(recs, [g], tuple(data.frame_size))
+        sizes = sorted({f"{r.width}x{r.height}" for r in recs})
+        return {"alone": {**summarize(alone), "videos": len(recs), "rows": alone, "sizes": sizes},
+                f"repeat{a.repeat}": {**summarize(grouped), "videos": len(recs), "repeat": a.repeat,
+                                      "rows": grouped, "sizes": sizes}}
+    if a.child == "cost-pyav-pair":           # the same samples on the original and the transcoded files
+        other = {(r.label_name, Path(r.path).stem): r for r in read_manifest(a.manifest2)}
+        recs = [r for r in records if not r.label_name.startswith("real_")
+                and (r.label_name, Path(r.path).stem) in other]
         data = DataConfig()
         data.clips_per_video = max(1, math.ceil(a.samples / len(recs)))
         sampler = ClipSampler(recs, data, seed=0)
         sampler.set_epoch(0)
-        specs = [s for _, s in zip(range(a.samples if kind == "synthetic" else 4 * len(recs)), sampler)]
+        specs = [s for _, s in zip(range(a.samples), sampler)]
+        twins = [other[(r.label_name, Path(r.path).stem)] for r in recs]
+        orig, trans = [], []
+        for k, sp in enumerate(specs):
+            for which in ((0, 1) if k % 2 == 0 else (1, 0)):
+                (orig if which == 0 else trans).extend(
+                    pyav_costs(recs if which == 0 else twins, [sp], tuple(data.frame_size)))
+        return {"original": {**summarize(orig), "videos": len(recs), "rows": orig,
+                             "sizes": sorted({f"{r.width}x{r.height}" for r in recs})},
+                "transcoded": {**summarize(trans), "videos": len(twins), "rows": trans,
+                               "sizes": sorted({f"{r.width}x{r.height}" for r in twins})}}
+    out = {}
+    # the synthetic videos together, then each real clip on its own (they differ in size and length)
+    groups = [("synthetic", [r for r in records if not r.label_name.startswith("real_")], a.samples)]
+    groups += [(r.label_name, [r], max(4, a.samples // 3)) for r in records if r.label_name.startswith("real_")]
+    for kind, recs, n in groups:
+        if not recs:
+            continue
+        data = DataConfig()
+        data.clips_per_video = max(1, math.ceil(n / len(recs)))
+        sampler = ClipSampler(recs, data, seed=0)
+        sampler.set_epoch(0)
+        specs = [s for _, s in zip(range(n), sampler)]
         rows = fn(recs, specs, tuple(data.frame_size))
         out[kind] = {**summarize(rows), "videos": len(recs), "rows": rows,
                      "sizes": sorted({f"{r.width}x{r.height}" for r in recs})}
@@ -249,11 +292,27 @@ def profile_dataset(profile: str, codec: str, videos: int) -> Path:
     return manifest
 
 
+def transcoded_dataset(manifest: Path, short_side: int, gop: int) -> Path:
+    """The synthetic videos of ``manifest``'s dataset transcoded (``mscl-stream transcode``), indexed."""
+    from mscl_stream.config import DataConfig
+    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.transcode import transcode_dataset
+
+    src = manifest.parent
+    dst = src.with_name(f"{src.name}-s{short_side}-g{gop}")
+    out = dst / "manifest.jsonl"
+    if not out.is_file():
+        transcode_dataset(src, dst, short_side=short_side, gop=gop, workers=os.cpu_count() or 1)
+        build_manifest(dst, out, data=DataConfig(), workers=1)
+    return out
+
+
 def run_costs(a: argparse.Namespace) -> None:
     info = machine_info("cpu")
     result = {"benchmark": "decode_cost", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": info, "videos_per_profile": a.videos, "samples": a.samples, "frame_size": [128, 176],
-              "threads": 1, "paths": {"pyav": "decode_frames on H.264", "dali_cpu": "DALI CPU on VP9"},
+              "threads": 1, "paths": {"pyav": "decode_frames on H.264", "dali_cpu": "DALI CPU on VP9",
+                                      "pyav_vp9": "decode_frames on the VP9 files"},
               "profiles": {}}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a.out)
@@ -261,17 +320,26 @@ def run_costs(a: argparse.Namespace) -> None:
     path = out / f"decode_cost_cpu_{stamp}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for profile in [p for p in a.profiles.split(",") if p]:
-        for method, codec in (("pyav", "h264"), ("dali_cpu", "vp9")):
+        # PyAV on the H.264 version (as datasets are stored), DALI's CPU decoder on the VP9 version (its
+        # CPU codecs), and PyAV on the VP9 version: the two decoders on the same files
+        runs = [("pyav", "h264", "cost-pyav", None), ("dali_cpu", "vp9", "cost-dali", None),
+                ("pyav_vp9", "vp9", "cost-pyav", None)]
+        # repeated sampling (PyAV, H.264) and the dataset transcoded to other sizes / keyframe intervals
+        runs += [(f"pyav_repeat{r}", "h264", "cost-pyav-repeat", r) for r in a.repeat_list if r > 1]
+        runs += [(f"pyav_transcoded_s{s}_g{g}", "h264", "cost-pyav-pair", (s, g)) for s, g in a.transcoded_list]
+        for method, codec, child, extra in runs:
             manifest = profile_dataset(profile, codec, a.videos)
-            cmd = [sys.executable, __file__, "--child", "cost-" + method.split("_")[0], "--manifest",
-                   str(manifest), "--samples", str(a.samples)]
+            cmd = [sys.executable, __file__, "--child", child, "--manifest", str(manifest), "--samples",
+                   str(a.samples)] + (["--repeat", str(extra)] if child == "cost-pyav-repeat" else [])
+            if child == "cost-pyav-pair":
+                cmd += ["--manifest2", str(transcoded_dataset(manifest, *extra))]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
             if res.returncode != 0:
                 raise SystemExit(f"{profile} {method} failed:\n{res.stderr[-3000:]}")
             r = json.loads(res.stdout.strip().splitlines()[-1])
             result["profiles"].setdefault(profile, {})[method] = {"codec": codec, **r}
             for kind, v in r.items():
-                print(f"{profile:>7} {method:>8} {kind:>9} ({codec}, {','.join(v['sizes'])}): amplification "
+                print(f"{profile:>7} {method:>8} {kind:>26} ({codec}, {','.join(v['sizes'])}): amplification "
                       f"{v['median_amplification']:.1f} ({v['median_decoded']:.0f} decoded / "
                       f"{v['median_wanted']:.0f} wanted), {v['median_cpu_ms']:.0f} CPU-ms/sample, "
                       f"{v['samples_per_cpu_s']:.1f} samples per CPU-s", flush=True)
@@ -291,11 +359,14 @@ def plot_costs(result: dict, path: Path) -> None:
     for prof, methods in result["profiles"].items():
         for m, r in methods.items():
             for kind, v in r.items():
+                if isinstance(v, dict) and "median_cpu_ms" in v and kind != "real_bikes" and \
+                        kind.startswith("real_"):
+                    continue
                 if isinstance(v, dict) and "median_cpu_ms" in v:
-                    labels.append(f"{prof}\n{m}{' real' if kind == 'real' else ''}")
+                    labels.append(f"{prof}\n{m}" + ("" if kind == "synthetic" else f"\n{kind}"))
                     amp.append(v["median_amplification"])
                     cpu.append(v["median_cpu_ms"])
-    fig, ax = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(labels) * 2), 3.8))
+    fig, ax = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(labels)), 7))
     ax[0].bar(labels, cpu, color="#4477aa")
     ax[0].set_ylabel("CPU-ms per MSCL sample (median, 1 core)")
     ax[1].bar(labels, amp, color="#aa7744")
@@ -379,11 +450,21 @@ def main() -> None:
     ap.add_argument("--profiles", default="",
                     help="comma-separated data profiles (toy,ucf101,k400): per-sample decode cost instead")
     ap.add_argument("--samples", type=int, default=24, help="samples per profile and path (--profiles)")
-    ap.add_argument("--child", choices=["dali", "pyav", "cost-pyav", "cost-dali"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", default="", help="--profiles: also PyAV with repeated sampling, e.g. 2,4")
+    ap.add_argument("--transcoded", default="",
+                    help="--profiles: also PyAV on the H.264 videos transcoded, SHORT:GOP pairs, e.g. 256:32")
+    ap.add_argument("--child", choices=["dali", "pyav", "cost-pyav", "cost-dali", "cost-pyav-repeat",
+                                        "cost-pyav-pair"], help=argparse.SUPPRESS)
+    ap.add_argument("--manifest2", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.workers == 0:
         a.workers = os.cpu_count() or 1
+    if a.child == "cost-pyav-repeat":
+        a.repeat = int(a.repeat)
+    else:
+        a.repeat_list = [int(x) for x in a.repeat.split(",") if x.strip()]
+        a.transcoded_list = [tuple(int(v) for v in x.split(":")) for x in a.transcoded.split(",") if x.strip()]
     if a.child and a.child.startswith("cost-"):
         print(json.dumps(cost_child(a)))
         return

@@ -80,3 +80,21 @@ def summarize(rows: list[dict]) -> dict:
     return {"samples": len(rows), **{f"median_{k}": v for k, v in med.items()},
             "mean_amplification": sum(r["decoded"] for r in rows) / max(sum(r["wanted"] for r in rows), 1),
             "samples_per_cpu_s": 1e3 / med["cpu_ms"], "samples_per_s": 1e3 / med["wall_ms"]}
+
+
+def pyav_group_costs(records: list[VideoRecord], groups: list[list[SampleSpec]], size: tuple[int, int]) -> list[dict]:
+    """Repeated sampling: each group (R samples of one video) decoded in one sweep over the union of its
+    frames; one row per group with per-sample values (CPU and wall time divided by R, frames summed over
+    the group's samples, so amplification = decoded / wanted of the whole group)."""
+    rows = []
+    for g in groups:
+        path = records[g[0].video_idx].path
+        frame_index(path)
+        st: dict = {}
+        c0, w0 = time.process_time(), time.perf_counter()
+        decode_frames(path, np.concatenate([s.all_frames() for s in g]), size, threads=1, stats=st)
+        r = len(g)
+        row = _row(st["requested"], st["wanted"], st["decoded"], st["seeks"], (time.process_time() - c0) / r,
+                   (time.perf_counter() - w0) / r)
+        rows.append({**row, "repeat": r})
+    return rows
