@@ -141,7 +141,7 @@ class ClipLoader:
                        "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0,
                        "pyav_frames_requested": 0, "pyav_frames_wanted": 0, "pyav_frames_decoded": 0,
                        "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
-                       "dali_max_in_flight": 0, "dali_reader_fallbacks": 0}
+                       "dali_max_in_flight": 0, "dali_reader_fallbacks": 0, "dali_frames_requested": 0}
         self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
         self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
         self._routes_logged: set[str] = set()
@@ -149,6 +149,7 @@ class ClipLoader:
         self._dali_one: DaliDecoder | None = None        # one sample at a time (finding a culprit)
         self._src: DecoderSource | ReaderSource | None = None   # this iteration's DALI look-ahead
         self._reader_runs = 0                 # runs of the readers of finished iterations
+        self._dali_frames = 0                 # frames requested from DALI in finished iterations
         self._pool: ThreadPoolExecutor | None = None
         self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
         self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
@@ -196,8 +197,9 @@ class ClipLoader:
         (list of {"path", "reason"}), dali_samples, pyav_samples (with pyav_frames_requested / _wanted /
         _decoded, pyav_seeks and pyav_cpu_seconds: what they cost to decode, docs/data.md), dali_rebuilds,
         dali_runs (DALI pipeline runs scheduled), dali_max_in_flight (most runs scheduled and not yet
-        collected at once: the pipelining actually reached) and dali_reader_fallbacks (samples the
-        legacy reader cannot express, decoded by fn.decoders.video instead)."""
+        collected at once: the pipelining actually reached), dali_reader_fallbacks (samples the
+        legacy reader cannot express, decoded by fn.decoders.video instead) and dali_frames_requested
+        (frames DALI was asked to output: a repeated-sampling group's union once)."""
         with self._lock:
             return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
 
@@ -487,8 +489,9 @@ class ClipLoader:
         if self._dali is None:
             self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
                                      seed=self.data.seed, executor=self._workers(), depth=depth)
+        group_of = self.sampler.group             # repeated sampling: a group is one DALI sample
         if self._dali_mode == "decoder":
-            return DecoderSource(self._dali, lookup, bsz, limit)
+            return DecoderSource(self._dali, lookup, bsz, limit, group_of=group_of)
         legacy = self._dali_mode == "legacy"
         # legacy: a window is one sequence on the grid of gcd(frame_stride, flow_gap) from its start
         g = math.gcd(self.data.frame_stride, self.data.flow_gap)
@@ -499,13 +502,14 @@ class ClipLoader:
                                    readers=self.data.num_threads, frames_per_run=max(1, _READER_FRAMES_PER_RUN // seq[0]),
                                    depth=depth, num_threads=1, seed=self.data.seed,
                                    op="legacy" if legacy else "experimental", seq=seq)
+        chunk = _READER_CHUNK_BATCHES * bsz * self.sampler.repeat
         if not legacy:
-            return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit)
-        to_job = window_jobs(*seq)
-        rest = DecoderSource(self._dali, lambda p: (w if (w := lookup(p)) is not None and to_job(p, w) is None
-                                                    else None), bsz, limit)
-        return ReaderSource(make, lookup, chunk=_READER_CHUNK_BATCHES * bsz, limit=limit, to_job=to_job,
-                            fallback=rest)
+            return ReaderSource(make, lookup, chunk=chunk, limit=limit, group_of=group_of)
+        src = ReaderSource(make, lookup, chunk=chunk, limit=limit, to_job=window_jobs(*seq), group_of=group_of)
+        # groups with a window the legacy reader cannot express (it wraps): fn.decoders.video, alongside
+        src.fallback = DecoderSource(self._dali, lambda p: None if src.expressible(p) else lookup(p), bsz, limit,
+                                     group_of=group_of)
+        return src
 
     def _dali_counters(self, closing: bool = False) -> None:
         """Fold the DALI engines' run counters into the stats (readers live for one iteration)."""
@@ -515,8 +519,11 @@ class ClipLoader:
             st = self._stats
             st["dali_max_in_flight"] = max([st["dali_max_in_flight"]] + [e.max_in_flight for e in engines])
             st["dali_runs"] = self._reader_runs + sum(e.runs for e in engines)
+            frames = self._src.frames_requested if self._src is not None else 0
+            st["dali_frames_requested"] = self._dali_frames + frames
             if closing:
                 self._reader_runs += sum(e.runs for e in readers)
+                self._dali_frames += frames
                 if isinstance(self._src, ReaderSource):
                     st["dali_reader_fallbacks"] += self._src.fallback_samples
 

@@ -188,3 +188,23 @@ def test_failed_run_fails_only_its_batch_and_later_runs_are_resubmitted(vp9_vide
     with pytest.raises(DaliDecodeError):
         batches[1].result()
     assert dec.rebuilds == 1 and dec.runs == 4          # the third batch ran twice
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_repeated_sampling_group_is_one_dali_sample(dataset, mode):
+    """data.repeat_samples=2: every member still gets its own frames (against the reference), and DALI
+    is asked for each group's union of frames once, fewer than the members' frames one by one."""
+    recs, refs = dataset
+    loader = build_loader(small(decoder="dali", dali_mode=mode, repeat_samples=2), recs, device=CPU)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8
+    for b in batches:
+        check_batch_frames(b, refs)
+    st = loader.stats
+    assert st["dali_samples"] == 16 and st["skipped"] == 0
+    sampler = loader.sampler
+    members = sum(len(np.unique(sampler.spec(p).all_frames())) for p in range(16))
+    unions = sum(len(np.unique(np.concatenate([sampler.spec(q).all_frames() for q in sampler.group(p)])))
+                 for p in range(0, 16, 2))
+    assert st["dali_frames_requested"] == unions < members
