@@ -176,7 +176,10 @@ def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
                                    "--baselines", "--out", str(results), f"data.manifest={manifest}", "data.split=",
                                    "data.num_threads=16", f"data.dali_mode={fastest_dali_mode(results)}"], 420),
             "dali_nowrap_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--no-wrap", "--variants",
-                                  "dali_legacy", "dali_reader", "--out", str(results)], 240)}
+                                  "dali_legacy", "dali_reader", "--out", str(results)], 240),
+            # repeated sampling (data.repeat_samples=4): a group of 4 samples is one decode on every path
+            "dali_repeat4_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--repeat", "4", "--clips-per-video", "8", "--variants",
+                                   "dali_decoder", "dali_reader", "pyav", "--out", str(results)], 300)}
     for codec in ("h264", "hevc", "vp9"):
         runs[f"decode_{codec}"] = ([PY, "benchmarks/decode.py", "--device", "cuda", "--codec", codec, "--workers",
                                     "0", "--clips", "128", "--batch", "32", "--reps", "1", "--sweep", "",

@@ -92,7 +92,8 @@ class DecoderSource:
         pos = work.position
         if pos not in self._subs:
             self._submit_from(pos)
-        horizon = min(pos + self.decoder.depth * self.batch_size, max(self.limit, pos + 1))
+        per_batch = self.batch_size * len(self.group_of(pos))     # positions per submitted batch
+        horizon = min(pos + self.decoder.depth * per_batch, max(self.limit, pos + 1))
         while self._next < horizon and self.decoder.in_flight < self.decoder.depth:
             self._submit_from(self._next)
         batch, i, rows, err = self._subs.pop(pos)
