@@ -96,6 +96,8 @@ class DecoderSource:
         horizon = min(pos + self.decoder.depth * per_batch, max(self.limit, pos + 1))
         while self._next < horizon and self.decoder.in_flight < self.decoder.depth:
             self._submit_from(self._next)
+        if pos not in self._subs:             # lookup() refused it after all: never silently wrong
+            raise DaliDecodeError(f"sample {pos} was not submitted to DALI")
         batch, i, rows, err = self._subs.pop(pos)
         if err is not None:
             raise OSError(err)
@@ -158,6 +160,7 @@ class ReaderSource:
         # (start, end, reader future, position -> (job key, rows)); a job's frames until its members took them
         self._chunks: list[tuple[int, int, Future | None, dict]] = []
         self._frames: dict[int, list] = {}        # job key -> [frames, members still to take them]
+        self._refused: dict[int, bool] = {}       # position -> sent to the fallback (listed chunks)
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="dali-lists")
         self.readers: list[DaliFrameReader] = []   # every reader started (for their counters)
 
@@ -167,11 +170,14 @@ class ReaderSource:
         lines = sum(r.lines * r.seq[0] for r in self.readers)
         return lines + (self.fallback.frames_requested if self.fallback is not None else 0)
 
-    def expressible(self, pos: int) -> bool:
-        """Whether the reader can take the group of ``pos`` (the fallback source's filter)."""
+    def refused(self, pos: int) -> bool:
+        """Whether the sample at ``pos`` goes to the fallback (its filter): as decided when its chunk was
+        listed, or, for positions not listed yet, whether ``to_job`` refuses its group."""
+        if pos in self._refused:
+            return self._refused[pos]
         group = self.group_of(pos)
         works = _members(self.lookup, group, group.start)
-        return bool(works) and self.to_job(group.start, works) is not None
+        return bool(works) and self.to_job(group.start, works) is None
 
     def _start(self, start: int, end: int) -> None:
         jobs, rows = [], {}
@@ -184,6 +190,8 @@ class ReaderSource:
                 jobs.append(made[0])
                 for w, r in zip(works, made[1]):
                     rows[w.position] = (p, r)
+            for w in works:
+                self._refused[w.position] = made is None
             p = group.stop
         fut = self._builder.submit(self.make_reader, jobs) if jobs else None
         self._chunks.append((start, p, fut, rows))

@@ -507,7 +507,7 @@ class ClipLoader:
             return ReaderSource(make, lookup, chunk=chunk, limit=limit, group_of=group_of)
         src = ReaderSource(make, lookup, chunk=chunk, limit=limit, to_job=window_jobs(*seq), group_of=group_of)
         # groups with a window the legacy reader cannot express (it wraps): fn.decoders.video, alongside
-        src.fallback = DecoderSource(self._dali, lambda p: None if src.expressible(p) else lookup(p), bsz, limit,
+        src.fallback = DecoderSource(self._dali, lambda p: lookup(p) if src.refused(p) else None, bsz, limit,
                                      group_of=group_of)
         return src
 

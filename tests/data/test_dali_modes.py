@@ -208,3 +208,41 @@ def test_repeated_sampling_group_is_one_dali_sample(dataset, mode):
     unions = sum(len(np.unique(np.concatenate([sampler.spec(q).all_frames() for q in sampler.group(p)])))
                  for p in range(0, 16, 2))
     assert st["dali_frames_requested"] == unions < members
+
+
+def test_reader_hands_refused_groups_to_the_fallback(dataset):
+    """The legacy reader's composition, on CPU: groups the reader refuses (here every third) are decoded
+    by fn.decoders.video alongside, the rest by the reader; every sample gets its own frames."""
+    from mscl_stream.data.dali_source import DecoderSource, ReaderSource, frame_job
+    from mscl_stream.data.pipeline import DaliDecoder
+    recs, refs = dataset
+    loader = build_loader(small(decoder="dali", dali_mode="reader"), recs, device=CPU)
+    loader.set_epoch(0)
+    n = len(loader) * 2
+
+    def lookup(p):
+        return loader._work(p)
+
+    def to_job(key, works):
+        return None if key % 3 == 0 else frame_job(key, works)
+
+    def make(jobs):
+        return DaliFrameReader(jobs, (48, 64), CPU, readers=2, frames_per_run=4, depth=2)
+
+    src = ReaderSource(make, lookup, chunk=4, limit=n, to_job=to_job)
+    dec = DaliDecoder(2, (48, 64), 1, CPU, depth=2)
+    src.fallback = DecoderSource(dec, lambda p: lookup(p) if src.refused(p) else None, 2, n)
+    try:
+        for p in range(n):
+            w = lookup(p)
+            frames, rows = src.take(w)
+            got = frames[torch.from_numpy(rows)].numpy().astype(np.float64)
+            ref = refs[w.specs[0].video_idx].astype(np.float64)
+            for k, f in enumerate(w.all_frames()):
+                assert np.abs(ref[f] - got[k]).mean() < 3.0
+        assert src.fallback_samples == len(range(0, n, 3)) and dec.runs >= 2
+        assert sum(r.lines for r in src.readers) == sum(len(np.unique(lookup(p).all_frames()))
+                                                         for p in range(n) if p % 3)
+    finally:
+        src.close()
+        loader.close()
