@@ -2,7 +2,11 @@
 
     python benchmarks/gpu_check.py --part torch OUT   # torch alone: GPU/driver/NVDEC facts, the CUDA tests
                                                       # that need no DALI/Kornia/PyAV, TV-L1 fused vs eager,
-                                                      # RAFT variants (80 s on an H100)
+                                                      # flow_speed (80 s on an H100), RAFT speed variants
+                                                      # with their EPE vs the reference loop (raft_*) and
+                                                      # model-step variants (step_*): both unmeasured yet,
+                                                      # limits add up to 34 min (expected: far less);
+                                                      # --only / --skip to fit the lease
     python benchmarks/gpu_check.py --part dali OUT    # with DALI + PyAV (+ Kornia from the tests on): the
                                                       # DALI decode variants against 16 PyAV processes on
                                                       # the k400 profile first (no Kornia needed), then the
@@ -114,7 +118,10 @@ TORCH_TESTS = ["tests/flow/test_opencv.py::test_output_on_input_device",
                "tests/flow/test_tvl1.py::test_fused_gpu_matches_eager_and_batches_consistently",
                "tests/kernels/test_tvl1_kernel.py::test_compiled_kernels_match_reference_on_gpu",
                "tests/models/test_mscl.py::test_cuda_full_size_bf16_channels_last",
-               "tests/test_losses.py::test_losses_on_cuda_match_cpu"]
+               "tests/test_losses.py::test_losses_on_cuda_match_cpu",
+               "tests/kernels/test_corr_lookup.py::test_compiled_kernel_matches_grid_sample_on_gpu",
+               "tests/flow/test_raft.py::test_gpu_speed_variants_match_fp32",
+               "tests/train/test_step_options.py::test_flow_ahead_on_a_side_stream_hands_out_the_plain_flows"]
 DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_dali_modes.py",
               "tests/data/test_manifest.py::test_probe_counts_equal_dali_gpu_decode",
               "tests/flow/test_registry.py::test_dali_of_translation_or_clear_error",
@@ -126,11 +133,31 @@ def _pytest(tests: list[str]) -> list[str]:
     return [PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests]
 
 
+# RAFT speed variants (benchmarks/raft_variants.py), most wanted first; each its own subprocess and time
+# limit (compiling variants get more). The reference runs first: the others compare their flow with its.
+RAFT_VARIANTS = [("reference", 60), ("triton", 60), ("triton_channels_last", 60), ("triton_compile_update", 150),
+                 ("iters_8", 60), ("warm_start_6", 60), ("triton_warm_start_6", 60), ("channels_last", 60),
+                 ("eager", 60), ("compile_update_eager", 150)]
+# Model step variants (benchmarks/model_step.py, no Kornia needed); seq vs ahead answers "does flow for
+# batch N+1 on a side stream overlap batch N's training?"
+MODEL_STEP_VARIANTS = [("model_fused", 90), ("model_foreach", 90), ("flow_only", 60), ("seq", 90), ("ahead", 90),
+                       ("model_compiled", 240), ("model_loop", 90)]
+
+
 def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
-    """Torch-only work (first staging call): CUDA tests, TV-L1 fused vs eager, RAFT variants."""
-    return {"tests_cuda_torch": (_pytest(TORCH_TESTS), 150),
+    """Torch-only work (first staging call): CUDA tests, TV-L1 fused vs eager, flow_speed, RAFT speed
+    variants with their EPE against the reference loop, model-step variants (compile, SGD kernels,
+    flow ahead)."""
+    runs = {"tests_cuda_torch": (_pytest(TORCH_TESTS), 300),
             "tvl1_speed": ([PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 100),
             "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90)}
+    for name, limit in RAFT_VARIANTS:
+        runs[f"raft_{name}"] = ([PY, "benchmarks/raft_variants.py", "--device", "cuda", "--variant", name,
+                                 "--out", str(results)], limit)
+    for name, limit in MODEL_STEP_VARIANTS:
+        runs[f"step_{name}"] = ([PY, "benchmarks/model_step.py", "--device", "cuda", "--variant", name,
+                                 "--out", str(results)], limit)
+    return runs
 
 
 # benchmarks/nvdec_access.py on the issue's shape: k400 profile (H.264, x264 medium, GOP 250), batch 64,
@@ -178,8 +205,9 @@ def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
             "dali_nowrap_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--no-wrap", "--variants",
                                   "dali_legacy", "dali_reader", "--out", str(results)], 240),
             # repeated sampling (data.repeat_samples=4): a group of 4 samples is one decode on every path
-            "dali_repeat4_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--repeat", "4", "--clips-per-video", "8", "--variants",
-                                   "dali_decoder", "dali_reader", "pyav", "--out", str(results)], 300)}
+            "dali_repeat4_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--repeat", "4",
+                                   "--clips-per-video", "8", "--variants", "dali_decoder", "dali_reader", "pyav",
+                                   "--out", str(results)], 300)}
     for codec in ("h264", "hevc", "vp9"):
         runs[f"decode_{codec}"] = ([PY, "benchmarks/decode.py", "--device", "cuda", "--codec", codec, "--workers",
                                     "0", "--clips", "128", "--batch", "32", "--reps", "1", "--sweep", "",
@@ -227,6 +255,10 @@ def main() -> None:
         if "result" in run:
             r = run["result"]
             extra = f"  {r.get('clips_per_s', 0):.1f} clips/s" + (f", MFU {r['mfu']:.3f}" if r.get("mfu") else "")
+            if r.get("pairs_per_s"):
+                extra = f"  {r['pairs_per_s']:.0f} pairs/s, EPE vs reference {r.get('epe_vs_reference') or 0:.4f} px"
+            elif r.get("ms_per_step"):
+                extra += f", {r['ms_per_step']:.1f} ms/step"
         print(f"{name:<28}{run['status']:<16}{run['seconds']:>8.1f}{extra}")
         if name.startswith("dali_") and "_k400" in name:     # nvdec_access's own table, one row per variant
             for line in run["tail"].splitlines():
