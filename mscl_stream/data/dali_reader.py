@@ -39,6 +39,11 @@ from mscl_stream.data.pipeline import (DALI_ERRORS, DaliDecodeError, device_id_o
                                        resize_owned)
 
 
+def _host(tensor_list):
+    """A DALI TensorList in host memory (``as_cpu`` for GPU lists)."""
+    return tensor_list.as_cpu() if hasattr(tensor_list, "as_cpu") else tensor_list
+
+
 @dataclass
 class FrameJob:
     """One sample: ``frames`` sorted unique raw indices of the video at ``path``.
@@ -237,8 +242,9 @@ class DaliFrameReader:
                 rows = [batch[i] for i in range(len(slots))]
             else:
                 rows = [np.array(video[i]) for i in range(len(slots))]       # (frames, h, w, 3) copies
-            slot_ids = np.asarray(slots.as_tensor()).reshape(-1)
-            frame_ids = np.asarray(frames.as_tensor()).reshape(-1)
+            # GPU readers give their labels and frame numbers on the device too
+            slot_ids = np.asarray(_host(slots).as_tensor()).reshape(-1)
+            frame_ids = np.asarray(_host(frames).as_tensor()).reshape(-1)
             for row, s, fr in zip(rows, slot_ids.tolist(), frame_ids.tolist()):
                 self._deliver(r, s, fr, row)
 
