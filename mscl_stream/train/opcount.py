@@ -59,12 +59,13 @@ class Counts:
     by_op: Counter = field(default_factory=Counter)
     read_ops: Counter = field(default_factory=Counter)
     copy_ops: Counter = field(default_factory=Counter)
+    where: Counter = field(default_factory=Counter)     # "file:line in function" of each read / copy
 
     def as_dict(self, top: int = 25) -> dict[str, Any]:
         return {"ops": self.ops, "host_reads": self.host_reads, "blocking_copies": self.blocking_copies,
                 "async_uploads": self.async_uploads, "triton_launches": self.triton_launches,
                 "top_ops": dict(self.by_op.most_common(top)), "read_ops": dict(self.read_ops),
-                "copy_ops": dict(self.copy_ops)}
+                "copy_ops": dict(self.copy_ops), "where": dict(self.where)}
 
 
 class OpCounter(TorchDispatchMode):
@@ -76,10 +77,19 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        self._root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
         self._host: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._paused = 0
         self.current: Counts | None = None
         self._patches: list[tuple[Any, str, Any]] = []
+
+    def _where(self) -> None:
+        # the innermost frame in this package's own code (not torch, kornia or this module)
+        import traceback
+        for fr in reversed(traceback.extract_stack()[:-2]):
+            if fr.filename.startswith(self._root) and not fr.filename.endswith("opcount.py"):
+                self.current.where[f"{fr.filename[len(self._root) + 1:]}:{fr.lineno} in {fr.name}"] += 1
+                return
 
     # ---------------------------------------------------------------- classification
     def is_host(self, t: torch.Tensor) -> bool:
@@ -109,6 +119,7 @@ class OpCounter(TorchDispatchMode):
                 if dev_in:
                     c.host_reads += 1
                     c.read_ops[name] += 1
+                    self._where()
             elif name == "copy_" and len(tensors) >= 2 and not host[0] and host[1]:
                 nb = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
                 if nb:
@@ -116,9 +127,11 @@ class OpCounter(TorchDispatchMode):
                 else:
                     c.blocking_copies += 1
                     c.copy_ops[name] += 1
+                    self._where()
             elif dev_in and any(h and t.dim() > 0 for t, h in zip(tensors, host)):
                 c.blocking_copies += 1
                 c.copy_ops[name] += 1
+                self._where()
         if name == "lift_fresh" or (tensors and all(host)) or \
                 (not tensors and (kwargs.get("generator") is not None or kwargs.get("pin_memory"))):
             if name != "copy_":      # copy_ returns its (device) destination
@@ -130,6 +143,7 @@ class OpCounter(TorchDispatchMode):
         if self.current is not None and not self._paused and not self.is_host(t):
             self.current.host_reads += 1
             self.current.read_ops["python_read"] += 1
+            self._where()
 
     def __enter__(self):
         counter = self
@@ -155,6 +169,7 @@ class OpCounter(TorchDispatchMode):
                     else:
                         counter.current.blocking_copies += 1
                         counter.current.copy_ops["to(device)"] += 1
+                        counter._where()
                 counter._host.pop(id(out), None)
             return out
         self._patches.append((torch.Tensor, "to", orig_to))
