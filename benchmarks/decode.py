@@ -359,20 +359,21 @@ def plot_costs(result: dict, path: Path) -> None:
     for prof, methods in result["profiles"].items():
         for m, r in methods.items():
             for kind, v in r.items():
-                if isinstance(v, dict) and "median_cpu_ms" in v and kind != "real_bikes" and \
-                        kind.startswith("real_"):
+                if not isinstance(v, dict) or "median_cpu_ms" not in v:
                     continue
-                if isinstance(v, dict) and "median_cpu_ms" in v:
-                    labels.append(f"{prof}\n{m}" + ("" if kind == "synthetic" else f"\n{kind}"))
-                    amp.append(v["median_amplification"])
-                    cpu.append(v["median_cpu_ms"])
-    fig, ax = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(labels)), 7))
-    ax[0].bar(labels, cpu, color="#4477aa")
-    ax[0].set_ylabel("CPU-ms per MSCL sample (median, 1 core)")
-    ax[1].bar(labels, amp, color="#aa7744")
-    ax[1].set_ylabel("frames decoded / frames wanted")
-    for x in ax:
-        x.tick_params(axis="x", labelsize=7)
+                if kind.startswith("real_") and kind != "real_bikes":
+                    continue
+                name = m.replace("pyav_transcoded_", "pyav transcoded ").replace("_", " ")
+                labels.append(f"{prof}: {name}" + ("" if kind == "synthetic" else f" [{kind}]"))
+                amp.append(v["median_amplification"])
+                cpu.append(v["median_cpu_ms"])
+    fig, ax = plt.subplots(1, 2, figsize=(13, 0.22 * len(labels) + 1.5), sharey=True)
+    y = list(range(len(labels)))[::-1]
+    ax[0].barh(y, cpu, color="#4477aa")
+    ax[0].set_xlabel("CPU-ms per MSCL sample (median, 1 core)")
+    ax[0].set_yticks(y, labels, fontsize=7)
+    ax[1].barh(y, amp, color="#aa7744")
+    ax[1].set_xlabel("frames decoded / frames wanted")
     fig.suptitle(f"decode cost per sample, {result['machine'].get('cpu', 'cpu')}, {result['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
