@@ -351,6 +351,7 @@ def validate(cfg: Config) -> Config:
     need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep every step file)")
+    need(not (t.overwrite and t.resume), "train.overwrite", "cannot be combined with --resume (overwrite starts anew)")
     need(cfg.log.every >= 1, "log.every", "must be >= 1")
     need(":" not in f.estimator or f.allow_import or os.environ.get(ALLOW_IMPORT_ENV) == "1", "flow.estimator",
          f"{f.estimator!r} names code to import and run; allow it with flow.allow_import=true "
