@@ -14,9 +14,10 @@ what decode can feed a training step:
                   (``--no-wrap`` samples the method without wrapping, to see the reader alone);
   pyav:           PyAV in ``--pyav-workers`` worker processes (``data.decoder=pyav``).
 
-Reported per variant: samples/s (steady state: the first ``--warmup`` batches are left out; by default
-the timing runs to the end of the epoch, so no decoded work is left in flight), CPU-ms per sample (this
-process and its PyAV worker processes), frames wanted per sample, frames a keyframe-seeking decoder
+Reported per variant: samples/s in steady state (the second half of the epoch's batches, timed from
+the arrival of the batch before it to the last; ``epoch_samples_per_s`` includes the start-up), CPU-ms
+per sample over the whole epoch (this process and its PyAV worker processes, start-up included; the
+epoch ends with nothing in flight), frames wanted per sample, frames a keyframe-seeking decoder
 decodes per sample (modelled from each file's packet index: ``sweep_frames``) and the decoded frames/s
 that implies (on a GPU, the NVDEC rate the variant drives), and for DALI the most runs in flight.
 
@@ -130,41 +131,44 @@ def run_one(a, variant: str) -> dict:
     loader = build_loader(cfg, records, device=dev)
     loader.set_epoch(0)
     n_batches = min(len(loader), a.warmup + a.batches) if a.batches else len(loader)
-    if n_batches <= a.warmup:
+    # steady state: the second half of the epoch's batches (at least --warmup left out), so the batches
+    # the look-ahead decoded before the window are a small part of it
+    h = max(a.warmup, n_batches // 2)
+    if n_batches - h < 2:
         raise SystemExit(f"only {len(loader)} batches per epoch: use more --videos or --clips-per-video")
-    row: dict = {"variant": variant, "batches_timed": n_batches - a.warmup}
+    row: dict = {"variant": variant, "batches": n_batches, "batches_timed": n_batches - h}
+    arrivals = []
+    sync()
+    t_start, c_start = time.perf_counter(), _cpu_seconds()
     if variant == "dali_sync":
         # the old path: the loader's work items, one synchronous DALI batch at a time
         dec = DaliDecoder(a.batch, tuple(a.size), a.dali_threads, dev, depth=1)
         works = [loader._work(p) for p in range(n_batches * a.batch)]
-        t0 = c0 = None
         for b in range(n_batches):
-            if b == a.warmup:
-                sync()
-                t0, c0 = time.perf_counter(), _cpu_seconds()
             chunk = works[b * a.batch:(b + 1) * a.batch]
             lists = [np.unique(w.all_frames()) for w in chunk]
             dec.decode([np.fromfile(w.record.path, dtype=np.uint8) for w in chunk], lists)
-        sync()
-        cpu_end = None
+            sync()
+            arrivals.append(time.perf_counter())
+        cpu = _cpu_seconds() - c_start
     else:
         it = iter(loader)
         for b in range(n_batches):
-            if b == a.warmup:
-                sync()
-                t0, c0 = time.perf_counter(), _cpu_seconds(loader)
             next(it)
-        sync()
-        cpu_end = _cpu_seconds(loader)
+            sync()
+            arrivals.append(time.perf_counter())
+        cpu = _cpu_seconds(loader) - c_start     # the PyAV workers started after c_start
         st = loader.stats
         row.update(skipped=st["skipped"], dali_runs=st["dali_runs"], dali_max_in_flight=st["dali_max_in_flight"],
                    dali_samples=st["dali_samples"], pyav_samples=st["pyav_samples"],
-                   dali_rebuilds=st["dali_rebuilds"], dali_reader_fallbacks=st["dali_reader_fallbacks"])
-    sec = time.perf_counter() - t0
-    cpu = (cpu_end if cpu_end is not None else _cpu_seconds()) - c0
-    samples = (n_batches - a.warmup) * a.batch
-    row.update(_decode_model(records, loader.sampler, range(a.warmup * a.batch, n_batches * a.batch)))
-    row.update(samples_per_s=samples / sec, cpu_ms_per_sample=1e3 * cpu / samples, seconds=sec,
+                   dali_rebuilds=st["dali_rebuilds"], dali_reader_fallbacks=st["dali_reader_fallbacks"],
+                   dali_frames_requested=st["dali_frames_requested"])
+    sec = arrivals[-1] - arrivals[h - 1]
+    samples = (n_batches - h) * a.batch
+    row.update(_decode_model(records, loader.sampler, range(h * a.batch, n_batches * a.batch)))
+    row.update(samples_per_s=samples / sec, seconds=sec,
+               epoch_samples_per_s=n_batches * a.batch / (arrivals[-1] - t_start),
+               cpu_ms_per_sample=1e3 * cpu / (n_batches * a.batch),
                decoded_frames_per_s=samples / sec * row["frames_decoded_per_sample"],
                output_frames_per_s=samples / sec * row["frames_wanted_per_sample"])
     loader.close()
@@ -211,9 +215,8 @@ def main() -> None:
     ap.add_argument("--clips-per-video", type=int, default=8, help="samples per video per epoch")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=0,
-                    help="timed batches per variant (0: the rest of the epoch; fewer than a few times "
-                         "--depth leaves work in flight that the CPU time counts and the samples do not)")
-    ap.add_argument("--warmup", type=int, default=2, help="batches left out of the timing")
+                    help="batches per variant (0: the whole epoch)")
+    ap.add_argument("--warmup", type=int, default=2, help="batches at least left out of the steady-state timing")
     ap.add_argument("--depth", type=int, default=3, help="data.prefetch: DALI runs in flight")
     ap.add_argument("--size", type=int, nargs=2, default=(128, 176), metavar=("H", "W"))
     ap.add_argument("--dali-threads", type=int, default=os.cpu_count() or 4)
