@@ -174,7 +174,7 @@ if triton is not None:
         hw = H * W
         src = rgb_ptr + frame * 3 * hw
         SS = S * S
-        mean = 0.0
+        mean = x0 * 0.0                                       # an fp32 scalar in both branches (compiled if)
         if cslot < 4:
             acc = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, SS, BLOCK):
