@@ -230,8 +230,10 @@ def open_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -
     _acquire(lock)
     rd = RunDir(path=out, lock_path=lock, previous_run_id=_previous_run_id(out))
     try:
+        # an empty checkpoints/ (left by a start that failed before training) does not make a run
         others = sorted(p.name for p in out.iterdir()
-                        if p.name != LOCK_NAME and not (p.name.startswith(".") and ".tmp-" in p.name))
+                        if p.name != LOCK_NAME and not (p.name.startswith(".") and ".tmp-" in p.name)
+                        and not (p == ck and p.is_dir() and not any(ck.iterdir())))
         if others and not resume:
             if not overwrite:
                 held = f"run {rd.previous_run_id}" if rd.previous_run_id else f"{len(others)} entries ({', '.join(others[:3])})"

@@ -154,12 +154,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         check_expect(state, expect_from_config(to_dict(cfg), RESUME_MUST_MATCH), ckpt_path)
         if dist.is_main:
             _check_resume_data(state, manifest_id, ckpt_path)
-    if dist.is_main:
-        run_id = (state or {}).get("run_id") or new_run_id()
-        run.claim(run_id, cfg.train.seed, manifest_id)
-        dump_config(cfg, out / "config.yaml")
-    else:
-        run_id = None
+    run_id = ((state or {}).get("run_id") or new_run_id()) if dist.is_main else None
 
     # ---- data, flow, model, optimiser
     records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
@@ -251,6 +246,9 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                     f"{bad_streak} non-finite steps in a row at step {at}; the last finite weights are in "
                     f"{out / 'checkpoints' / 'diverged.pt'} (lower optim.lr or use train.amp=fp32)")
 
+    if dist.is_main:   # the folder becomes this run's only now: a start that failed above left it empty
+        run.claim(run_id, cfg.train.seed, manifest_id)
+        dump_config(cfg, out / "config.yaml")
     metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl)
     timer = StageTimer(device, warmup_steps=2)   # steps 0-1: captures, autotuning, the FLOP count
     peak = peak_flops(device)

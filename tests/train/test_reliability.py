@@ -227,6 +227,13 @@ def test_bad_out_dirs_are_refused_before_work(tmp_path, tiny_manifest, no_expens
     with pytest.raises(UserError, match="checkpoints is a file"):
         pretrain(_cfg(tiny_manifest, run))
     assert not (run / ".lock").exists()                        # released on the error path
+    # a start that fails before training leaves no run behind: the next start is not refused
+    (run / "checkpoints").unlink()
+    with pytest.raises(_Boom):
+        pretrain(_cfg(tiny_manifest, run))
+    with pytest.raises(_Boom):
+        pretrain(_cfg(tiny_manifest, run))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
