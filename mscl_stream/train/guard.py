@@ -1,4 +1,4 @@
-"""The trainer's non-finite-step guard: a bad step changes nothing, decided on the device, read one step late.
+"""Non-finite-step guard: a bad step changes nothing, decided on the device, read by the host later.
 
 A step is *bad* when its loss or its gradient norm is not finite (on any rank). A bad step must leave
 the model as it was: parameters, optimizer state, momentum encoders, MoCo queues and BatchNorm running
@@ -13,8 +13,9 @@ on the device from one 0-dim bool tensor ``ok``:
   a copy taken before the forward: they live as views of two flat tensors (float, int64), so the copy
   and the restore are a couple of kernels.
 
-The host learns about bad steps one step late: ``ok`` is copied into pinned memory without blocking,
-and read after the next step has been launched (:meth:`StepGuard.publish`), to count streaks.
+The host learns about bad steps a step or so late: ``ok`` is copied into pinned memory without
+blocking and read once that copy has completed (:meth:`StepGuard.publish` polls, it does not wait), to
+count streaks; :meth:`StepGuard.flush` waits for all (before a checkpoint, at the end).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _init_momentum_buffers(opt: torch.optim.Optimizer) -> None:
 
 
 class StepGuard:
-    """Device-side finite check of each step plus a one-step-late host view of the result.
+    """Device-side finite check of each step, and a host view of the verdicts that never waits.
 
     Usage per step::
 
@@ -84,6 +85,8 @@ class StepGuard:
         guard.after_step(ok)                     # BN statistics restored when not ok
         for step_no, good in guard.publish(ok, step_no): ...   # earlier steps' results (host)
     """
+
+    MAX_PENDING = 4     # flags in flight before publish() waits for the oldest
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer | None, device: torch.device,
                  world_size: int = 1) -> None:
@@ -128,10 +131,11 @@ class StepGuard:
             flat.copy_(torch.where(ok, flat, shadow))
 
     def publish(self, ok: torch.Tensor, step: int) -> list[tuple[int, bool]]:
-        """Queue this step's flag for the host; return ``(step, ok)`` of earlier steps now known.
+        """Queue this step's flag for the host; return ``(step, ok)`` of the steps whose flag has arrived.
 
-        On CUDA the flag is copied into pinned memory without blocking and read at the next call (its
-        kernels have long finished by then); on CPU it is read at once.
+        On CUDA the flag is copied into pinned memory without blocking; it is read once its copy has
+        completed (``Event.query``, which never waits), usually at the next step. Only when more than
+        ``MAX_PENDING`` flags are outstanding does this wait for the oldest. On CPU the flag is read at once.
         """
         if self._pin:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -141,16 +145,15 @@ class StepGuard:
             self._pending.append((step, host, ev))
         else:
             self._pending.append((step, ok, None))
-        done, keep = [], []
-        for i, (s, t, ev) in enumerate(self._pending):
-            last = i == len(self._pending) - 1
-            if ev is None or not last:
-                if ev is not None:
-                    ev.synchronize()
-                done.append((s, bool(t)))
-            else:
-                keep.append((s, t, ev))
-        self._pending = keep
+        done = []
+        while self._pending:
+            s, t, ev = self._pending[0]
+            if ev is not None and not ev.query():
+                if len(self._pending) <= self.MAX_PENDING:
+                    break
+                ev.synchronize()          # bound the lag (and the host memory) when the device is far behind
+            done.append((s, bool(t)))
+            self._pending.pop(0)
         return done
 
     def flush(self) -> list[tuple[int, bool]]:

@@ -236,7 +236,8 @@ def open_run_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -
                         and not (p == ck and p.is_dir() and not any(ck.iterdir())))
         if others and not resume:
             if not overwrite:
-                held = f"run {rd.previous_run_id}" if rd.previous_run_id else f"{len(others)} entries ({', '.join(others[:3])})"
+                held = (f"run {rd.previous_run_id}" if rd.previous_run_id
+                        else f"{len(others)} entries ({', '.join(others[:3])})")
                 raise UserError(f"train.out_dir: {out} already holds {held}; continue it with --resume auto, "
                                 f"replace it with --overwrite (train.overwrite=true), or choose another folder")
             for name in RUN_FILES:

@@ -229,7 +229,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         return save_checkpoint(out / "checkpoints" / f"{tag}.pt", ckpt)
 
     def account(results: list[tuple[int, bool]]) -> None:
-        # Host view of the guard's verdicts (one step late on a GPU); stop after too many in a row.
+        # Host view of the guard's verdicts (a step or so late on a GPU); stop after too many in a row.
         nonlocal bad_streak, bad_total
         for at, good in results:
             if good:
