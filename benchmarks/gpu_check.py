@@ -152,6 +152,7 @@ def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
     runs = {"tests_cuda_torch": (_pytest(TORCH_TESTS), 300),
             "tvl1_speed": ([PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 100),
             "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90)}
+    runs["corr_lookup"] = ([PY, "benchmarks/corr_lookup.py", "--device", "cuda", "--out", str(results)], 60)
     for name, limit in RAFT_VARIANTS:
         runs[f"raft_{name}"] = ([PY, "benchmarks/raft_variants.py", "--device", "cuda", "--variant", name,
                                  "--out", str(results)], limit)
