@@ -14,11 +14,15 @@ import multiprocessing
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 
 from mscl_stream.errors import UserError
+
+if TYPE_CHECKING:
+    from mscl_stream.data.profiles import Profile
 
 # codec name -> (FFmpeg encoder, container suffix, pixel format, encoder options)
 _CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
