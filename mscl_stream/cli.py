@@ -69,7 +69,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.train.bench import run_bench
     run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators),
-              codec=a.codec, skip=tuple(a.skip), profile=a.profile)
+              codec=a.codec, skip=tuple(a.skip), profile=a.profile, repeat_samples=a.repeat_samples)
     return 0
 
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["toy", "ucf101", "k400"], default=None,
                    help="data profile of the sample data made when data.manifest is empty "
                         "(default: k400 on a GPU, toy on CPU; docs/data.md)")
+    p.add_argument("--repeat-samples", type=int, default=1, metavar="R",
+                   help="also run end to end with repeated sampling (data.repeat_samples=R; docs/data.md)")
     p.add_argument("--estimators", nargs="*", default=[], help="flow estimators to swap into the full loop")
     p.add_argument("--skip", nargs="*", default=[], metavar="RUN",
                    help="optional runs to leave out: pyav_dataloader, end_to_end_nvdec (GPU), precomputed_flow, "

@@ -181,12 +181,13 @@ def _swapped_flow(flow: FlowConfig, name: str) -> FlowConfig:
 
 def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
               estimators: tuple[str, ...] = (), codec: str = "auto", skip: tuple[str, ...] = (),
-              profile: str | None = None) -> dict:
+              profile: str | None = None, repeat_samples: int = 1) -> dict:
     """Run the benchmark suite; writes JSON + PNG into ``out`` and returns the result dict.
 
     ``codec`` picks the sample data's codec when ``data.manifest`` is empty (see :func:`bench_codec`);
     ``skip`` leaves out some of :data:`OPTIONAL_RUNS`; ``profile`` picks the sample data's profile
-    (see :func:`bench_profile`; ignored with ``data.manifest``).
+    (see :func:`bench_profile`; ignored with ``data.manifest``); ``repeat_samples`` > 1 adds an
+    end-to-end run with repeated sampling (``data.repeat_samples``), reported beside (a).
     """
     unknown = set(skip) - set(OPTIONAL_RUNS)
     if unknown:
@@ -228,6 +229,10 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         print("bench (f): PyAV decode cost per sample on one core", flush=True)
         result["decode_cost"] = decode_cost(cfg, runs["resident"]["clips_per_s"], runs["end_to_end"].get("loader"))
         path.write_text(json.dumps(result, indent=2, default=str))
+    if repeat_samples > 1:
+        print(f"bench (a''): end-to-end with repeated sampling, data.repeat_samples={repeat_samples}", flush=True)
+        done(f"end_to_end_repeat{repeat_samples}",
+             _run(replace(cfg, data=replace(cfg.data, repeat_samples=repeat_samples))))
     if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.train.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)

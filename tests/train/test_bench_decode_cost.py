@@ -25,3 +25,17 @@ def test_decode_cost_and_cores_per_gpu(tiny_manifest):
     assert out["pyav_cores_per_gpu"] == pytest.approx(50.0 / one["samples_per_cpu_s"])
     assert one["samples_per_cpu_s"] == pytest.approx(1e3 / one["median_cpu_ms"])
     assert out["end_to_end_pyav"] == {"samples": 4, "amplification": 2.5, "cpu_ms_per_sample": pytest.approx(50.0)}
+
+
+@pytest.mark.slow
+def test_bench_repeat_samples_run(tiny_manifest, tmp_path):
+    from mscl_stream.train.bench import run_bench
+
+    cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=", "data.decoder=pyav"])
+    res = run_bench(cfg, out=tmp_path, steps=2, repeat_samples=2)
+    assert set(res["runs"]) == {"end_to_end", "resident", "end_to_end_repeat2"}
+    rep = res["runs"]["end_to_end_repeat2"]["loader"]
+    # the repeated run decoded through PyAV's group path and counted its cost (grouping itself is tested
+    # in tests/data/test_repeat_sampling.py)
+    assert rep["pyav_samples"] >= 4 and rep["pyav_frames_decoded"] >= rep["pyav_frames_wanted"] > 0
+    assert res["profile"] == "data.manifest" and res["decode_cost"]["pyav_cores_per_gpu"] > 0
