@@ -21,6 +21,10 @@ epoch ends with nothing in flight), frames wanted per sample, frames a keyframe-
 decodes per sample (modelled from each file's packet index: ``sweep_frames``) and the decoded frames/s
 that implies (on a GPU, the NVDEC rate the variant drives), and for DALI the most runs in flight.
 
+``--step-ms S`` makes the consumer sleep S ms per batch, a training step that leaves the CPU to the
+decoders: a path that decodes while the consumer works keeps the slower of decode and step per batch,
+the synchronous path pays their sum.
+
 Every variant runs in its own subprocess with a time limit (``--time-limit``); the JSON in --out is
 rewritten after each one, so a failure or a timeout costs only that variant.
 
@@ -150,6 +154,7 @@ def run_one(a, variant: str) -> dict:
             dec.decode([np.fromfile(w.record.path, dtype=np.uint8) for w in chunk], lists)
             sync()
             arrivals.append(time.perf_counter())
+            time.sleep(a.step_ms / 1e3)
         cpu = _cpu_seconds() - c_start
     else:
         it = iter(loader)
@@ -157,6 +162,7 @@ def run_one(a, variant: str) -> dict:
             next(it)
             sync()
             arrivals.append(time.perf_counter())
+            time.sleep(a.step_ms / 1e3)         # a training step that leaves the CPU free
         cpu = _cpu_seconds(loader) - c_start     # the PyAV workers started after c_start
         st = loader.stats
         row.update(skipped=st["skipped"], dali_runs=st["dali_runs"], dali_max_in_flight=st["dali_max_in_flight"],
@@ -224,6 +230,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--time-limit", type=int, default=120, help="seconds per variant")
     ap.add_argument("--no-wrap", action="store_true", help="data.wrap=false (windows clamped inside the video)")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="the consumer sleeps this long per batch (a training step that leaves the CPU free): "
+                         "with decode overlapped, samples/s stays at the slower of decode and step")
     ap.add_argument("--repeat", type=int, default=1,
                     help="data.repeat_samples: samples per video visit, decoded as one group (1 = the method's)")
     ap.add_argument("--data", type=Path, default=Path("/tmp/mscl-nvdec-access"))
@@ -240,11 +249,12 @@ def main() -> None:
     _data(a)                                        # made once, before any variant's clock starts
     made = time.perf_counter() - t0
     a.out.mkdir(parents=True, exist_ok=True)
-    tag = ("_nowrap" if a.no_wrap else "") + (f"_repeat{a.repeat}" if a.repeat > 1 else "")
+    tag = ("_nowrap" if a.no_wrap else "") + (f"_repeat{a.repeat}" if a.repeat > 1 else "") + \
+        (f"_step{a.step_ms:g}ms" if a.step_ms else "")
     path = a.out / f"nvdec_access_{a.device}_{a.profile}_{a.codec}{tag}_{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     res = {"benchmark": "nvdec_access", "date": dt.datetime.now().isoformat(timespec="seconds"),
            "machine": machine_info(), "device": a.device, "profile": a.profile, "codec": a.codec,
-           "videos": a.videos, "clips_per_video": a.clips_per_video, "wrap": not a.no_wrap, "repeat_samples": a.repeat, "batch": a.batch, "frame_size": list(a.size), "depth": a.depth,
+           "videos": a.videos, "clips_per_video": a.clips_per_video, "wrap": not a.no_wrap, "repeat_samples": a.repeat, "step_ms": a.step_ms, "batch": a.batch, "frame_size": list(a.size), "depth": a.depth,
            "dali_threads": a.dali_threads, "pyav_workers": a.pyav_workers, "data_seconds": made, "variants": {}}
     _save(path, res)
     args = [a_ for a_ in sys.argv[1:]]
