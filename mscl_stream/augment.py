@@ -358,16 +358,13 @@ def augment_backend(backend: str, device: torch.device) -> str:
 class UploadedView:
     """One view's parameters on the device (see :func:`upload_views`).
 
-    table: (B, VIEW_COLS) float32 device view of the uploaded parameter table; rows / host_rows / spans:
-    the subset row lists (device long, and the host copy they came from) and their (start, end) spans
-    (torch path only, else None); sigma: (B,) host float32 blur sigmas (kornia checks them on the host).
+    table: (B, VIEW_COLS) float32 device view of the uploaded parameter table; rows / spans: the subset
+    row lists (device long) and their host-side (start, end) spans (torch path only, else None).
     """
 
     table: torch.Tensor
     rows: torch.Tensor | None
-    host_rows: np.ndarray | None
     spans: dict | None
-    sigma: np.ndarray
 
 
 def upload_views(params: list[AugmentParams], extra: np.ndarray | None, device: torch.device,
@@ -389,18 +386,17 @@ def upload_views(params: list[AugmentParams], extra: np.ndarray | None, device: 
         for p in params:
             rows, spans = subset_rows(p)
             parts.append(rows.astype(np.float32))
-            row_info.append((at, at + rows.size, rows, spans))
+            row_info.append((at, at + rows.size, spans))
             at += rows.size
     buf = upload(np.concatenate(parts), device)
     dev_table = buf[:table.size].view(b, table.shape[1])
     views = []
     for v, p in enumerate(params):
-        rows = host_rows = spans = None
+        rows = spans = None
         if subsets:
-            lo, hi, host_rows, spans = row_info[v]
+            lo, hi, spans = row_info[v]
             rows = buf[lo:hi].long()
-        views.append(UploadedView(dev_table[:, v * VIEW_COLS:(v + 1) * VIEW_COLS], rows, host_rows, spans,
-                                  _np(p.sigma)))
+        views.append(UploadedView(dev_table[:, v * VIEW_COLS:(v + 1) * VIEW_COLS], rows, spans))
     return views, (dev_table[:, -1] if extra is not None else None)
 
 
