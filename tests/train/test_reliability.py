@@ -511,6 +511,25 @@ def test_eval_refuses_non_finite_weights_and_features(tmp_path, tiny_manifest, b
         extract_features(NanEncoder(), read_manifest(tiny_manifest)[:2], cfg, "cpu")
 
 
+def test_sigint_checkpoints_at_the_step_boundary_and_exits_130(tiny_manifest, tmp_path, monkeypatch, capsys):
+    from mscl_stream import cli
+    from mscl_stream.models import mscl
+    forward, calls = mscl.MSCL.forward, {"n": 0}
+
+    def interrupted(self, inp):
+        calls["n"] += 1
+        if calls["n"] == 2:              # Ctrl-C in the middle of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, inp)
+    monkeypatch.setattr(mscl.MSCL, "forward", interrupted)
+    dump_config(_cfg(tiny_manifest, tmp_path / "run", "train.max_steps=6"), tmp_path / "c.yaml")
+    handler = signal.getsignal(signal.SIGINT)
+    assert cli.main(["pretrain", "-c", str(tmp_path / "c.yaml")]) == 130
+    assert "stopped by SIGINT at step 2" in capsys.readouterr().err
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "run")] == [2] and calls["n"] == 2
+    assert signal.getsignal(signal.SIGINT) is handler and not (tmp_path / "run" / ".lock").exists()
+
+
 # ----------------------------------------------------------------------------- processes: locks, signals, kill -9
 
 KILL_MID_WRITE = """
