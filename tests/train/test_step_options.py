@@ -18,6 +18,7 @@ from conftest import TINY_TRAIN
 from mscl_stream.config import load_config
 from mscl_stream.errors import UserError
 from mscl_stream.train.checkpoint import load_checkpoint
+from mscl_stream.train.guard import StepGuard
 from mscl_stream.train.optim import build_optimizer
 from mscl_stream.train.trainer import pretrain
 
@@ -66,6 +67,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss/loss"] for r in rows if "loss/loss" in r and not r.get("final")]
 
 
+@pytest.mark.slow
 def test_flow_ahead_equals_the_plain_loop_on_cpu(tiny_manifest, tmp_path):
     runs = {}
     for ahead in (False, True):
@@ -87,6 +89,7 @@ def test_flow_ahead_equals_the_plain_loop_on_cpu(tiny_manifest, tmp_path):
 
 # --- compiled encoders ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compiled_encoders_match_eager_without_recompiles():
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -105,21 +108,26 @@ def test_compiled_encoders_match_eager_without_recompiles():
     eager = MSCL(cfg)
     compiled = MSCL(cfg)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_encoders(backend="aot_eager", dynamic=False)
+    compiled.compile_encoders(backend="aot_eager", dynamic=False)   # traced at the first call, after StepGuard
     losses, frames_after = {}, []
     counters.clear()
     for name, model in (("eager", eager), ("compiled", compiled)):
-        opt = build_optimizer(load_config(None, ["optim.impl=loop"]), [p for p in model.parameters() if p.requires_grad],
-                              0.05)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(cfg, params, 0.05)           # fused: the guard skips through found_inf
+        guard = StepGuard(model, opt, torch.device("cpu"))  # BN statistics as views of one flat tensor
         losses[name] = []
-        for step, x in enumerate(batches):
+        for step, x in enumerate(batches):                  # step 1 is non-finite: skipped on the device
+            guard.before_forward()
             out = model(x)
-            out["loss"].backward()
-            opt.step()
+            loss = out["loss"] * (float("nan") if step == 1 else 1.0)
+            loss.backward()
+            ok = guard.check(loss, torch.nn.utils.clip_grad_norm_(params, 40.0))
+            guard.optimizer_step(opt, ok)
             opt.zero_grad(set_to_none=True)
-            model.momentum_update(0.9)
-            model.enqueue(out["keys_rgb"], out["keys_flow"])
-            losses[name].append(float(out["loss"]))
+            model.momentum_update(0.9, ok)
+            model.enqueue(out["keys_rgb"], out["keys_flow"], ok)
+            guard.after_step(ok)
+            losses[name].append(float(out["loss"].detach()))
             if name == "compiled":
                 frames_after.append(counters["stats"]["unique_graphs"])
     assert not counters["graph_break"], dict(counters["graph_break"])
