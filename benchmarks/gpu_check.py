@@ -166,7 +166,8 @@ def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
 # 16 videos x 32 samples = 8 batches per variant (2 left out as warm-up), every variant in a subprocess
 K400_DATA = Path("/tmp/mscl-nvdec-access")
 VARIANT_ARGS = ["--device", "cuda", "--profile", "k400", "--codec", "h264", "--videos", "16", "--clips-per-video",
-                "32", "--batch", "64", "--warmup", "2", "--depth", "3", "--pyav-workers", "16", "--time-limit", "90",
+                "32", "--batch", "64", "--warmup", "2", "--depth", "3", "--pyav-workers", "16", "--time-limit", "100",
+                "--budget", "60",
                 "--data", str(K400_DATA)]
 DALI_MODES = {"dali_decoder": "decoder", "dali_reader": "reader", "dali_legacy": "legacy"}
 

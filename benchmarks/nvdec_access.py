@@ -135,13 +135,12 @@ def run_one(a, variant: str) -> dict:
     loader = build_loader(cfg, records, device=dev)
     loader.set_epoch(0)
     n_batches = min(len(loader), a.warmup + a.batches) if a.batches else len(loader)
-    # steady state: the second half of the epoch's batches (at least --warmup left out), so the batches
-    # the look-ahead decoded before the window are a small part of it
-    h = max(a.warmup, n_batches // 2)
-    if n_batches - h < 2:
+    if n_batches - max(a.warmup, n_batches // 2) < 2:
         raise SystemExit(f"only {len(loader)} batches per epoch: use more --videos or --clips-per-video")
-    row: dict = {"variant": variant, "batches": n_batches, "batches_timed": n_batches - h}
+    row: dict = {"variant": variant}
     arrivals = []
+    # a slow variant stops after --budget seconds (at least 4 batches) and still reports a number
+    done = lambda: time.perf_counter() - t_start > a.budget and len(arrivals) >= 4  # noqa: E731
     sync()
     t_start, c_start = time.perf_counter(), _cpu_seconds()
     if variant == "dali_sync":
@@ -155,6 +154,8 @@ def run_one(a, variant: str) -> dict:
             sync()
             arrivals.append(time.perf_counter())
             time.sleep(a.step_ms / 1e3)
+            if done():
+                break
         cpu = _cpu_seconds() - c_start
     else:
         it = iter(loader)
@@ -163,12 +164,20 @@ def run_one(a, variant: str) -> dict:
             sync()
             arrivals.append(time.perf_counter())
             time.sleep(a.step_ms / 1e3)         # a training step that leaves the CPU free
+            if done():
+                break
         cpu = _cpu_seconds(loader) - c_start     # the PyAV workers started after c_start
         st = loader.stats
         row.update(skipped=st["skipped"], dali_runs=st["dali_runs"], dali_max_in_flight=st["dali_max_in_flight"],
                    dali_samples=st["dali_samples"], pyav_samples=st["pyav_samples"],
                    dali_rebuilds=st["dali_rebuilds"], dali_reader_fallbacks=st["dali_reader_fallbacks"],
                    dali_frames_requested=st["dali_frames_requested"])
+    # steady state: the second half of the batches (at least --warmup left out), so the batches the
+    # look-ahead decoded before the window are a small part of it
+    stopped = len(arrivals) < n_batches      # by --budget: work still in flight counts in the CPU time
+    n_batches = len(arrivals)
+    h = min(max(a.warmup, n_batches // 2), n_batches - 2)
+    row.update(batches=n_batches, batches_timed=n_batches - h, stopped_by_budget=stopped)
     sec = arrivals[-1] - arrivals[h - 1]
     samples = (n_batches - h) * a.batch
     row.update(_decode_model(records, loader.sampler, range(h * a.batch, n_batches * a.batch)))
@@ -228,7 +237,9 @@ def main() -> None:
     ap.add_argument("--dali-threads", type=int, default=os.cpu_count() or 4)
     ap.add_argument("--pyav-workers", type=int, default=os.cpu_count() or 4)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--time-limit", type=int, default=120, help="seconds per variant")
+    ap.add_argument("--time-limit", type=int, default=120, help="seconds per variant (then it is killed)")
+    ap.add_argument("--budget", type=float, default=1e9,
+                    help="seconds of decoding after which a variant stops early and reports what it measured")
     ap.add_argument("--no-wrap", action="store_true", help="data.wrap=false (windows clamped inside the video)")
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="the consumer sleeps this long per batch (a training step that leaves the CPU free): "
