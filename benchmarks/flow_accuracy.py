@@ -211,7 +211,9 @@ def raft_variants(args, device: torch.device, images: dict, h: int, w: int) -> d
     sets = {src: build_chains(imgs, chains, h, w, args.seed + 7) for src, imgs in images.items()}
     weights = args.raft_weights or "none"
     names = [v for v in RAFT_VARIANTS if not args.variants or v in args.variants or v.startswith("lean_12")]
-    out: dict = {"weights": weights, "chain": CHAIN, "pairs_per_case": chains * CHAIN, "variants": {}}
+    out: dict = {"weights": weights, "chain": CHAIN, "pairs_per_case": chains * CHAIN, "variants": {},
+                 "zero_flow_epe": {src: float(np.mean([epe(torch.zeros_like(c[2]), c[2]) for c in cases.values()]))
+                                   for src, cases in sets.items()}}
     if weights == "none":
         out["note"] = ("random weights: no pretrained RAFT on this machine; EPE vs the 12-update output of the "
                        "same weights shows whether a variant computes the same function, not its accuracy")
