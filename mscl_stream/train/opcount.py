@@ -128,7 +128,8 @@ class OpCounter(TorchDispatchMode):
                     c.blocking_copies += 1
                     c.copy_ops[name] += 1
                     self._where()
-            elif dev_in and any(h and t.dim() > 0 for t, h in zip(tensors, host)):
+            # (0-dim "device" tensors here are mostly Python numbers wrapped by C++, never seen by this mode)
+            elif any(t.dim() > 0 for t in dev_in) and any(h and t.dim() > 0 for t, h in zip(tensors, host)):
                 c.blocking_copies += 1
                 c.copy_ops[name] += 1
                 self._where()
