@@ -50,7 +50,7 @@ from mscl_stream.data.dali_reader import DaliFrameReader
 from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.pipeline import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
                                        dali_available, dali_can_decode)
-from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps
 from mscl_stream.errors import UserError
 
@@ -404,7 +404,8 @@ class ClipLoader:
         if mode == "threads":
             return self._workers()
         # forkserver: never fork a process that holds CUDA state; the workers import PyAV + numpy only
-        self._procs = ProcessPoolExecutor(self.data.num_threads, mp_context=multiprocessing.get_context("forkserver"))
+        self._procs = ProcessPoolExecutor(self.data.num_threads, mp_context=multiprocessing.get_context("forkserver"),
+                                          initializer=ignore_sigint)
         log.info("PyAV decodes in %d worker processes", self.data.num_threads)
         return self._procs
 

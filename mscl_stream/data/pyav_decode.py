@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import multiprocessing
 import os
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -256,3 +257,10 @@ def decode_group_counted(path: str | os.PathLike, index_lists: Sequence[np.ndarr
     frames, stats = decode_frames_counted(path, np.concatenate([np.asarray(x, np.int64) for x in index_lists]),
                                           size, threads=threads)
     return np.split(frames, np.cumsum(lens)[:-1]), stats
+
+
+def ignore_sigint() -> None:
+    """Initializer of PyAV worker processes: a terminal's Ctrl-C reaches the whole process group, and
+    the training process alone decides what it means (checkpoint, then stop); a worker that died of it
+    would only make the pool restart."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -173,6 +173,26 @@ def test_killed_pyav_worker_process_costs_no_data(dataset, caplog):
     loader.close()
 
 
+def test_pyav_worker_processes_ignore_ctrl_c(dataset, caplog):
+    # a terminal's Ctrl-C reaches every process of the group; the workers must survive it (the trainer
+    # alone decides what it means), so no batch pays for a pool restart
+    recs, refs = dataset
+    loader = build_loader(small(decoder="pyav", pyav_workers="processes"), recs, device=CPU)
+    loader.set_epoch(0)
+    it = iter(loader)
+    batches = [next(it)]
+    procs = list(loader._procs._processes.values())
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGINT)
+    with caplog.at_level(logging.WARNING):
+        batches += list(it)
+    assert all(p.is_alive() for p in procs) and "worker process died" not in caplog.text
+    assert len(batches) == len(loader) and loader.stats["skipped"] == 0
+    for b in batches:
+        check_batch_frames(b, refs)
+    loader.close()
+
+
 @pytest.mark.parametrize("decoder,workers,mode", [("dali", "auto", "decoder"), ("dali", "auto", "reader"),
                                                   ("pyav", "threads", "decoder"), ("pyav", "processes", "decoder")])
 def test_file_damaged_after_indexing_is_skipped_and_refilled(dataset, decoder, workers, mode, caplog):
