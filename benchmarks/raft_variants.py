@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {list(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in names:
         try:
             row = run_variant(name, args, device, out)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"variant": name, "options": VARIANTS[name], "error": f"{type(e).__name__}: {str(e)[:300]}"}
         save(out, device, row)
         if "error" in row:
+            failed.append(name)
             print(f"  {name:<24} failed: {row['error']}", flush=True)
         else:
             print(f"  {name:<24} {row['pairs_per_s']:9.1f} pairs/s  EPE vs reference "
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps({k: row.get(k) for k in ("variant", "pairs_per_s", "error")}
                                      | {"epe_vs_reference": (row.get("epe_vs_reference") or {}).get("mean")}),
               flush=True)
+    if failed:
+        raise SystemExit(f"raft_variants: {len(failed)} variant(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
