@@ -3,7 +3,7 @@
 Both compute in float32 (float64 inputs stay float64) with autocast switched off inside: logits divided
 by a temperature of 0.07 reach ~14, and bf16 would cost ~3 significant bits on the logsumexp.
 Neither normalises its clip-level inputs nor checks their norms (that would sync the device): the
-projection heads' outputs are L2-normalised by the caller. See MSCL_METHOD.md sections 5 and 6.
+projection heads' outputs are L2-normalised by the caller. See docs/method.md, sections 5 and 6.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Motion ops against independent float64 numpy references (MSCL_METHOD.md sections 2-4)."""
+"""Motion ops against independent float64 numpy references (docs/method.md, sections 2-4)."""
 
 from __future__ import annotations
 

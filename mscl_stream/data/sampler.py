@@ -1,6 +1,6 @@
 """ClipSampler: which video and which raw frames every training sample of a rank decodes.
 
-MSCL_METHOD.md section 1 (and 4 for MDS). A sample has two windows of T frames, ``frame_stride`` raw
+docs/method.md, section 1 (and 4 for MDS). A sample has two windows of T frames, ``frame_stride`` raw
 frames apart: window A starts at rA, an even offset from the video's first usable frame, window B at
 rA + d with d even and uniform in [-max_shift, max_shift]. Every sampled frame r of a flow step gets the
 flow partner r + flow_gap. With ``data.wrap`` indices past the end wrap around inside [start, end);
@@ -44,7 +44,7 @@ from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MDS_DRAWS = 11          # MSCL_METHOD.md section 4: start A is drawn up to 11 times until allowed
+MDS_DRAWS = 11          # docs/method.md, section 4: start A is drawn up to 11 times until allowed
 _STREAM_SHARD, _STREAM_RANK = 1, 2   # generator streams (non-zero tags: SeedSequence pads with zeros)
 
 
@@ -85,7 +85,7 @@ def _rng(seed: int, epoch: int, stream: int, rank: int = 0) -> np.random.Generat
 
 
 def _pick_mds_b(allowed: list[int], target: int, start: int) -> int:
-    """MSCL_METHOD.md section 4 for window B: the target if allowed, else the smallest allowed start
+    """docs/method.md, section 4, for window B: the target if allowed, else the smallest allowed start
     above it; ``start`` (raw frame 0 of the usable range) if the target is at or before it. A target
     above every allowed start (not covered by the method text) takes the largest allowed start."""
     if target <= start:

@@ -45,6 +45,6 @@ def scaled_lr(lr: float, global_batch: int, base_batch: int) -> float:
 def multistep_lr(base_lr: float, epoch: int, milestones: Sequence[int], gamma: float = 0.1) -> float:
     """Step decay used by fine-tuning: ``base_lr * gamma ** (number of milestones <= epoch)``.
 
-    The SSv2 recipe (MSCL_METHOD.md section 8) is ``milestones=(14, 18)``, ``gamma=0.1`` over 22 epochs.
+    The SSv2 recipe (docs/method.md, section 8) is ``milestones=(14, 18)``, ``gamma=0.1`` over 22 epochs.
     """
     return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)

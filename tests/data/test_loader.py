@@ -24,7 +24,7 @@ from mscl_stream.errors import UserError
 
 CPU = torch.device("cpu")
 # reference conversion with bilinear chroma, as DALI does (FFmpeg's default repeats chroma samples,
-# ~3/255 off on this colourful texture; FACTS.md notes the BT.601 conversion differences)
+# ~3/255 off on this colourful texture)
 ACCURATE = (Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
             | Interpolation.ACCURATE_RND)
 

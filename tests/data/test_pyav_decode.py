@@ -12,7 +12,7 @@ from mscl_stream.data.pyav_decode import DecodeError, cover_crop, decode_frames
 
 # FFmpeg's default yuv420p -> rgb24 path repeats chroma samples; DALI (and the code under test)
 # interpolate chroma bilinearly. The reference uses the accurate conversion so that "same frame" means
-# < 1/255 rather than ~3/255 on this colourful synthetic texture (FACTS.md: BT.601 differences).
+# < 1/255 rather than ~3/255 on this colourful synthetic texture.
 ACCURATE = (Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
             | Interpolation.ACCURATE_RND)
 

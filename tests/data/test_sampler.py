@@ -30,7 +30,7 @@ def key(s):
 
 
 def reference_window(r0: int, rec: VideoRecord, d: DataConfig):
-    """MSCL_METHOD.md section 1, written out: T frames r0 + k * stride, partners r + gap for the flow
+    """docs/method.md, section 1, written out: T frames r0 + k * stride, partners r + gap for the flow
     steps (even steps or all), everything wrapped into [start, end)."""
     start, end = rec.start, rec.num_frames if rec.end < 0 else rec.end
     steps = list(range(0, d.frames_per_clip, 2)) if d.flow_frames == "even" else list(range(d.frames_per_clip))

@@ -54,7 +54,7 @@ def ref_infonce(q, k, queue, t=0.07):
 
 
 def ref_lmcl(rgb, flow, rot, t=0.07):
-    """Float64 LMCL (MSCL_METHOD.md section 5): RGB step i vs the 4 base + 4 rotated flow steps."""
+    """Float64 LMCL (docs/method.md, section 5): RGB step i vs the 4 base + 4 rotated flow steps."""
     rgb, flow, rot = (F.normalize(x.double(), dim=1) for x in (rgb, flow, rot))
     total, n = 0.0, 0
     for b in range(rgb.shape[0]):

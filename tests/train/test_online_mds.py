@@ -1,4 +1,4 @@
-"""MDS `online` (MSCL_METHOD.md section 4): candidate sampling, window scores, in-batch selection, training.
+"""MDS `online` (docs/method.md, section 4): candidate sampling, window scores, in-batch selection, training.
 
 The window score is checked against a float64 numpy re-computation written here (Sobel with edge
 padding, 28x28 pooling, bilinear upsampling, Middlebury wheel), not against the motion module's helpers.
