@@ -46,16 +46,15 @@ class DataConfig:
     repeat_samples: int = 1
     batch_size: int = 8                 # clips per rank per step
     frame_size: tuple[int, int] = (128, 176)   # (H, W) working size after decode: flow runs here
-    # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV (see pyav_workers)
-    # (DALI's NVDEC path measured ~10x slower with per-sample frame lists). dali / pyav force one path.
+    # auto: on CPU, DALI where it decodes the codec (VP8/VP9/MJPEG), else PyAV; on CUDA, PyAV unless a
+    # DALI engine was measured faster on that GPU (docs/data.md, "Choosing the decoder"). dali / pyav force one path.
     decoder: Literal["auto", "dali", "pyav"] = "auto"
     # how DALI decodes (docs/data.md): decoder = fn.decoders.video on whole files; reader =
     # fn.experimental.readers.video on per-frame file lists (decoder kept open along a sample's frames);
     # legacy = fn.readers.video (GPU only), one sequence per window
     dali_mode: Literal["decoder", "reader", "legacy"] = "decoder"
-    # PyAV decode workers. auto: processes on CUDA (decode threads would contend for the GIL with the
-    # training thread, which launches thousands of small kernels per step: measured 104 vs 231 clips/s
-    # on an H200), threads on CPU. Either way data.num_threads of them.
+    # PyAV decode workers. auto: processes on CUDA (decode threads contend for the GIL with the training
+    # thread, which launches many small kernels; benchmarks/README.md), threads on CPU. data.num_threads of them.
     pyav_workers: Literal["auto", "threads", "processes"] = "auto"
     num_threads: int = 2                # DALI threads / PyAV workers
     prefetch: int = 2                   # batches decoded ahead
@@ -101,14 +100,14 @@ class ModelConfig:
     neck_channels: int = 128
     rgb_width: int = 64                 # R3D-18 stage widths w,2w,4w,8w; 64 = torchvision's r3d_18 (the method)
     key_bn: Literal["shuffle", "sync", "none"] = "shuffle"
-    head_bn: bool = False               # BatchNorm in the projection heads (not in the method; see README)
+    head_bn: bool = False               # BatchNorm in the projection heads (not in the method; docs/configuration.md)
     compat: Literal["default", "released"] = "default"
 
 
 @dataclass
 class LossConfig:
     temperature: float = 0.07
-    # weight per term; 0 disables a term (ablations). Names follow MSCL_METHOD.md section 6.
+    # weight per term; 0 disables a term (ablations). Names: docs/method.md, sections 5-6.
     weights: dict = field(default_factory=lambda: {
         "rgb_rgb": 1.0, "flow_flow": 1.0, "rot_rot": 1.0, "rgb_flow": 1.0,
         "flow_rgb": 1.0, "rgb_rot": 1.0, "rot_rgb": 1.0, "lmcl": 1.0,

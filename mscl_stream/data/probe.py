@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-# FFmpeg codec names DALI 2.4 decodes (FACTS.md): CPU decode is built without H.264/HEVC/MPEG-4.
+# FFmpeg codec names DALI 2.4 decodes: its CPU decoder is built without H.264/HEVC/MPEG-4.
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
 
@@ -220,7 +220,7 @@ def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
 
 
 # ---------------------------------------------------------------------------------------------------
-# MDS at index time (MSCL_METHOD.md section 4): flows F_j = flow(raw 2j -> raw 2j + 8), clip scores,
+# MDS at index time (docs/method.md, section 4): flows F_j = flow(raw 2j -> raw 2j + 8), clip scores,
 # allowed starts. Computed once per video with a cheap estimator; only the start list is kept.
 
 MDS_SHORT_SIDE = 112      # flow resolution for scoring: both sides are multiples of 8

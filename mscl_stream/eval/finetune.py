@@ -1,6 +1,6 @@
 """Fine-tuning: R3D-18 from the pretrain checkpoint + dropout 0.5 + a linear head, trained end to end.
 
-Recipe (MSCL_METHOD.md section 8, SSv2): SGD, step decay x0.1 at fixed epochs, gradient-norm clip.
+Recipe (docs/method.md, section 8; SSv2): SGD, step decay x0.1 at fixed epochs, gradient-norm clip.
 Training clips are drawn at a random temporal position with a random spatial crop of
 ``augment.out_size`` from the working size and a random horizontal flip; testing uses the same
 deterministic centred clips as the other evaluations (:mod:`mscl_stream.eval.features`), with the

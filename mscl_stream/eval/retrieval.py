@@ -1,4 +1,4 @@
-"""Nearest-neighbour video retrieval (MSCL_METHOD.md section 8): test clips query the train split.
+"""Nearest-neighbour video retrieval (docs/method.md, section 8): test clips query the train split.
 
 Each set is centred by its own mean and L2-normalised; similarity is the dot product; Recall@k is the
 fraction of queries with at least one of their k most similar gallery videos in the same class.
