@@ -283,8 +283,8 @@ class RAFT:
         cuda_graph: capture the loop in CUDA graphs per input shape (GPU only; falls back likewise).
         corr: correlation lookup, "grid_sample" (torch) or "triton" (one kernel per update; GPU, or
             CPU under TRITON_INTERPRET=1; elsewhere grid_sample with a warning). Same result.
-        compile_update: torch.compile only the update block (the ~iters x 30 small kernels per
-            forward); combines with cuda_graph (compiled kernels captured in our graphs).
+        compile_update: torch.compile only the update block (most of the loop's small kernels);
+            combines with cuda_graph (the compiled kernels are captured in our graphs).
         channels_last: channels_last activations and weights for the convolutions.
         warm_start: chain length c > 1 turns on warm start: pairs i*c .. i*c+c-1 form a chain (the
             flow frames of one clip window, in order) and positions after the first start from the

@@ -3,7 +3,7 @@
 Every kernel is 1 x k x k, so no information mixes across time inside the network; each flow frame
 (a colour-wheel image, B x 3 x F x 112 x 112 in [0, 1]) is encoded on its own.
 
-Configuration that yields B x 128 x 4 x 7 x 7 from B x 3 x 8 x 112 x 112 (MSCL_METHOD.md section 6;
+Configuration that yields B x 128 x 4 x 7 x 7 from B x 3 x 8 x 112 x 112 (docs/method.md section 6;
 it matches the authors' ``r2d_18``):
 
 * stem: conv 1x7x7, 3 -> w channels, stride (2, 2, 2), padding (0, 3, 3), BN, ReLU, and **no**

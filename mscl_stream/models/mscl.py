@@ -1,6 +1,6 @@
 """The MSCL model: query/momentum encoders for RGB and flow, two queues, and the 8 loss terms.
 
-Encoders (MSCL_METHOD.md sections 5-6): g = R3D-18 (+ FPN/SEPC neck for LMCL), h = quarter-width
+Encoders (docs/method.md sections 5-6): g = R3D-18 (+ FPN/SEPC neck for LMCL), h = quarter-width
 frame-wise ResNet-18 for colour-wheel flow; projection MLPs Linear-ReLU-Linear (RGB 512-512-D, flow
 C-C-D, outputs L2-normalised); momentum copies of both encoders and both projections (the neck is
 only used by LMCL on the query view, so it has no momentum copy). One queue per modality
@@ -22,8 +22,8 @@ plain forward (a permutation within one batch does not change BN batch statistic
 the key encoders' BN to SyncBatchNorm (a no-op without a process group); "none" uses local BN.
 All-gathers need the same batch size on every rank.
 
-Released-code behaviour (``cfg.model.compat == "released"``, see MSCL_METHOD.md "Released-code
-quirks"): quirk 1 swaps two views: wherever the method uses the base flow key (flow_flow, rgb_flow,
+Released-code behaviour (``cfg.model.compat == "released"``, see docs/method.md, section
+"model.compat: released"): quirk 1 swaps two views: wherever the method uses the base flow key (flow_flow, rgb_flow,
 the enqueued flow keys) the released code used the rotated flow of window A (``rot_q``), and wherever
 it uses the rotated flow query (rot_rot, rot_rgb, LMCL's rotated negatives) it used the unrotated
 flow of window B (``flow_k``). Quirk 3: the rgb_flow term's negatives are the flow queue as it is

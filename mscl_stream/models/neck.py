@@ -1,6 +1,6 @@
 """FPN + SEPC neck: R3D-18 layer2-4 maps -> one frame-level feature map for LMCL.
 
-Structure (MSCL_METHOD.md section 5, as in the authors' TPN/SEPC neck):
+Structure (docs/method.md section 5, as in the authors' TPN/SEPC neck):
 
 * FPN: 1x1x1 lateral convs to ``channels``; top-down pathway adds the nearest-upsampled coarser
   level to each finer lateral; a 1x3x3 output conv per level.
