@@ -1,9 +1,10 @@
 """RAFT (torchvision raft_small / raft_large) as an in-batch flow estimator.
 
 The network's modules come from torchvision; the inference loop is our own: it keeps the correlation
-pyramid in fp32, samples it with a lookup grid built once on the device, and upsamples only after
-the last update (torchvision upsamples after every update, ~3.4 GFLOP/pair wasted for raft_large at
-12 updates). The result equals torchvision's last prediction (tests check 1e-4 in fp32).
+pyramid in fp32, samples it with a lookup grid built once on the device (or the Triton lookup), and
+upsamples only after the last update (torchvision upsamples after every update; docs/performance.md).
+The result equals torchvision's last prediction (tests check 1e-4 in fp32). Speed options (Triton
+lookup, compiled update block, channels_last, warm start): :class:`RAFT` and docs/performance.md.
 
 Weights (:func:`mscl_stream.flow.raft_weights.load_raft_weights`): a local file (torchvision
 state_dict or an original princeton-vl checkpoint, whose key names are remapped), a torchvision
@@ -277,7 +278,7 @@ class RAFT:
         model: "small" or "large".
         weights: file path, torchvision enum name ("C_T_V2", "Raft_Large_Weights.C_T_SKHT_V2",
             "DEFAULT"), or "none" for a random init (a warning).
-        iters: GRU updates (12 is RAFT's default; 6 saves ~35-40 %).
+        iters: GRU updates (12 is RAFT's default; fewer are faster and less converged).
         precision: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16", "fp16"; CPU always runs fp32.
         compile: torch.compile the inference loop (GPU only; falls back to eager with a warning).
         cuda_graph: capture the loop in CUDA graphs per input shape (GPU only; falls back likewise).
@@ -425,8 +426,7 @@ class RAFT:
 
     def bytes_per_pair(self, h: int, w: int) -> float:
         """Rough peak working memory per pair: the fp32 correlation pyramid plus encoder activations
-        (per-pixel terms fitted to peaks measured on an H200 at 128x176: ~5-7 MB/pair for raft_small
-        in bf16/fp32, ~10 MB for raft_large)."""
+        (per-pixel terms fitted to peak memory measured on an H200 at 128x176)."""
         cells = math.ceil(h / 8) * math.ceil(w / 8)
         per_pixel = 320.0 if self.name == "raft_small" else 512.0
         return 4.0 * cells * cells * 4 / 3 + per_pixel * h * w
