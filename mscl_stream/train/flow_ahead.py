@@ -20,6 +20,7 @@ step trains on, which is what a checkpoint must record.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Iterator
 
 import torch
@@ -49,6 +50,7 @@ class FlowFeed:
         self._it: Iterator | None = None
         self._pending = None           # (batch, flow_a, flow_b, event) of the next step, or None
         self._state = None             # loader state as of the batch last handed out
+        self._ahead_wait = 0.0         # seconds spent waiting for the loader inside flow() (look-ahead)
 
     def start(self, loader_iter: Iterator) -> None:
         """Begin an epoch with ``iter(loader)``."""
@@ -76,12 +78,20 @@ class FlowFeed:
             self._launch_next()
         return out
 
+    def take_ahead_wait(self) -> float:
+        """Seconds the last :meth:`flow` call waited for the loader (taking the next batch), then 0:
+        with ``ahead`` that wait happens there instead of in :meth:`next_batch`."""
+        wait, self._ahead_wait = self._ahead_wait, 0.0
+        return wait
+
     def loader_state(self) -> dict:
         """The loader's state as of the batch the current step trains on (for checkpoints)."""
         return self._state if (self.ahead and self._state is not None) else self.loader.state_dict()
 
     def _launch_next(self) -> None:
+        t0 = time.perf_counter()
         nxt = next(self._it, None)
+        self._ahead_wait += time.perf_counter() - t0
         state = _snapshot(self.loader)
         if nxt is None:
             self._pending = None

@@ -286,6 +286,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
             with timer("flow"):
                 # MDS online keeps 1 of K rows; train.flow_ahead launches the next batch's flow here
                 batch, flow_a, flow_b = feed.flow(batch, look_ahead=step + 1 < total)
+            wait_window += feed.take_ahead_wait()   # flow_ahead takes the next batch inside flow()
             with timer("motion_augment"):
                 inputs = make_inputs(batch, flow_a, flow_b, cfg, aug_gen)
                 if use_cl:
