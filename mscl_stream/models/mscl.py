@@ -17,8 +17,8 @@ One training step, as the trainer drives it::
 Key encoders and BN (``cfg.model.key_bn``): "shuffle" is MoCo's shuffled BN: the key batch is
 all-gathered, permuted by a permutation drawn on rank 0, each rank encodes its shard of the permuted
 batch, and the keys are gathered and un-permuted, so a key's BN statistics are not computed over the
-same group of samples as its query's (which would let the pair match through BN statistics). In a single process there is nothing to shuffle across and it is exactly the
-plain forward (a permutation within one batch does not change BN batch statistics). "sync" converts
+same group of samples as its query's (which would let the pair match through BN statistics). In a
+single process there is nothing to shuffle across and it is exactly the plain forward (a permutation within one batch does not change BN batch statistics). "sync" converts
 the key encoders' BN to SyncBatchNorm (a no-op without a process group); "none" uses local BN.
 All-gathers need the same batch size on every rank.
 
