@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -348,9 +349,15 @@ def augment_backend(backend: str, device: torch.device) -> str:
     """
     if backend not in ("auto", "torch", "triton"):
         raise UserError(f"augment.backend must be auto, torch or triton, got {backend!r}")
+    from mscl_stream.kernels.augment_rgb import triton_available   # lazy: kernels import this module
+    if backend == "triton":
+        if not triton_available():
+            raise UserError("augment.backend=triton: triton does not import; use auto or torch")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("augment.backend=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter: "
+                            "slow, for tests and op counts); use auto or torch")
     if backend != "auto":
         return backend
-    from mscl_stream.kernels.augment_rgb import triton_available   # lazy: kernels import this module
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 

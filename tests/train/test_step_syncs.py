@@ -113,3 +113,12 @@ def test_steady_training_step_has_no_syncs_on_cuda(tmp_path):
         pretrain(cfg, loader=ResidentLoader(batch, 5), on_step=on_step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_user_error(monkeypatch):
+    from mscl_stream.augment import augment_backend
+    from mscl_stream.errors import UserError
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert augment_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(UserError, match="TRITON_INTERPRET"):
+        augment_backend("triton", torch.device("cpu"))
