@@ -151,7 +151,11 @@ def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
     flow ahead)."""
     runs = {"tests_cuda_torch": (_pytest(TORCH_TESTS), 300),
             "tvl1_speed": ([PY, "benchmarks/tvl1_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 100),
-            "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90)}
+            "flow_speed": ([PY, "benchmarks/flow_speed.py", "--device", "cuda", "--quick", "--out", str(results)], 90),
+            # the fused input path alone (no Kornia or PyAV here yet: the kornia comparison and the step
+            # profile run in the dali part as input_path)
+            "input_path_fused": ([PY, "benchmarks/augment_kernels.py", "--device", "cuda", "--what", "make_inputs",
+                                  "--out", str(results)], 120)}
     runs["corr_lookup"] = ([PY, "benchmarks/corr_lookup.py", "--device", "cuda", "--out", str(results)], 60)
     for name, limit in RAFT_VARIANTS:
         runs[f"raft_{name}"] = ([PY, "benchmarks/raft_variants.py", "--device", "cuda", "--variant", name,
