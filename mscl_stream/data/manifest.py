@@ -9,7 +9,6 @@ import json
 import multiprocessing as mp
 import os
 import stat
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,6 +22,7 @@ from mscl_stream.config import DataConfig
 from mscl_stream.data.probe import Probe, mds_starts_for_video, probe_video
 from mscl_stream.data.probe import mds_estimator as mds_estimator_for
 from mscl_stream.errors import UserError
+from mscl_stream.progress import Progress
 
 
 @dataclass
@@ -274,25 +274,6 @@ def _discover_csv(csv_path: Path) -> tuple[list[_Entry], list[dict]]:
     return entries, skipped
 
 
-class _Progress:
-    """A stderr progress line: count/total, rate, ETA (in place on a terminal, every ~5 s otherwise)."""
-
-    def __init__(self, total: int, what: str = "probe"):
-        self.total, self.what, self.t0, self.last = total, what, time.monotonic(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if done < self.total and now - self.last < (0.2 if self.tty else 5.0):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = f"{self.what}: {done}/{self.total} files, {rate:.1f}/s, ETA {eta:.0f} s"
-        end = "\n" if done >= self.total or not self.tty else ""
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
 def _probe_entry(entry: _Entry, cuda: bool, need: int, mds_estimator: str | None,
                  flow_gap: int = 8) -> tuple[_Entry, Probe]:
     """Worker: probe one file, apply the length rule, optionally compute MDS starts."""
@@ -324,7 +305,12 @@ def _init_worker(mds: bool) -> None:
 def _probe_all(entries: list[_Entry], workers: int, cuda: bool, need: int,
                mds_estimator: str | None, flow_gap: int) -> list[tuple[_Entry, Probe]]:
     """Probe entries (in this process for workers == 1, else a process pool), in input order."""
-    progress = _Progress(len(entries), "index" if not mds_estimator else "index+mds")
+    with Progress(len(entries), "index" if not mds_estimator else "index+mds", unit="file") as progress:
+        return _probe_with(progress, entries, workers, cuda, need, mds_estimator, flow_gap)
+
+
+def _probe_with(progress: Progress, entries: list[_Entry], workers: int, cuda: bool, need: int,
+                mds_estimator: str | None, flow_gap: int) -> list[tuple[_Entry, Probe]]:
     if workers == 1 or len(entries) <= 1:     # in this process: its thread settings stay untouched
         results = []
         for i, e in enumerate(entries, 1):

@@ -33,6 +33,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from mscl_stream.errors import UserError
+from mscl_stream.progress import Progress
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv",
                   ".wmv", ".ts"}
@@ -102,18 +103,6 @@ def transcode_file(src: str, dst: str, short_side: int, gop: int, codec: str = "
     return res
 
 
-def _progress(total: int):
-    """tqdm when installed, else the index command's plain progress line; returns update(n_done)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        from mscl_stream.data.manifest import _Progress
-        p = _Progress(total, "transcode")
-        return p.update, lambda: None
-    bar = tqdm(total=total, unit="file", desc="transcode", file=sys.stderr)
-    return (lambda done: bar.update(done - bar.n)), bar.close
-
-
 def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side: int, gop: int,
                       workers: int = 0, codec: str = "h264") -> dict:
     """Transcode every video below ``src`` into ``dst`` (see the module docstring); returns the report."""
@@ -152,7 +141,7 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
     dst.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    update, close = _progress(len(jobs))
+    progress = Progress(len(jobs), "transcode", unit="file")
     done, tries = 0, {}
     try:
         while jobs:
@@ -170,14 +159,14 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
                             continue
                         r = {"path": job[0], "ok": False, "reason": "the worker process died twice on this file"}
                     done += 1
-                    update(done)
+                    progress.update(done)
                     if r["ok"]:
                         report["transcoded"].append({"path": r["path"], "frames": r["frames"], "size": r["size"]})
                     else:
                         report["failed"].append({"path": r["path"], "reason": r["reason"]})
             jobs = retry
     finally:
-        close()
+        progress.close()
     report["seconds"] = time.perf_counter() - t0
     _write_report(report, dst / "transcode.report.json")
     ok, old, bad = len(report["transcoded"]), len(report["existing"]), report["failed"]

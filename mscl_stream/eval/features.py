@@ -16,7 +16,6 @@ r3d_18) is read from the checkpoint's stem; the random-init baseline uses the co
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ from mscl_stream.augment import IMAGENET_MEAN, IMAGENET_STD
 from mscl_stream.config import Config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.errors import UserError
+from mscl_stream.progress import Progress
 from mscl_stream.models.r3d import WIDTH, r3d18, width_of
 from mscl_stream.train.checkpoint import load_checkpoint, load_model_state
 
@@ -222,7 +222,7 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
     labels: list[int] = []
     buf: list[torch.Tensor] = []
     buf_labels: list[int] = []
-    t0, last_report, done = time.perf_counter(), 0.0, 0
+    progress = Progress(len(records), "features", unit="video", interval=10.0, plain=log.info)
 
     def flush() -> None:
         x = torch.stack(buf).to(device, non_blocking=True)          # (V*clips, 3, T, S, S)
@@ -233,19 +233,17 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
         buf.clear()
         buf_labels.clear()
 
-    for row, frames in iter_decoded(records, index_fn, tuple(d.frame_size), d.num_threads, lookahead=2 * bs):
-        done += 1
-        if frames is not None:
-            buf.extend(normalise_clip(torch.from_numpy(c), cfg.augment.out_size) for c in frames)
-            buf_labels.append(records[row].label)
-            if len(buf_labels) >= per_batch:
-                flush()
-        now = time.perf_counter()
-        if now - last_report > 10 or done == len(records):
-            last_report = now
-            log.info("features: %d/%d videos (%.1f videos/s)", done, len(records), done / max(now - t0, 1e-9))
-    if buf:
-        flush()
+    decoded = iter_decoded(records, index_fn, tuple(d.frame_size), d.num_threads, lookahead=2 * bs)
+    with progress:
+        for done, (row, frames) in enumerate(decoded, 1):
+            if frames is not None:
+                buf.extend(normalise_clip(torch.from_numpy(c), cfg.augment.out_size) for c in frames)
+                buf_labels.append(records[row].label)
+                if len(buf_labels) >= per_batch:
+                    flush()
+            progress.update(done)
+        if buf:
+            flush()
     if not labels:
         raise UserError(f"none of {len(records)} videos could be decoded for evaluation")
     out = torch.cat(feats)

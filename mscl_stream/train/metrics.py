@@ -310,13 +310,15 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def format_progress(step: int, total: int, elapsed: float, clips_per_s: float) -> str:
+def format_progress(step: int, total: int, elapsed: float, clips_per_s: float, start: int = 0) -> str:
     """One console line: ``step 250/1000 (25.0%) | 41.3 clips/s | elapsed 0:01:40 | eta 0:05:00``.
 
-    ``step`` is the number of finished steps; the ETA assumes the mean step time so far.
+    ``step`` is the number of finished steps, ``start`` the step this process began at (a resumed run)
+    and ``elapsed`` the seconds since then; the ETA assumes the mean step time of those steps. The
+    trainer prints this line where no progress bar is drawn (mscl_stream.progress).
     """
     frac = step / total if total > 0 else 0.0
-    eta = elapsed / step * (total - step) if step > 0 else math.inf
+    eta = elapsed / (step - start) * (total - step) if step > start else math.inf
     return (f"step {step}/{total} ({100 * frac:.1f}%) | {clips_per_s:.1f} clips/s | elapsed {_hms(elapsed)} "
             f"| eta {_hms(eta)}")
 

@@ -22,6 +22,7 @@ from mscl_stream.config import Config, dump_config, to_dict
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import read_manifest
 from mscl_stream.errors import Interrupted, UserError
+from mscl_stream.progress import Progress
 from mscl_stream.models.mscl import MSCL, momentum_at
 from mscl_stream.train.checkpoint import (check_expect, differences, expect_from_config, find_resumable,
                                           list_checkpoints, load_checkpoint, load_model_state, rng_state,
@@ -266,6 +267,9 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                 metrics.log({"step": step, "run_id": run_id, "resume_changes": changed})
     t_start, clips_done, last_terms, step_ends = time.perf_counter(), 0, {}, []
     t_window, wait_window = t_start, 0.0   # data-wait share of the steps since the last logged one
+    # a bar on a terminal (stderr), else the step line below at logged steps (stdout)
+    progress = Progress(total, "pretrain", unit="step", initial=step, interval=None,
+                        plain=lambda s: print(s, flush=True), enabled=dist.is_main)
 
     # ---- the loop
     mid_epoch = ckpt_path is not None  # a resumed loader continues its epoch where it stopped
@@ -347,9 +351,12 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                 if flops_per_clip and peak:
                     rec["mfu"] = mfu(flops_per_clip, rate / dist.world_size, peak)
                 metrics.log(rec)
-                if dist.is_main:
-                    print(format_progress(step, total, elapsed, rate) + f" | data wait {100 * wait_share:.0f}%"
-                          f" | loss {last_terms.get('loss', math.nan):.4f}", flush=True)
+                wait_pct, loss_now = f"{100 * wait_share:.0f}%", last_terms.get("loss", math.nan)
+                progress.update(step, postfix=f"{rate:.1f} clips/s, data wait {wait_pct}, loss {loss_now:.4f}",
+                                line=format_progress(step, total, elapsed, rate, start=progress.initial)
+                                + f" | data wait {wait_pct} | loss {loss_now:.4f}")
+            else:
+                progress.update(step)
             if _should_stop(signals, dist.world_size, logged, device):
                 account(guard.flush())
                 path = checkpoint("step")
@@ -357,6 +364,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                 if own_loader:
                     loader.close()
                 metrics.close()
+                progress.close()
                 cleanup()
                 raise Interrupted(f"stopped by {name} at step {step}; checkpoint {path or out / 'checkpoints'} "
                                   f"written (continue with --resume auto)", signals.signum or signal.SIGTERM)
@@ -366,6 +374,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
         if epoch_done:
             epoch += 1
 
+    progress.close()
     account(guard.flush())
     checkpoint("last")
     elapsed = time.perf_counter() - t_start
