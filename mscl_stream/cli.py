@@ -1,4 +1,4 @@
-"""`mscl-stream` command line: index, make-sample-data, pretrain, eval, flow-check, bench, ablate, demo.
+"""`mscl-stream` command line: index, make-sample-data, pretrain, plot, eval, flow-check, bench, ablate, demo.
 
 Each subcommand parses its arguments here, validates the config before any heavy import, and calls one
 plain function in the package. Configuration problems and bad input end as a one-line error with
@@ -48,6 +48,12 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, overrides)
     from mscl_stream.train.trainer import pretrain
     pretrain(cfg)
+    return 0
+
+
+def _cmd_plot(a: argparse.Namespace) -> int:
+    from mscl_stream.train.plot import plot_run
+    print(plot_run(a.run_dir, a.output))
     return 0
 
 
@@ -141,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in train.out_dir (without it, a non-empty folder is refused)")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_pretrain)
+
+    p = sub.add_parser("plot", help="one PNG of a run's metrics.jsonl: loss terms, clips/s, data wait, lr, stages")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a pretrain run folder (train.out_dir)")
+    p.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/metrics.png)")
+    p.set_defaults(fn=_cmd_plot)
 
     p = sub.add_parser("eval", help="retrieval, linear probe or fine-tune of a checkpoint")
     p.add_argument("kind", choices=["retrieval", "linear", "finetune"])

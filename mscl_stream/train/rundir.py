@@ -6,6 +6,7 @@ Layout of ``train.out_dir`` (see docs/reliability.md)::
     run.json         {"run_id", "created", "seed", "manifest": identity} of the run this folder holds
     config.yaml      the resolved config of the latest start (fresh or resumed)
     metrics.jsonl    one JSON object per logged step, each with "run_id"
+    metrics.png      the run's picture, written at the end (`mscl-stream plot`)
     checkpoints/     step_*.pt (the last train.keep_checkpoints), last.pt, diverged.pt
 
 :func:`open_run_dir` checks everything a user can get wrong about the folder before any expensive work
@@ -37,7 +38,7 @@ LOCK_NAME = ".lock"
 RUN_NAME = "run.json"
 CKPT_DIR = "checkpoints"
 # What a run writes; --overwrite removes exactly these (anything else in the folder is left alone).
-RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "tb", CKPT_DIR)
+RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "metrics.png", "tb", CKPT_DIR)
 
 
 def _start_ticks(pid: int) -> int | None:

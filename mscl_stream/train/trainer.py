@@ -35,6 +35,7 @@ from mscl_stream.train.schedule import lr_at, scaled_lr
 from mscl_stream.flow import estimator_from_config
 from mscl_stream.train.flow_ahead import FlowFeed
 from mscl_stream.train.optim import build_optimizer
+from mscl_stream.train.plot import plot_run_or_warn
 from mscl_stream.train.step import amp_dtype, autocast, make_inputs
 
 log = logging.getLogger(__name__)
@@ -390,6 +391,8 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
               "run_id": run_id}
     metrics.log({"final": True, **result})
     metrics.close()
+    if dist.is_main and cfg.log.jsonl:   # RUN_DIR/metrics.png; a failure is a warning, never an error
+        plot_run_or_warn(out)
     if dist.is_main:
         log.info("done: run %s, %d steps in %.1f s (%.2f clips/s); checkpoint %s", run_id, step, elapsed,
                  result["clips_per_s"], out / "checkpoints" / "last.pt")

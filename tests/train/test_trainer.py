@@ -38,6 +38,12 @@ def test_a_few_steps_have_finite_losses_and_checkpoint(manifest, tmp_path):
     assert state["step"] == 3 and (tmp_path / "checkpoints" / "step_00000002.pt").is_file()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "step" in r and not r.get("final")] == [1, 2, 3]
+    # the run's picture is written at the end; its total-loss line is the logged one
+    from mscl_stream.train.plot import figure, read_metrics
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    (ax,) = [a for a in figure(read_metrics(tmp_path)).axes if a.get_title() == "loss terms"]
+    total = [ln for ln in ax.get_lines() if ln.get_label() == "total (loss)"][0]
+    assert list(total.get_ydata()) == [r["loss/loss"] for r in lines if not r.get("final")]
     timing = res["stage_timing"]      # steps 0-1 are the timer's warm-up: step 2 is measured
     assert timing["steps"] == 1 and timing["stage_median_s"]["flow"] > 0 and timing["step_median_s"] > 0
 
