@@ -155,3 +155,31 @@ def test_kernels_compile_for_an_sm90_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (no GPU here: compiled parity not run)")
+def test_make_inputs_backends_agree_on_cuda():
+    """The compiled kernels (CUDA) against the kornia/torch backend on the same device and draws."""
+    import torch
+    from mscl_stream.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
+    from mscl_stream.data.batch import ClipBatch
+    from mscl_stream.train.step import make_inputs
+    g = torch.Generator().manual_seed(0)
+    b, t, nf, h, w = 4, 8, 4, 128, 176
+    u8 = lambda n: torch.randint(0, 256, (b, n, 3, h, w), generator=g, dtype=torch.uint8)  # noqa: E731
+    idx = torch.arange(t).expand(b, t)
+    batch = ClipBatch(rgb_a=u8(t), rgb_b=u8(t), partner_a=u8(nf), partner_b=u8(nf), flow_steps=torch.arange(0, t, 2),
+                      frames_a=idx, frames_b=idx, partners_a=idx[:, :nf], partners_b=idx[:, :nf],
+                      labels=torch.zeros(b, dtype=torch.long), video_idx=torch.arange(b)).to("cuda")
+    fa, fb = (torch.randn(2, b, nf, 2, h, w, generator=g) * 4).cuda()
+    res = {}
+    for be in ("torch", "triton"):
+        cfg = Config(data=DataConfig(batch_size=b, frame_size=[h, w]), model=ModelConfig(queue_size=8),
+                     augment=AugmentConfig(jitter_p=1.0, blur_p=0.5, gray_p=0.3, backend=be),
+                     train=TrainConfig(device="cuda", amp="fp32"))
+        res[be] = make_inputs(batch, fa, fb, cfg, torch.Generator().manual_seed(3))
+    for k in ("rgb_q", "rgb_k"):
+        torch.testing.assert_close(res["triton"].__dict__[k].float(), res["torch"].__dict__[k], atol=2e-3, rtol=0)
+    for k in ("flow_q", "flow_k", "rot_q", "rot_k"):
+        lv = (res["triton"].__dict__[k].float() - res["torch"].__dict__[k]).abs() * 255
+        assert lv.max() <= 1.0 + 1e-3 and (lv > 0.5).float().mean() < 0.01, k
