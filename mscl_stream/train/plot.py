@@ -171,6 +171,7 @@ _TITLES = {"loss": ("loss terms", "loss"), "clips_per_s": ("throughput (mean sin
 def figure(m: RunMetrics):
     """A matplotlib Figure of ``panels(m)``: one axes per panel, one line per series (label = series)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     data = panels(m)
     order = [p for p in ("loss", "clips_per_s", "data_wait_share", "lr", "stage_share") if p in data]
@@ -194,6 +195,7 @@ def figure(m: RunMetrics):
                     color="black" if bold else None, marker="." if len(xs) < 30 else None, zorder=3 if bold else 2)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if panel in ("data_wait_share", "stage_share"):
