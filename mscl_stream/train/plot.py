@@ -175,6 +175,9 @@ def figure(m: RunMetrics):
 
     data = panels(m)
     order = [p for p in ("loss", "clips_per_s", "data_wait_share", "lr", "stage_share") if p in data]
+    if not order:
+        raise UserError(f"{m.path}: run {m.run_id} logged no loss, clips/s, data wait, lr or step time; "
+                        "nothing to plot")
     rows = 1 + math.ceil((len(order) - 1) / 2) if order and order[0] == "loss" else math.ceil(len(order) / 2)
     fig = Figure(figsize=(13, 3.6 * rows), layout="constrained")
     grid = fig.add_gridspec(rows, 2)

@@ -108,7 +108,7 @@ def test_png_is_written_atomically_and_cli(run, tmp_path, capsys):
 @pytest.mark.parametrize("case, match", [
     ("missing", "no such folder"), ("file", "not a folder"), ("no_metrics", "metrics.jsonl: no such file"),
     ("empty", "empty"), ("garbage", "none of them a JSON object"), ("other_run", "no line of run B"),
-    ("no_steps", "no logged step"),
+    ("no_steps", "no logged step"), ("no_values", "nothing to plot"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, case, match):
     d = tmp_path / "run"
@@ -124,8 +124,10 @@ def test_errors_are_one_line(tmp_path, capsys, case, match):
         _write(d, [{"step": 1, "run_id": "A", "loss/loss": 1.0}])
     elif case == "no_steps":
         _write(d, [RESUME_NOTE, {"final": True, "run_id": "B"}])
+    elif case == "no_values":
+        _write(d, [{"step": 1, "run_id": "B", "time/flow": 0.1}])      # a stage time without the step time
     with pytest.raises(UserError, match=match):
-        read_metrics(d)
+        figure(read_metrics(d))
     assert main(["plot", str(d)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mscl-stream plot: error:") and "\n" not in err and match in err
