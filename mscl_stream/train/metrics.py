@@ -110,6 +110,10 @@ class StageTimer:
         self._open = {"start": mark, "stages": [], "end": None}
         self._resolve(wait=False)
 
+    def abandon_step(self) -> None:
+        """Drop the step begun last without counting it (the loop found no batch: the epoch is over)."""
+        self._open = None
+
     def __call__(self, name: str):
         return self._measure(name) if self.enabled else nullcontext()
 

@@ -286,6 +286,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                 batch = feed.next_batch()
             wait_window += time.perf_counter() - t_wait
             if batch is None:
+                timer.abandon_step()          # the end-of-epoch probe is no training step
                 epoch_done = True
                 break
             with timer("flow"):

@@ -66,6 +66,25 @@ def test_stage_timer_per_step_medians_warmup_and_gap():
     assert timer.totals()["flow"] < 0.2   # the warm-up step's 0.2 s is not in the totals
 
 
+def test_stage_timer_abandoned_step_is_not_a_step():
+    # the loop's end-of-epoch probe begins a step, waits for data, finds none: that is no training step
+    timer = M.StageTimer("cpu")
+    for _ in range(2):
+        timer.begin_step()
+        with timer("data_wait"):
+            pass
+        with timer("forward_backward"):
+            time.sleep(0.03)
+        timer.begin_step()                # the probe (closes the real step)
+        with timer("data_wait"):
+            pass
+        timer.abandon_step()
+    rep = timer.report()
+    assert rep["steps"] == 2 and timer.counts()["forward_backward"] == 2
+    assert timer.counts()["data_wait"] == 2            # the probes' waits are not counted
+    assert rep["step_median_s"] >= 0.03                # a halved median would be ~0.015
+
+
 def test_stage_timer_disabled_and_exceptions():
     timer = M.StageTimer("cpu")
     timer.enabled = False
