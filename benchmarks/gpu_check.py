@@ -16,7 +16,7 @@
                                                       # input path (fused kernels vs kornia, step profile)
     python benchmarks/gpu_check.py --part dali --only dali_variants_k400 OUT   # the decode variants alone
 
-The parts follow the GPU host's staging (../shared/tools/gpu-stage): torch is there from the start,
+The parts follow the GPU host's staging (benchmarks/README.md, "Running the GPU check"): torch is there from the start,
 DALI/Kornia/PyAV only after the last of three transfers. Each measurement runs as its own subprocess
 with a time limit, so one failure costs only its own number; ``--skip NAME ...`` leaves some out. After
 every measurement OUT/gpu_check_<part>.json is rewritten (a lease that ends early still returns what

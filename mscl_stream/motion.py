@@ -1,6 +1,6 @@
 """Motion ops of MSCL: flow normalisation, FRA rotation, colour-wheel encoding, view crops, MDS scores.
 
-Pure functions on tensors (any device). The spec is MSCL_METHOD.md sections 2-4; flow convention:
+Pure functions on tensors (any device). The spec is docs/method.md, sections 2-4; flow convention:
 channel 0 = u (right), channel 1 = v (down), in pixels.
 
 The crop of a view (box, bilinear resize, flip) is ``mscl_stream.augment.crop_resize``, the same
@@ -153,7 +153,7 @@ def fra_angles_from_uniforms(u: np.ndarray) -> np.ndarray:
 def flow_views(flow: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,
                out_size: int = 112, compat: str = "default",
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Base and FRA-rotated colour-wheel flow views of one window (MSCL_METHOD.md section 2).
+    """Base and FRA-rotated colour-wheel flow views of one window (docs/method.md, section 2).
 
     Equivalent to, per flow frame: normalise by the max over the whole frame -> rotate (rotated
     copy) -> crop with the view's box and resize (vectors not rescaled) -> flip (mirror, negate u)
@@ -270,7 +270,7 @@ def _clip_scores(s: torch.Tensor) -> torch.Tensor:
 
 
 def mds_clip_scores(flows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """MDS clip scores c_i of one video (MSCL_METHOD.md section 4, steps 1-5).
+    """MDS clip scores c_i of one video (docs/method.md, section 4, steps 1-5).
 
     Args:
         flows: (N, 2, H, W) raw flows F_j = flow(2j -> 2j + 8), H, W >= 28.

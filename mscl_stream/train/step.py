@@ -1,10 +1,10 @@
 """From a decoded ClipBatch to the model's inputs, on the device: flow, FRA, crops, colour encoding.
 
-This is the part of a training step between the loader and the model (DESIGN.md "flow stage",
-"motion ops", "RGB augmentation"). Both windows' flow pairs go through the estimator in one call, so a
+This is the part of a training step between the loader and the model (docs/performance.md, "The
+step's input path"). Both windows' flow pairs go through the estimator in one call, so a
 batch of B clips with F flow frames per window is one estimator batch of 2*B*F pairs.
 
-MDS ``online`` (MSCL_METHOD.md section 4): the batch carries K candidate rows per sample. Window A's
+MDS ``online`` (docs/method.md, section 4): the batch carries K candidate rows per sample. Window A's
 flow of all B*K rows is computed first, the candidates are scored on it, the best one per sample is
 kept, and window B's flow is computed for the kept rows only: (K + 1)*B*F pairs in two calls.
 """
@@ -94,7 +94,7 @@ def make_inputs(batch: ClipBatch, flow_a: torch.Tensor, flow_b: torch.Tensor, cf
     """Augment both RGB views and turn each window's flow into base and FRA-rotated colour images.
 
     The crop box and flip of a view are shared exactly by its RGB frames and its flow; one FRA angle
-    per sample is shared by both windows (MSCL_METHOD.md section 3). All random choices come from one
+    per sample is shared by both windows (docs/method.md, section 3). All random choices come from one
     ``torch.rand`` draw on the host ``generator`` and reach the device as one upload; nothing is read
     back. ``augment.backend`` picks kornia/torch or the fused Triton kernels (the CUDA default), which
     write the model's dtype (the autocast dtype) and memory format (channels_last_3d on CUDA) directly.
