@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "border_excluded_px": BORDER, "motions": list(MOTIONS), "videos": [str(v) for v in videos],
                   "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
                   **raft_variants(args, device, images, h, w)}
-        return _write(result, args, device, "flow_accuracy_variants", with_plot=False)
+        return _write(result, args, device, "flow_accuracy_variants", with_plot=True)
     sets = {src: build_set(imgs, pairs, h, w, args.seed + k) for k, (src, imgs) in enumerate(images.items())}
 
     result = {"benchmark": "flow_accuracy", "device": str(device), "size": [h, w], "pairs_per_case": pairs,
@@ -397,6 +397,38 @@ def main(argv: list[str] | None = None) -> dict:
     return _write(result, args, device, "flow_accuracy", with_plot=True)
 
 
+def plot_variants(result: dict, path: Path) -> None:
+    """RAFT speed variants: mean EPE change against the 12-update reference (%, per image source), and
+    the variant's flow distance from the reference's (px, log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(result["variants"])
+    sources = list(next(iter(result["variants"].values()))["epe"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.6))
+    width = 0.8 / len(sources)
+    for k, src in enumerate(sources):
+        y = np.arange(len(names)) + k * width
+        change = [result["variants"][n]["epe_change_pct"][src] for n in names]
+        dist = [max(result["variants"][n]["epe_vs_reference"][src]["mean"], 1e-7) for n in names]
+        axes[0].barh(y, change, width, label=src)
+        axes[1].barh(y, dist, width, label=src)
+    for ax in axes:
+        ax.set_yticks(np.arange(len(names)) + width * (len(sources) - 1) / 2, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+    axes[0].axvspan(-5, 5, color="lightgrey", alpha=0.5, zorder=0)   # within 5 %: may become a default
+    axes[0].set_xlabel("mean EPE vs truth: change against the reference (%)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("mean distance from the reference's flow (px; 1e-7 = identical)")
+    weights = "random-init" if result["weights"] == "none" else result["weights"]
+    fig.suptitle(f"raft_small speed variants, {weights} weights, {result['size'][0]}x{result['size'][1]}, "
+                 f"{result['device']} (grey band: within 5 %)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _write(result: dict, args, device: torch.device, name: str, with_plot: bool) -> dict:
     stamp = dt.datetime.now(dt.timezone.utc)
     result.update(date=stamp.isoformat(timespec="seconds"), machine=machine_info(device))
@@ -407,7 +439,7 @@ def _write(result: dict, args, device: torch.device, name: str, with_plot: bool)
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / f"{stem}.json")
     if with_plot:
-        plot(result, out / f"{stem}.png")
+        (plot_variants if "variants" in result else plot)(result, out / f"{stem}.png")
     print(f"wrote {out / stem}.json" + ("/.png" if with_plot else ""))
     return result
 
