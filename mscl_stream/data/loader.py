@@ -8,8 +8,8 @@ lists (:mod:`mscl_stream.data.pipeline`); PyAV work is submitted one batch ahead
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
-``auto`` means PyAV, in worker processes (``data.pyav_workers``): DALI's NVDEC path with per-sample
-frame lists measured an order of magnitude slower (see :meth:`ClipLoader._route`).
+``auto`` means PyAV, in worker processes (``data.pyav_workers``), until a DALI engine is measured
+faster on that GPU (see :meth:`ClipLoader._route`; measurements in benchmarks/README.md).
 
 Failures at run time (a file damaged or removed after indexing) cost only their samples: a DALI batch
 that fails is retried sample by sample in a fresh pipeline, a sample DALI cannot decode is tried with
@@ -65,8 +65,8 @@ _LIVE: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
 
 def _one_torch_thread() -> None:
     """Loader threads resize and gather with torch on one OpenMP thread each: their own OpenMP teams
-    beside DALI's threads and the training thread spun on idle cores (~3x the CPU time per sample,
-    measured on 2 cores). ``torch.set_num_threads`` would also change the process-wide default (new
+    beside DALI's threads and the training thread spun on idle cores (several times the CPU time per
+    sample; benchmarks/README.md). ``torch.set_num_threads`` would also change the process-wide default (new
     threads, the training thread if it had run no parallel op yet), so the OpenMP runtime's own
     per-thread setting is used, after torch's lazy per-thread initialisation has run."""
     torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), size=(2, 2), mode="bilinear", antialias=True)
@@ -330,7 +330,7 @@ class ClipLoader:
         if self.data.decoder == "auto" and self.device.type == "cuda" and self._auto_gpu_mode is None:
             # The rule (docs/data.md, "Choosing the decoder"): PyAV in worker processes unless this GPU
             # has a measured DALI variant faster than PyAV (pipeline.AUTO_DALI_ON_GPU); the old
-            # synchronous NVDEC path measured ~10x slower. data.decoder=dali still forces NVDEC.
+            # synchronous NVDEC path lost to PyAV. data.decoder=dali still forces NVDEC.
             if "auto-cuda" not in self._routes_logged:
                 self._routes_logged.add("auto-cuda")
                 log.info("data.decoder=auto on CUDA: PyAV decodes (%d workers), frames go to the GPU; no DALI "

@@ -83,7 +83,7 @@ def dali_available() -> bool:
 # measured a DALI variant at least AUTO_DALI_MIN_SPEEDUP times the samples/s of PyAV in one worker
 # process per CPU core, with that variant's data.dali_mode. GPU name prefix -> mode; docs/data.md
 # ("Choosing the decoder") holds the measurements behind each entry. No entry yet: the pipelined
-# engines have not been measured on a GPU, and the synchronous path lost to PyAV by ~10x there.
+# engines have not been measured on a GPU, and the synchronous path lost to PyAV there (benchmarks/README.md).
 AUTO_DALI_ON_GPU: dict[str, str] = {}
 AUTO_DALI_MIN_SPEEDUP = 1.2
 
