@@ -49,7 +49,7 @@ from mscl_stream.errors import UserError
 from mscl_stream.models.flownet import FlowNet
 from mscl_stream.models.neck import FPNSEPCNeck
 from mscl_stream.models.r3d import R3DBackbone
-from mscl_stream.train.distributed import all_gather_cat, get_rank, get_world_size
+from mscl_stream.distributed import all_gather_cat, get_rank, get_world_size
 
 LOSS_TERMS = ("rgb_rgb", "flow_flow", "rot_rot", "rgb_flow", "flow_rgb", "rgb_rot", "rot_rgb", "lmcl")
 # Clip-level InfoNCE terms: name -> (query view, key view). The key's modality picks the queue:

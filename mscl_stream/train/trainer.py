@@ -29,7 +29,7 @@ from mscl_stream.train.checkpoint import (check_expect, differences, expect_from
                                           save_checkpoint, save_step_checkpoint, set_rng_state)
 from mscl_stream.train.guard import StepGuard
 from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
-from mscl_stream.train.distributed import all_gather_objects, cleanup, init_distributed
+from mscl_stream.distributed import all_gather_objects, cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
 from mscl_stream.flow import estimator_from_config

@@ -329,7 +329,7 @@ WORKER = textwrap.dedent("""
     import torch.nn.functional as F
     from mscl_stream.config import Config
     from mscl_stream.models.mscl import MSCL, shuffled_forward
-    from mscl_stream.train import distributed as D
+    from mscl_stream import distributed as D
     torch.set_num_threads(1)
     info = D.init_distributed(backend="gloo", device="cpu")
     r = info.rank

@@ -8,11 +8,11 @@ import torch
 
 from conftest import run_ranks
 from mscl_stream.errors import UserError
-from mscl_stream.train import distributed as D
+from mscl_stream import distributed as D
 
 WORKER = textwrap.dedent("""
     import json, sys, torch
-    from mscl_stream.train import distributed as D
+    from mscl_stream import distributed as D
     info = D.init_distributed(backend="auto", device="cpu")
     r = info.rank
     # rank r contributes r + 2 rows whose values encode (rank, row): unequal shares
