@@ -1,0 +1,1 @@
+"""Fused Triton kernels (installed as mscl_stream.kernels), each beside its torch reference."""

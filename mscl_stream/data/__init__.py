@@ -1,0 +1,1 @@
+"""The data layer: manifests, sampling, decoding (PyAV and DALI), sample data and transcoding."""
