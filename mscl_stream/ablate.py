@@ -182,7 +182,7 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...] = HEADLINE) -> 
 
 def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], config: str | None = None,
                  manifest: str | None = None, videos: int = 120, extra: list[str] | None = None,
-                 random_init: bool = True) -> list[dict]:
+                 random_init: bool = True, report_only: bool = False) -> list[dict]:
     """Run (or continue) a study into ``out``; returns every row (done now or earlier).
 
     Args:
@@ -194,6 +194,7 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         videos: number of demo videos when they are made here.
         extra: overrides applied to every run (e.g. ``train.max_steps=200`` for a pilot).
         random_init: add the untrained-encoder row per seed.
+        report_only: run nothing; summarise the rows already done (a study between sittings).
     """
     from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
 
@@ -209,7 +210,7 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
     for v in variants:                                    # every variant's overrides parse and validate
         load_config(config, [*extra, *v.overrides, "data.manifest=" + (manifest or "unused")], check=False)
     out.mkdir(parents=True, exist_ok=True)
-    mpath = Path(manifest) if manifest else prepare_demo_data(out, base, videos)
+    mpath = Path(manifest) if manifest or report_only else prepare_demo_data(out, base, videos)
     arms = ([Variant(RANDOM_INIT, "untrained encoder (the floor)", ())] if random_init else []) + list(variants)
     plan = [(v, s) for v in arms for s in seeds]
     rows, t_start, done_now = [], time.perf_counter(), 0
@@ -224,6 +225,9 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
             rows.append(row)
             print(f"[{i}/{len(plan)}] {v.name} seed {seed}: done earlier, skipped", flush=True)
             continue
+        if report_only:
+            print(f"[{i}/{len(plan)}] {v.name} seed {seed}: not run yet", flush=True)
+            continue
         left = len(plan) - i + 1
         eta = ((time.perf_counter() - t_start) / done_now * left) if done_now else None
         print(f"[{i}/{len(plan)}] {v.name} seed {seed}: running"
@@ -234,10 +238,21 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         _write_json(row_path, row)
         rows.append(row)
         done_now += 1
+        _write_summary(out, rows)          # a study cut short still has its table
+    if not rows:
+        raise UserError(f"ablate: no finished runs in {out} yet")
+    md = _write_summary(out, rows)
+    print("\n" + md + f"\nstudy folder: {out} (ablation.json, ablation.md, ablation.png)", flush=True)
+    return rows
+
+
+def _write_summary(out: Path, rows: list[dict]) -> str:
+    """Rewrite ablation.json (the rows), ablation.md and ablation.png from the rows done so far."""
     table = summarize(rows)
     _write_json(out / "ablation.json", rows)
     md = markdown_table(table)
-    (out / "ablation.md").write_text(md)
+    tmp = out / f".ablation.md.tmp-{os.getpid()}"
+    tmp.write_text(md)
+    os.replace(tmp, out / "ablation.md")
     plot(table, out / "ablation.png")
-    print("\n" + md + f"\nstudy folder: {out} (ablation.json, ablation.md, ablation.png)", flush=True)
-    return rows
+    return md
