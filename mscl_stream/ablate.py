@@ -210,7 +210,10 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
     for v in variants:                                    # every variant's overrides parse and validate
         load_config(config, [*extra, *v.overrides, "data.manifest=" + (manifest or "unused")], check=False)
     out.mkdir(parents=True, exist_ok=True)
-    mpath = Path(manifest) if manifest or report_only else prepare_demo_data(out, base, videos)
+    if manifest:
+        mpath = Path(manifest)
+    else:   # a report reads finished rows only: no data needed
+        mpath = None if report_only else prepare_demo_data(out, base, videos)
     arms = ([Variant(RANDOM_INIT, "untrained encoder (the floor)", ())] if random_init else []) + list(variants)
     plan = [(v, s) for v in arms for s in seeds]
     rows, t_start, done_now = [], time.perf_counter(), 0
