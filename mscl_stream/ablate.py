@@ -197,6 +197,7 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         report_only: run nothing; summarise the rows already done (a study between sittings).
     """
     from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
+    from mscl_stream.machine import machine_info, resolve_device
 
     out = Path(out)
     config = str(config or DEMO_CONFIG)
@@ -237,7 +238,8 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
               + (f" (about {eta / 60:.0f} min left)" if eta else ""), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         row = _run_one(v, seed, config, mpath, run_dir, extra)
-        row.update(config=config, manifest=str(mpath), extra_overrides=extra)
+        row.update(config=config, manifest=str(mpath), extra_overrides=extra,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), machine=machine_info(resolve_device(base.train.device)))
         _write_json(row_path, row)
         rows.append(row)
         done_now += 1
