@@ -78,6 +78,12 @@ def _pink_spectrum(rng: np.random.Generator, h: int, w: int, alpha: float = 1.0)
     f = np.sqrt(fx ** 2 + fy ** 2)
     f[0, 0] = 1.0
     spec *= f ** -alpha
+    return unit_periodic_spectrum(spec, h, w)
+
+
+def unit_periodic_spectrum(spec: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A texture spectrum (3, h, w//2+1) made zero-mean, unit-std, with the Nyquist row/column cut so
+    that a Fourier phase shift is an exact real translation (modified in place and returned)."""
     spec[:, 0, 0] = 0.0
     if h % 2 == 0:
         spec[:, h // 2, :] = 0.0

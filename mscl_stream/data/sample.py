@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 
+from mscl_stream.data.profiles import unit_periodic_spectrum
 from mscl_stream.errors import UserError
 
 if TYPE_CHECKING:
@@ -118,14 +119,7 @@ def _smooth_texture(rng: np.random.Generator, h: int, w: int, cutoff: float) -> 
     fy = np.fft.fftfreq(h)[:, None] * h
     fx = np.fft.rfftfreq(w)[None, :] * w
     spec *= np.exp(-0.5 * (fx**2 + fy**2) / cutoff**2)
-    spec[:, 0, 0] = 0.0                                  # zero mean: the colour offset is added later
-    # cut the Nyquist row/column so a Fourier shift is a real, exact translation
-    if h % 2 == 0:
-        spec[:, h // 2, :] = 0.0
-    if w % 2 == 0:
-        spec[:, :, -1] = 0.0
-    std = np.fft.irfft2(spec, s=(h, w)).std()
-    return spec / max(std, 1e-12)
+    return unit_periodic_spectrum(spec, h, w)            # zero mean: the colour offset is added later
 
 
 def _shifted(spec: np.ndarray, h: int, w: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
