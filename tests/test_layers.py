@@ -18,7 +18,7 @@ LAYERS = {
     "models": 4,
     "train": 5,
     "eval": 6,
-    "ablate": 7, "demo": 7, "cli": 8,
+    "commands": 7, "ablate": 7, "demo": 7, "cli": 8,
 }
 
 # Known upward imports, to be removed (see the house issue): importer module -> imported module.
