@@ -30,7 +30,7 @@ def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: 
     i.e. cross-entropy of the logits [q_b.k_b, q_b.queue^T] / t with target 0.
 
     Other keys of the batch are not negatives (they reach the queue after the step). For the released
-    code's quirk 3 (each positive key also among its negatives) the caller passes
+    code's departure 3 (each positive key also among its negatives) the caller passes
     ``torch.cat([queue, k])`` (or the queue snapshot taken after enqueueing k) as ``queue``.
 
     Args:
@@ -72,7 +72,7 @@ def lmcl(rgb_feats: torch.Tensor, flow_feats: torch.Tensor, rot_flow_feats: torc
         rgb_feats: (B, C, T) spatially pooled RGB frame features (T = 4 in MSCL).
         flow_feats: (B, C, T) pooled features of the base flow.
         rot_flow_feats: (B, C, T) pooled features of the rotated (FRA) flow; for the released code's
-            quirk 1 the caller passes window B's unrotated flow features here instead.
+            departure 1 (docs/method.md) the caller passes window B's unrotated flow features here instead.
         temperature: softmax temperature t > 0.
 
     Returns:

@@ -91,7 +91,7 @@ def test_infonce_large_logits_stay_finite():
     torch.testing.assert_close(got.double(), ref_infonce(q, k, queue, 1e-3), rtol=1e-4, atol=1e-2)
 
 
-def test_infonce_released_quirk3_by_concatenating_keys():
+def test_infonce_released_departure3_by_concatenating_keys():
     """Quirk 3: the positive key also among the negatives, obtained by the caller's concatenation."""
     g = torch.Generator().manual_seed(3)
     q, k, queue = unit(4, 6, gen=g), unit(4, 6, gen=g), unit(5, 6, gen=g)

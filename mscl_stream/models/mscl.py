@@ -23,11 +23,11 @@ the key encoders' BN to SyncBatchNorm (a no-op without a process group); "none" 
 All-gathers need the same batch size on every rank.
 
 Released-code behaviour (``cfg.model.compat == "released"``, see docs/method.md, section
-"model.compat: released"): quirk 1 swaps two views: wherever the method uses the base flow key (flow_flow, rgb_flow,
+"model.compat: released"): departure 1 swaps two views: wherever the method uses the base flow key (flow_flow, rgb_flow,
 the enqueued flow keys) the released code used the rotated flow of window A (``rot_q``), and wherever
 it uses the rotated flow query (rot_rot, rot_rgb, LMCL's rotated negatives) it used the unrotated
-flow of window B (``flow_k``). Quirk 3: the rgb_flow term's negatives are the flow queue as it is
-*after* this step's enqueue, so each positive key also sits among its negatives. Quirk 2 (the flow
+flow of window B (``flow_k``). Departure 3: the rgb_flow term's negatives are the flow queue as it is
+*after* this step's enqueue, so each positive key also sits among its negatives. Departure 2 (the flow
 momentum encoder updated twice per step) is not reproduced; ``momentum_update(m * m)`` on the flow
 branch would be its equivalent.
 """
@@ -302,7 +302,7 @@ class MSCL(nn.Module):
 
         # Snapshots: enqueue() writes the buffers in place after backward; autograd must keep these.
         queues = {"rgb": self.rgb_queue.detach().clone(), "flow": self.flow_queue.detach().clone()}
-        if released and "rgb_flow" in active:   # quirk 3: negatives = flow queue after this step's enqueue
+        if released and "rgb_flow" in active:   # departure 3: negatives = flow queue after this step's enqueue
             after = queues["flow"].clone()
             _ring_write(after, self.flow_queue_ptr.clone(), all_gather_cat(k["flow"], same_size=True))
             queues["flow_after"] = after

@@ -1,5 +1,5 @@
 """MSCL module: momentum schedule and EMA, FIFO queues, the 8 terms against float64 hand formulas,
-loss weights, released-code quirks, optimisation on a fixed batch, memory format / bf16, and shuffled
+loss weights, released-code departures, optimisation on a fixed batch, memory format / bf16, and shuffled
 BN + queue gathering in a real 2-process gloo job."""
 
 import json
@@ -223,7 +223,7 @@ def test_zero_weights_skip_terms_and_weighted_sum():
         MSCL(make_cfg(bogus=1.0))
 
 
-def test_released_quirks_views_and_queue_after_enqueue():
+def test_released_departures_views_and_queue_after_enqueue():
     torch.manual_seed(0)
     model = MSCL(make_cfg(compat="released"))
     inp = make_inputs(seed=3)
