@@ -92,7 +92,7 @@ def test_infonce_large_logits_stay_finite():
 
 
 def test_infonce_released_departure3_by_concatenating_keys():
-    """Quirk 3: the positive key also among the negatives, obtained by the caller's concatenation."""
+    """Departure 3 (docs/method.md): the positive key also among the negatives, obtained by the caller's concatenation."""
     g = torch.Generator().manual_seed(3)
     q, k, queue = unit(4, 6, gen=g), unit(4, 6, gen=g), unit(5, 6, gen=g)
     got = infonce(q, k, torch.cat([queue, k]), temperature=0.07)

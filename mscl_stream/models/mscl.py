@@ -276,7 +276,7 @@ class MSCL(nn.Module):
         if not active:
             raise UserError("loss.weights: at least one term must be > 0")
         released = self.compat == "released"
-        # Quirk 1 (released): the flow key is rotated flow A, the "rotated" query is unrotated flow B.
+        # Departure 1 (released): the flow key is rotated flow A, the "rotated" query is unrotated flow B.
         flow_key_view, rot_query_view = (inp.rot_q, inp.flow_k) if released else (inp.flow_k, inp.rot_q)
 
         queries_needed = {CLIP_TERMS[n][0] for n in active if n in CLIP_TERMS}

@@ -235,11 +235,11 @@ def test_released_departures_views_and_queue_after_enqueue():
     for i in range(B):
         after[(14 + i) % 16] = e["k_flow"][i]
     rq, fq = model.rgb_queue, model.flow_queue
-    # Quirk 1: the flow key is h_m(rotated flow A); the "rotated" query is h(unrotated flow B).
+    # Departure 1: the flow key is h_m(rotated flow A); the "rotated" query is h(unrotated flow B).
     assert out["flow_flow"].item() == pytest.approx(ref_infonce(e["q_flow"], e["k_flow"], fq).item(), rel=1e-4)
     assert out["rot_rgb"].item() == pytest.approx(ref_infonce(e["q_rot"], e["k_rgb"], rq).item(), rel=1e-4)
     assert out["lmcl"].item() == pytest.approx(ref_lmcl(e["l_rgb"], e["l_flow"], e["l_rot"]).item(), rel=1e-4)
-    # Quirk 3: RGB->flow negatives are the queue after this step's enqueue (positives among them).
+    # Departure 3: RGB->flow negatives are the queue after this step's enqueue (positives among them).
     assert out["rgb_flow"].item() == pytest.approx(ref_infonce(e["q_rgb"], e["k_flow"], after).item(), rel=1e-4)
     assert abs(ref_infonce(e["q_rgb"], e["k_flow"], fq) - ref_infonce(e["q_rgb"], e["k_flow"], after)) > 1e-3
     assert model.flow_queue_ptr.item() == 14   # forward itself never writes the queue
