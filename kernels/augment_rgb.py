@@ -1,7 +1,7 @@
 """Fused RGB view augmentation: crop + resize + flip, colour jitter, grayscale, blur, normalise.
 
-Three Triton kernels over the whole batch, one parameter row per clip (``mscl_stream.augment``'s table,
-columns ``COL_*``), every clip's choices applied by masks and uniform per-program branches (no subsets,
+Three Triton kernels over the whole batch, one parameter row per clip (``mscl_stream.augment.params``'s
+table, columns ``COL_*``), every clip's choices applied by masks and uniform per-program branches (no subsets,
 no host reads, static shapes so the launches can sit in a CUDA graph):
 
 1. ``_chain_kernel``, one program per frame (clip b, frame t): bilinear crop of the uint8 frame
@@ -26,9 +26,10 @@ import math
 
 import torch
 
-from mscl_stream.augment import (COL_BLUR, COL_BOX, COL_FACTORS, COL_FLIP, COL_GRAY, COL_JITTER, COL_ORDER,
-                                 COL_SIGMA, IMAGENET_MEAN, IMAGENET_STD, VIEW_COLS)
+from mscl_stream.augment.params import (COL_BLUR, COL_BOX, COL_FACTORS, COL_FLIP, COL_GRAY, COL_JITTER, COL_ORDER,
+                                        COL_SIGMA, IMAGENET_MEAN, IMAGENET_STD, VIEW_COLS)
 from mscl_stream.errors import UserError
+from mscl_stream.geometry import crop_resize
 
 try:   # Triton is optional: without it (or without CUDA) the torch paths run
     import triton
@@ -123,7 +124,7 @@ if triton is not None:
         return r, g, b
 
     @triton.jit
-    def _crop(src, pix, mask, x0, y0, x1, y1, flip, H, W, S):
+    def crop_bilinear(src, pix, mask, x0, y0, x1, y1, flip, H, W, S):
         # bilinear sample of one uint8 channel plane at output pixels pix (i * S + j), as crop_resize
         i = pix // S
         j = pix - i * S
@@ -180,9 +181,9 @@ if triton is not None:
             for start in range(0, SS, BLOCK):
                 pix = start + tl.arange(0, BLOCK)
                 mask = pix < SS
-                r = _crop(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
-                g = _crop(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
-                b = _crop(src + 2 * hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+                r = crop_bilinear(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+                g = crop_bilinear(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+                b = crop_bilinear(src + 2 * hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
                 for slot in tl.static_range(4):
                     if slot < cslot:
                         op = tl.where(slot == 0, o0, tl.where(slot == 1, o1, tl.where(slot == 2, o2, o3)))
@@ -194,9 +195,9 @@ if triton is not None:
         for start in range(0, SS, BLOCK):
             pix = start + tl.arange(0, BLOCK)
             mask = pix < SS
-            r = _crop(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
-            g = _crop(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
-            b = _crop(src + 2 * hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+            r = crop_bilinear(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+            g = crop_bilinear(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
+            b = crop_bilinear(src + 2 * hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) / 255.0
             if jit:
                 for slot in tl.static_range(4):
                     op = tl.where(slot == 0, o0, tl.where(slot == 1, o1, tl.where(slot == 2, o2, o3)))
@@ -305,7 +306,6 @@ def augment_rgb_reference(rgb: torch.Tensor, table: torch.Tensor, out_size: int,
                           out_dtype: torch.dtype = torch.float32,
                           memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The fused kernels' computation in torch over the whole batch (masks, no subsets). Args as :func:`augment_rgb`."""
-    from mscl_stream.augment import crop_resize
     _check(rgb, table)
     b, t, _, h, w = rgb.shape
     s = out_size

@@ -18,7 +18,7 @@ import math
 import torch
 
 from mscl_stream.errors import UserError
-from mscl_stream.motion import WHEEL_SIZE, _wheel01, wheel_encode_255
+from mscl_stream.motion.wheel import WHEEL_SIZE, wheel01, wheel_encode_255
 
 try:   # Triton is optional: without it (or without CUDA) the torch reference runs
     import triton
@@ -26,7 +26,7 @@ try:   # Triton is optional: without it (or without CUDA) the torch reference ru
 except ImportError:   # pragma: no cover - depends on the install
     triton = None
 
-_TAN_PI_8 = math.tan(math.pi / 8)
+TAN_PI_8 = math.tan(math.pi / 8)
 _BLOCK = 256
 
 
@@ -95,7 +95,7 @@ if triton is not None:
         return (a + 1.0) / 2.0 * (NCOLS - 1)
 
     @triton.jit
-    def _encode_store(u, v, wheel_ptr, out_ptr, chan_stride, mask,
+    def encode_store(u, v, wheel_ptr, out_ptr, chan_stride, mask,
                       PI: tl.constexpr, TAN_PI_8: tl.constexpr, NCOLS: tl.constexpr):
         fk = _wheel_pos(u, v, PI, TAN_PI_8, NCOLS)
         k0f = tl.floor(fk)
@@ -128,9 +128,9 @@ if triton is not None:
         # (B, 3, F, S, S): channel c of frame (sample, step) at ((sample*3 + c)*NF + step)*SS
         out_off = (sample * 3 * NF + (n - sample * NF)) * SS + pix
         chan_stride = NF * SS
-        _encode_store(sign * u, v, wheel_ptr, base_ptr + out_off, chan_stride, mask,
+        encode_store(sign * u, v, wheel_ptr, base_ptr + out_off, chan_stride, mask,
                       PI, TAN_PI_8, NCOLS)
-        _encode_store(sign * (u * cos - v * sin), u * sin + v * cos, wheel_ptr, rot_ptr + out_off,
+        encode_store(sign * (u * cos - v * sin), u * sin + v * cos, wheel_ptr, rot_ptr + out_off,
                       chan_stride, mask, PI, TAN_PI_8, NCOLS)
 
 
@@ -142,13 +142,13 @@ def flow_encode_triton(flow: torch.Tensor, params: torch.Tensor,
     b, s = _check(flow, params, frames_per_sample)
     flow = flow.float().contiguous()
     params = params.float().contiguous()
-    wheel = _wheel01(flow.device, torch.float32).contiguous()
+    wheel = wheel01(flow.device, torch.float32).contiguous()
     base = torch.empty((b, 3, frames_per_sample, s, s), device=flow.device, dtype=torch.float32)
     rot = torch.empty_like(base)
     ss = s * s
     grid = (flow.shape[0], triton.cdiv(ss, _BLOCK))
     _flow_encode_kernel[grid](flow, params, wheel, base, rot, frames_per_sample, ss,
-                              PI=math.pi, TAN_PI_8=_TAN_PI_8, NCOLS=WHEEL_SIZE, BLOCK=_BLOCK)
+                              PI=math.pi, TAN_PI_8=TAN_PI_8, NCOLS=WHEEL_SIZE, BLOCK=_BLOCK)
     return base, rot
 
 

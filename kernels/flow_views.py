@@ -6,8 +6,8 @@ shapes):
 
 1. ``_max_kernel``, one program per flow frame: 1 / (max_x |flow(x)| + 1e-5) over the H x W frame.
 2. ``_crop_encode_kernel``, per output pixel: bilinear crop of u and v with the view's box and flip
-   (the RGB view's geometry, ``kernels.augment_rgb._crop``), scaled, flip sign (u negated), rotated by
-   the FRA angle, both colour-wheel images written (``kernels.flow_encode._encode_store``) in the
+   (the RGB view's geometry, ``kernels.augment_rgb.crop_bilinear``), scaled, flip sign (u negated), rotated by
+   the FRA angle, both colour-wheel images written (``kernels.flow_encode.encode_store``) in the
    output's dtype and strides ((B, 3, F, S, S), contiguous or channels_last_3d).
 
 The reference is ``motion.flow_views(..., backend="torch")``.
@@ -19,16 +19,16 @@ import math
 
 import torch
 
-from mscl_stream.augment import COL_BOX, COL_FLIP, VIEW_COLS
+from mscl_stream.augment.params import COL_BOX, COL_FLIP, VIEW_COLS
 from mscl_stream.errors import UserError
-from mscl_stream.motion import FLOW_EPS, WHEEL_SIZE, _wheel01
+from mscl_stream.motion.wheel import FLOW_EPS, WHEEL_SIZE, wheel01
 
 try:
     import triton
     import triton.language as tl
 
-    from mscl_stream.kernels.augment_rgb import _crop
-    from mscl_stream.kernels.flow_encode import _TAN_PI_8, _encode_store
+    from mscl_stream.kernels.augment_rgb import crop_bilinear
+    from mscl_stream.kernels.flow_encode import TAN_PI_8, encode_store
 except ImportError:   # pragma: no cover - depends on the install
     triton = None
 
@@ -76,14 +76,14 @@ if triton is not None:
         scale = tl.load(inv_ptr + n)
         hw = H * W
         src = flow_ptr + n * 2 * hw
-        u = _crop(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) * scale
-        v = _crop(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) * scale
+        u = crop_bilinear(src, pix, mask, x0, y0, x1, y1, flip, H, W, S) * scale
+        v = crop_bilinear(src + hw, pix, mask, x0, y0, x1, y1, flip, H, W, S) * scale
         i = pix // S
         j = pix - i * S
         off = clip * o_b + step * o_t + i * o_h + j * o_w
-        _encode_store(sign * u, v, wheel_ptr, base_ptr + off, o_c, mask, PI, TAN_PI_8, NCOLS)
-        _encode_store(sign * (u * cos - v * sin), u * sin + v * cos, wheel_ptr, rot_ptr + off, o_c, mask,
-                      PI, TAN_PI_8, NCOLS)
+        encode_store(sign * u, v, wheel_ptr, base_ptr + off, o_c, mask, PI, TAN_PI_8, NCOLS)
+        encode_store(sign * (u * cos - v * sin), u * sin + v * cos, wheel_ptr, rot_ptr + off, o_c, mask,
+                     PI, TAN_PI_8, NCOLS)
 
 
 def flow_views_fused(flow: torch.Tensor, table: torch.Tensor, angles: torch.Tensor, out_size: int,
@@ -117,10 +117,10 @@ def flow_views_fused(flow: torch.Tensor, table: torch.Tensor, angles: torch.Tens
     inv = torch.empty(b * nf, device=flow.device, dtype=torch.float32)
     base = torch.empty((b, 3, nf, s, s), device=flow.device, dtype=out_dtype, memory_format=memory_format)
     rot = torch.empty_like(base)
-    wheel = _wheel01(flow.device, torch.float32)
+    wheel = wheel01(flow.device, torch.float32)
     _max_kernel[(b * nf,)](flow, inv, h * w, EPS=FLOW_EPS, BLOCK=_BLOCK)
     _crop_encode_kernel[(b * nf, triton.cdiv(s * s, _BLOCK))](
         flow, inv, table, table.stride(0), angles, angles.stride(0), wheel, base, rot, nf, h, w, s,
         *base.stride(), NEGATE_U=compat == "default", C_BOX=COL_BOX, C_FLIP=COL_FLIP, PI=math.pi,
-        TAN_PI_8=_TAN_PI_8, NCOLS=WHEEL_SIZE, BLOCK=_BLOCK)
+        TAN_PI_8=TAN_PI_8, NCOLS=WHEEL_SIZE, BLOCK=_BLOCK)
     return base, rot

@@ -30,7 +30,7 @@ _SCRIPT = textwrap.dedent("""
     from mscl_stream.data.batch import ClipBatch
     from mscl_stream.kernels.augment_rgb import augment_rgb, augment_rgb_reference
     from mscl_stream.kernels.flow_views import flow_views_fused
-    from mscl_stream.train.step import make_inputs
+    from mscl_stream.train.inputs import make_inputs
 
     out = {}
     g = torch.Generator().manual_seed(3)
@@ -123,7 +123,7 @@ _COMPILE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from mscl_stream.kernels import augment_rgb as ar, flow_views as fv
-    from mscl_stream.kernels.flow_encode import _TAN_PI_8
+    from mscl_stream.kernels.flow_encode import TAN_PI_8
 
     def comp(fn, sig, const):
         sig = {**sig, **{k: "constexpr" for k in const}}
@@ -144,7 +144,7 @@ _COMPILE = textwrap.dedent("""
                                       ang_ptr="*fp32", ang_stride=i32, wheel_ptr="*fp32", base_ptr="*bf16",
                                       rot_ptr="*bf16", NF=i32, H=i32, W=i32, S=i32, o_b=i32, o_c=i32, o_t=i32,
                                       o_h=i32, o_w=i32),
-         dict(NEGATE_U=True, C_BOX=0, C_FLIP=4, PI=math.pi, TAN_PI_8=_TAN_PI_8, NCOLS=55, BLOCK=1024))
+         dict(NEGATE_U=True, C_BOX=0, C_FLIP=4, PI=math.pi, TAN_PI_8=TAN_PI_8, NCOLS=55, BLOCK=1024))
     print("compiled")
 """)
 
@@ -163,7 +163,7 @@ def test_make_inputs_backends_agree_on_cuda():
     import torch
     from mscl_stream.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
     from mscl_stream.data.batch import ClipBatch
-    from mscl_stream.train.step import make_inputs
+    from mscl_stream.train.inputs import make_inputs
     g = torch.Generator().manual_seed(0)
     b, t, nf, h, w = 4, 8, 4, 128, 176
     u8 = lambda n: torch.randint(0, 256, (b, n, 3, h, w), generator=g, dtype=torch.uint8)  # noqa: E731
