@@ -2,7 +2,7 @@
 
 Two measurements (``--what``):
 
-  make_inputs  ``train.step.make_inputs`` at the issue's shape (batch 64, 8 frames of 128x176, 4 flow
+  make_inputs  ``train.inputs.make_inputs`` at the issue's shape (batch 64, 8 frames of 128x176, 4 flow
                frames, out_size 112, bf16 + channels_last_3d on CUDA) for ``augment.backend`` triton and
                torch: median ms per call (CUDA events, after warm-up), CUDA kernels launched per call
                (torch.profiler), whether a steady call passes ``torch.cuda.set_sync_debug_mode("error")``,
@@ -130,7 +130,7 @@ def measure_make_inputs(args, device: torch.device) -> dict:
     from mscl_stream import motion
     from mscl_stream.kernels.augment_rgb import augment_rgb
     from mscl_stream.kernels.flow_views import flow_views_fused
-    from mscl_stream.train.step import make_inputs
+    from mscl_stream.train.inputs import make_inputs
     out = {}
     base = bench_config(args.batch, device.type, quick=args.quick)
     batch = synthetic_batch(base, device)

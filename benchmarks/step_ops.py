@@ -4,7 +4,7 @@ Counts with ``mscl_stream.train.opcount.OpCounter`` (a TorchDispatchMode that al
 syncs apart, see its doc) at the demo's shapes (configs/demo.yaml: 8 frames of 48x64, 4 flow frames,
 out_size 32, dis_fast flow) at batch 64 on CPU:
 
-  make_inputs: one call of ``mscl_stream.train.step.make_inputs`` (both RGB views, both flow views),
+  make_inputs: one call of ``mscl_stream.train.inputs.make_inputs`` (both RGB views, both flow views),
                median of --calls calls after one warm-up call, for each augmentation backend asked for
                (``torch`` = kornia/torch, the CPU path; ``triton`` = the fused kernels the CUDA path runs,
                forced on CPU under TRITON_INTERPRET=1 in a child process: one counted call after a
@@ -80,7 +80,7 @@ def count_make_inputs(cfg, device: torch.device, calls: int, warmup_clips: int =
     """Median counts of ``calls`` make_inputs calls after one warm-up call (on the first ``warmup_clips``
     clips when > 0: the caches it fills depend on the device and dtype only, and the Triton interpreter
     takes minutes per call at batch 64)."""
-    from mscl_stream.train.step import make_inputs
+    from mscl_stream.train.inputs import make_inputs
     batch = synthetic_batch(cfg, device)
     b, nf = batch.batch_size, batch.partner_a.shape[1]
     h, w = cfg.data.frame_size

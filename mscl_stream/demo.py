@@ -37,7 +37,7 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     from mscl_stream.data.manifest import read_manifest
     from mscl_stream.flow import estimator_from_config
     from mscl_stream.machine import resolve_device
-    from mscl_stream.train.step import compute_flow, make_inputs
+    from mscl_stream.train.inputs import compute_flow, make_inputs
 
     device = resolve_device(cfg.train.device)
     loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split), device=device)

@@ -24,7 +24,7 @@ class ClipBatch:
                                                       benchmark baseline only; normally computed in-batch)
     Flow pair j of window A is (rgb_a[:, flow_steps[j]], partner_a[:, j]). With K > 1 the rows are
     K candidate windows per sample, adjacent (sample s at rows s*K .. s*K + K-1), and B counts rows;
-    ``mscl_stream.train.step.select_online_mds`` keeps one row per sample.
+    ``mscl_stream.motion.select_online_mds`` keeps one row per sample.
     """
 
     rgb_a: torch.Tensor

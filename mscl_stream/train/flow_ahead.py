@@ -37,13 +37,13 @@ class FlowFeed:
         device: the training device.
         ahead: compute the next batch's flow ahead (on a side stream on CUDA).
         flow_fn: ``flow_fn(batch, estimator) -> (batch, flow_a, flow_b)``; default
-            :func:`mscl_stream.train.step.compute_flow` (benchmarks pass their own).
+            :func:`mscl_stream.train.inputs.compute_flow` (benchmarks pass their own).
     """
 
     def __init__(self, estimator, loader, device: torch.device, ahead: bool = False, flow_fn=None) -> None:
         self.estimator, self.loader, self.ahead = estimator, loader, ahead
         if flow_fn is None:
-            from mscl_stream.train.step import compute_flow as flow_fn
+            from mscl_stream.train.inputs import compute_flow as flow_fn
         self.flow_fn = flow_fn
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if ahead and self.device.type == "cuda" else None

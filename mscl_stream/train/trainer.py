@@ -36,7 +36,7 @@ from mscl_stream.flow import estimator_from_config
 from mscl_stream.train.flow_ahead import FlowFeed
 from mscl_stream.train.optim import build_optimizer
 from mscl_stream.train.plot import plot_run_or_warn
-from mscl_stream.train.step import amp_dtype, autocast, make_inputs
+from mscl_stream.train.inputs import amp_dtype, autocast, make_inputs
 
 log = logging.getLogger(__name__)
 

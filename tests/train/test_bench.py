@@ -53,7 +53,7 @@ def test_precomputed_flow_equals_in_batch_flow(tiny_manifest, tmp_path):
 
     from mscl_stream.flow import estimator_from_config
     from mscl_stream.train.baseline import precomputed_flow_loader
-    from mscl_stream.train.step import compute_flow
+    from mscl_stream.train.inputs import compute_flow
 
     cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=",
                              "data.max_shift=40"])   # shifts past the end: wrapped pairs too

@@ -21,8 +21,8 @@ from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.data.pyav_decode import decode_frames
 from mscl_stream.data.sampler import ClipSampler
-from mscl_stream.motion import window_motion_scores
-from mscl_stream.train.step import compute_flow, select_online_mds
+from mscl_stream.motion import select_online_mds, window_motion_scores
+from mscl_stream.train.inputs import compute_flow
 from mscl_stream.train.trainer import pretrain
 
 TINY = [*TINY_TRAIN, "data.mds=online", "data.mds_candidates=2"]

@@ -16,7 +16,7 @@ import torch
 from mscl_stream.config import AugmentConfig, Config, DataConfig, LogConfig, ModelConfig, TrainConfig
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.train.opcount import OpCounter
-from mscl_stream.train.step import make_inputs
+from mscl_stream.train.inputs import make_inputs
 
 B, T, NF, H, W = 4, 4, 2, 24, 32
 

@@ -19,7 +19,7 @@ from mscl_stream.augment import N_UNIFORMS, apply_uploaded, augment_backend, par
 from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.models.mscl import MSCLInputs
-from mscl_stream.motion import flow_views, fra_angles_from_uniforms, window_motion_scores
+from mscl_stream.motion import flow_views, fra_angles_from_uniforms, select_online_mds
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -43,33 +43,11 @@ def window_flow(batch: ClipBatch, window: str, estimator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_online_mds(batch: ClipBatch, flow_a: torch.Tensor) -> tuple[ClipBatch, torch.Tensor]:
-    """Keep the candidate with the highest window motion score per sample (MDS ``online``).
-
-    Args:
-        batch: B*K rows, candidates of a sample adjacent (``batch.candidates`` = K).
-        flow_a: (B*K, F, 2, H, W) raw pixel flow of window A of every row.
-    Returns:
-        (batch, flow_a) reduced to the kept rows: B rows, ``candidates`` = 1 (ties keep the first
-        candidate). A batch with ``candidates`` = 1 comes back unchanged.
-    """
-    k = batch.candidates
-    if k == 1:
-        return batch, flow_a
-    scores = window_motion_scores(flow_a).view(-1, k)           # (B, K)
-    # torch.argmax returns the index of the first maximal value: ties keep the first candidate
-    keep = scores.argmax(1) + torch.arange(0, batch.batch_size, k, device=scores.device)
-    rows = {name: t if name == "flow_steps" else t.index_select(0, keep.to(t.device))
-            for name, t in batch.tensors().items()}
-    return ClipBatch(**rows, candidates=1), flow_a.index_select(0, keep)
-
-
-@torch.no_grad()
 def compute_flow(batch: ClipBatch, estimator) -> tuple[ClipBatch, torch.Tensor, torch.Tensor]:
     """Forward flow of both windows, choosing the MDS ``online`` candidates on the way.
 
     One estimator call for both windows when ``batch.candidates`` = 1; otherwise window A's flow of
-    every candidate, :func:`select_online_mds`, then window B's flow of the kept rows only.
+    every candidate, :func:`mscl_stream.motion.select_online_mds`, then window B's flow of the kept rows only.
 
     Returns:
         batch: the batch the flows belong to (reduced to one row per sample when K > 1).
