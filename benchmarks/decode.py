@@ -282,7 +282,7 @@ def cost_child(a: argparse.Namespace) -> dict:
 def profile_dataset(profile: str, codec: str, videos: int) -> Path:
     from mscl_stream.config import DataConfig
     from mscl_stream.data.manifest import build_manifest
-    from mscl_stream.data.sample import make_sample_dataset
+    from mscl_stream.data.synthetic import make_sample_dataset
 
     data_dir = ROOT / "runs" / f"bench-cost-{profile}-{codec}-{videos}"
     manifest = data_dir / "manifest.jsonl"
@@ -387,7 +387,7 @@ def prepare(a: argparse.Namespace) -> Path:
     """Generate (once) and index the dataset; returns the manifest path."""
     from mscl_stream.config import DataConfig
     from mscl_stream.data.manifest import build_manifest
-    from mscl_stream.data.sample import make_sample_dataset
+    from mscl_stream.data.synthetic import make_sample_dataset
 
     data_dir = Path(a.data or ROOT / "runs" / f"bench-decode-{a.codec}-{a.videos}")
     manifest = data_dir / "manifest.jsonl"

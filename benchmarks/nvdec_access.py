@@ -64,7 +64,7 @@ def _cpu_seconds(loader=None) -> float:
 
 
 def _make_part(out: str, videos: int, codec: str, profile: str, seed: int) -> None:
-    from mscl_stream.data.sample import make_sample_dataset
+    from mscl_stream.data.synthetic import make_sample_dataset
     make_sample_dataset(out, videos=videos, codec=codec, profile=profile, seed=seed)
 
 
@@ -126,7 +126,7 @@ def run_one(a, variant: str) -> dict:
 
     from mscl_stream.data.loader import build_loader
     from mscl_stream.data.manifest import read_manifest
-    from mscl_stream.data.pipeline import DaliDecoder
+    from mscl_stream.data.dali_decoder import DaliDecoder
 
     records = read_manifest(_data(a), "")
     cfg = _config(a, variant)

@@ -22,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_make_sample_data(a: argparse.Namespace) -> int:
-    from mscl_stream.data.sample import make_sample_dataset
+    from mscl_stream.data.synthetic import make_sample_dataset
     make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed,
                         profile=a.profile, gop=a.gop, workers=a.workers)
     return 0

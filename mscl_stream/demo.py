@@ -81,7 +81,7 @@ def prepare_demo_data(out: Path, cfg: Config, videos: int = 120) -> Path:
     them); an existing folder is reused, with a warning when it holds another number of videos.
     """
     from mscl_stream.data.manifest import build_manifest
-    from mscl_stream.data.sample import make_sample_dataset
+    from mscl_stream.data.synthetic import make_sample_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
@@ -105,7 +105,7 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
     ``videos`` synthetic videos, about 2/3 train (pretraining + gallery) and 1/3 test (queries): 120 gives
     40 queries, so one standard error of R@1 is about 0.07 (with 16 queries it was 0.11).
     """
-    from mscl_stream.data.sample import CLASSES
+    from mscl_stream.data.synthetic import CLASSES
     from mscl_stream.eval import run_eval
     from mscl_stream.train.trainer import pretrain
 

@@ -12,7 +12,7 @@ import pytest
 def _video_tools():
     # Imported lazily so that tests which make no videos run where PyAV is absent (the GPU host's
     # first staging call has torch but no PyAV yet).
-    from mscl_stream.data.sample import moving_texture_frames, write_video
+    from mscl_stream.data.synthetic import moving_texture_frames, write_video
     return moving_texture_frames, write_video
 
 # Tiny training settings shared by the trainer, online-MDS and bench tests (CPU, seconds per run).

@@ -4,7 +4,7 @@ A background thread decodes the next batches (at most ``data.prefetch`` finished
 queue, plus the one being built) while the training loop consumes the current one. DALI work is
 submitted by position ahead of that (:mod:`mscl_stream.data.dali_source`): ``max(2, data.prefetch)``
 pipeline runs in flight, with ``data.dali_mode`` choosing ``fn.decoders.video`` or per-frame reader
-lists (:mod:`mscl_stream.data.pipeline`); PyAV work is submitted one batch ahead. Each file goes to
+lists (:mod:`mscl_stream.data.dali_decoder`); PyAV work is submitted one batch ahead. Each file goes to
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
@@ -48,7 +48,7 @@ from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.dali_reader import DaliFrameReader
 from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
-from mscl_stream.data.pipeline import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
+from mscl_stream.data.dali_decoder import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
                                        dali_available, dali_can_decode)
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps

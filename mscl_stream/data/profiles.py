@@ -1,6 +1,6 @@
 """Benchmark data profiles: synthetic videos shaped and encoded like the datasets people pretrain on.
 
-``toy`` is the small sample data of :func:`mscl_stream.data.sample.make_sample_dataset` (120x160 to
+``toy`` is the small sample data of :func:`mscl_stream.data.synthetic.make_sample_dataset` (120x160 to
 144x192, x264/libvpx at their fastest settings, a keyframe every 16 frames). ``ucf101`` and ``k400``
 match the size, frame rate, length and encoding of UCF101 and of Kinetics-400 as usually stored:
 

@@ -163,17 +163,17 @@ def test_nvdec_modes_frames_equal_reference(h264_video, mode, wrap):
 
 
 def test_auto_rule_picks_dali_only_on_a_gpu_with_a_measured_entry(monkeypatch):
-    from mscl_stream.data import pipeline
-    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
-    monkeypatch.setattr(pipeline, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
-    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
-    assert pipeline.auto_dali_mode_on_gpu("NVIDIA H200") is None
+    from mscl_stream.data import dali_decoder
+    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
+    monkeypatch.setattr(dali_decoder, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
+    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
+    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H200") is None
 
 
 def test_failed_run_fails_only_its_batch_and_later_runs_are_resubmitted(vp9_video, tmp_path):
     """Three batches in flight, the middle one holds a file that cannot be decoded: the failing run
     takes the pipeline down, only its batch raises, the batch after it is decoded by a fresh pipeline."""
-    from mscl_stream.data.pipeline import DaliDecodeError, DaliDecoder
+    from mscl_stream.data.dali_decoder import DaliDecodeError, DaliDecoder
     ref = reference(vp9_video)
     enc = np.fromfile(vp9_video, dtype=np.uint8)
     bad = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
@@ -214,7 +214,7 @@ def test_reader_hands_refused_groups_to_the_fallback(dataset):
     """The legacy reader's composition, on CPU: groups the reader refuses (here every third) are decoded
     by fn.decoders.video alongside, the rest by the reader; every sample gets its own frames."""
     from mscl_stream.data.dali_source import DecoderSource, ReaderSource, frame_job
-    from mscl_stream.data.pipeline import DaliDecoder
+    from mscl_stream.data.dali_decoder import DaliDecoder
     recs, refs = dataset
     loader = build_loader(small(decoder="dali", dali_mode="reader"), recs, device=CPU)
     loader.set_epoch(0)

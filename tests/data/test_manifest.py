@@ -14,7 +14,7 @@ from mscl_stream.cli import main as cli_main
 from mscl_stream.config import DataConfig
 from mscl_stream.data.manifest import build_manifest, min_raw_frames, read_manifest
 from mscl_stream.data.probe import probe_video
-from mscl_stream.data.sample import moving_texture_frames, write_video
+from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 
 # one sample needs (4 - 1) * 4 + 4 + 1 = 17 raw frames with these settings (wrap on; every sampled

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mscl_stream.data.profiles import PROFILES, realistic_frames
-from mscl_stream.data.sample import CLASSES, make_sample_dataset
+from mscl_stream.data.synthetic import CLASSES, make_sample_dataset
 from mscl_stream.errors import UserError
 
 

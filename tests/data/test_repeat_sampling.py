@@ -14,7 +14,7 @@ from mscl_stream.config import Config, DataConfig
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.pyav_decode import frame_index, sweep_frames
-from mscl_stream.data.sample import write_video
+from mscl_stream.data.synthetic import write_video
 from mscl_stream.data.sampler import ClipSampler
 from mscl_stream.errors import UserError
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mscl_stream.cli import main
-from mscl_stream.data.sample import moving_texture_frames, write_video
+from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.data.transcode import output_size, transcode_dataset
 from mscl_stream.errors import UserError
 

