@@ -281,7 +281,7 @@ def cost_child(a: argparse.Namespace) -> dict:
 
 def profile_dataset(profile: str, codec: str, videos: int) -> Path:
     from mscl_stream.config import DataConfig
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
     from mscl_stream.data.synthetic import make_sample_dataset
 
     data_dir = ROOT / "runs" / f"bench-cost-{profile}-{codec}-{videos}"
@@ -295,7 +295,7 @@ def profile_dataset(profile: str, codec: str, videos: int) -> Path:
 def transcoded_dataset(manifest: Path, short_side: int, gop: int) -> Path:
     """The synthetic videos of ``manifest``'s dataset transcoded (``mscl-stream transcode``), indexed."""
     from mscl_stream.config import DataConfig
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
     from mscl_stream.data.transcode import transcode_dataset
 
     src = manifest.parent
@@ -386,7 +386,7 @@ def plot_costs(result: dict, path: Path) -> None:
 def prepare(a: argparse.Namespace) -> Path:
     """Generate (once) and index the dataset; returns the manifest path."""
     from mscl_stream.config import DataConfig
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
     from mscl_stream.data.synthetic import make_sample_dataset
 
     data_dir = Path(a.data or ROOT / "runs" / f"bench-decode-{a.codec}-{a.videos}")

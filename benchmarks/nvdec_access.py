@@ -75,7 +75,7 @@ def _data(a) -> Path:
     from concurrent.futures import ProcessPoolExecutor
 
     from mscl_stream.config import load_config
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
 
     root = a.data / f"{a.profile}_{a.codec}_{a.videos}"
     manifest = root / "manifest.jsonl"

@@ -36,9 +36,8 @@ def _cmd_transcode(a: argparse.Namespace) -> int:
 
 def _cmd_index(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
-    from mscl_stream.data.manifest import build_manifest
-    build_manifest(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds,
-                   mds_estimator=a.mds_estimator)
+    from mscl_stream.commands.index import index_videos
+    index_videos(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds, mds_estimator=a.mds_estimator)
     return 0
 
 

@@ -80,7 +80,7 @@ def prepare_demo_data(out: Path, cfg: Config, videos: int = 120) -> Path:
     Videos are made with ``cfg.train.seed`` (the split and the noise of every comparison depend on
     them); an existing folder is reused, with a warning when it holds another number of videos.
     """
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
     from mscl_stream.data.synthetic import make_sample_dataset
 
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def h264_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six tiny VP9 videos (40 frames, 40x48; three move right, three left) indexed for TINY_TRAIN."""
     from mscl_stream.config import load_config
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
 
     moving_texture_frames, write_video = _video_tools()
     root = tmp_path_factory.mktemp("tiny_train_data")

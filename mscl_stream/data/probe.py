@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 
 import av
-import numpy as np
 
 # FFmpeg codec names DALI 2.4 decodes: its CPU decoder is built without H.264/HEVC/MPEG-4.
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -42,7 +41,7 @@ class Probe:
     duration: float = 0.0
     decoders: list[str] = field(default_factory=list)   # pyav / dali_cpu / dali_gpu
     notes: list[str] = field(default_factory=list)      # non-fatal findings (truncation, unverified tail)
-    mds_starts: list[int] | None = None                 # set by build_manifest(mds=True)
+    mds_starts: list[int] | None = None                 # set by build_manifest with an MDS scorer
 
 
 def pyav_can_decode(codec: str) -> bool:
@@ -217,69 +216,3 @@ def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
     if p.fps <= 0:
         p.notes.append("no frame rate in the stream: fps 0, duration unknown")
     return p
-
-
-# ---------------------------------------------------------------------------------------------------
-# MDS at index time (docs/method.md, section 4): flows F_j = flow(raw 2j -> raw 2j + 8), clip scores,
-# allowed starts. Computed once per video with a cheap estimator; only the start list is kept.
-
-MDS_SHORT_SIDE = 112      # flow resolution for scoring: both sides are multiples of 8
-MDS_MAX_FRAMES = 9000     # longer ranges are not scored at index time (memory: ~0.45 GB per worker)
-_ESTIMATORS: dict[str, object] = {}
-
-
-def mds_estimator(name: str):
-    """The flow estimator used for MDS scoring, built once per process (CPU)."""
-    if name not in _ESTIMATORS:
-        from mscl_stream.flow import get_estimator
-        _ESTIMATORS[name] = get_estimator(name, device="cpu")
-    return _ESTIMATORS[name]
-
-
-def mds_size(height: int, width: int, short_side: int = MDS_SHORT_SIDE) -> tuple[int, int]:
-    """(H, W) with the short side ``short_side`` and both sides rounded to multiples of 8."""
-    scale = short_side / min(height, width)
-    return (max(8, 8 * round(height * scale / 8)), max(8, 8 * round(width * scale / 8)))
-
-
-def decode_resized(path: str | os.PathLike, start: int, end: int, size: tuple[int, int]) -> np.ndarray:
-    """Raw frames start..end-1 resized to ``size`` = (H, W): (N, 3, H, W) uint8."""
-    h, w = size
-    out = []
-    with av.open(str(path)) as c:
-        st = c.streams.video[0]
-        st.thread_type = "AUTO"
-        for i, frame in enumerate(c.decode(st)):
-            if i >= end:
-                break
-            if i >= start:
-                out.append(frame.reformat(width=w, height=h, format="rgb24").to_ndarray())
-    if not out:
-        return np.zeros((0, 3, h, w), np.uint8)
-    return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
-
-
-def mds_starts_for_video(path: str | os.PathLike, estimator: str, start: int, end: int,
-                         flow_gap: int = 8) -> list[int] | None:
-    """Allowed MDS clip starts of one video as sorted absolute raw frame indices (``start`` + even).
-
-    The range [start, end) is decoded at a small size (:func:`mds_size`) and scored by
-    :func:`mscl_stream.motion.mds_video_starts` (flows F_j = flow(2j -> 2j + flow_gap), computed in
-    batches). When every clip scores the same (a static video), no start is preferred and all scored
-    starts are returned. Memory is about 50 kB per raw frame, so ranges over ``MDS_MAX_FRAMES`` are
-    not scored (returns None).
-    """
-    import torch
-
-    from mscl_stream import motion
-
-    if end - start > MDS_MAX_FRAMES:
-        return None
-    with av.open(str(path)) as c:
-        cc = c.streams.video[0].codec_context
-        size = mds_size(cc.height, cc.width)
-    frames = torch.from_numpy(decode_resized(path, start, end, size))
-    starts = motion.mds_video_starts(frames, mds_estimator(estimator), flow_gap=flow_gap)
-    if not starts:      # all scores equal: the median rule prefers nothing, so every start is allowed
-        starts = list(range(0, frames.shape[0] - flow_gap, 2))
-    return [start + s for s in starts]

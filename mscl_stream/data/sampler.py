@@ -80,6 +80,14 @@ def clip_span(data: DataConfig) -> int:
     return max(last, last_partner) + 1
 
 
+def min_raw_frames(data: DataConfig) -> int:
+    """Raw frames one training sample needs: one window (T sampled frames ``frame_stride`` apart and
+    the flow partners of the frames that get flow, i.e. :func:`clip_span`); without wrap-around,
+    window B may also start ``max_shift`` later. Videos shorter than this are not indexed."""
+    need = clip_span(data)
+    return need if data.wrap else need + data.max_shift
+
+
 def _rng(seed: int, epoch: int, stream: int, rank: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed % 2**63, epoch, rank, stream])
 

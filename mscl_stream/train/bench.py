@@ -118,7 +118,8 @@ def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None, prof
     """
     if cfg.data.manifest:
         return cfg
-    from mscl_stream.data.manifest import build_manifest, read_manifest
+    from mscl_stream.data.indexing import build_manifest
+    from mscl_stream.data.manifest import read_manifest
     from mscl_stream.data.synthetic import make_sample_dataset
     data = workdir / "videos"
     workers = 1 if profile == "toy" else os.cpu_count() or 1     # ucf101/k400 videos take seconds each

@@ -11,8 +11,10 @@ import pytest
 
 import mscl_stream.data.probe as probe_mod
 from mscl_stream.cli import main as cli_main
+from mscl_stream.commands.index import index_videos
 from mscl_stream.config import DataConfig
-from mscl_stream.data.manifest import build_manifest, min_raw_frames, read_manifest
+from mscl_stream.data.indexing import build_manifest
+from mscl_stream.data.manifest import read_manifest
 from mscl_stream.data.probe import probe_video
 from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
@@ -251,15 +253,6 @@ def test_index_split_folders_with_process_pool(tmp_path):
         build_manifest(src, tmp_path / "m.jsonl", data=SMALL)
 
 
-def test_min_raw_frames():
-    # MSCL defaults: 8 frames 16 apart; flow for sampled frames 0, 2, 4, 6 -> last partner 6*16 + 8
-    # = 104 lies before the last sampled frame 7*16 = 112, so a window spans 113 raw frames; with
-    # flow for every frame the last partner is 7*16 + 8 = 120 -> 121
-    assert min_raw_frames(DataConfig()) == 113
-    assert min_raw_frames(DataConfig(flow_frames="all")) == 121
-    assert min_raw_frames(DataConfig(flow_frames="all", wrap=False)) == 121 + 128
-
-
 def test_cli_index(tmp_path, capsys):
     src = tmp_path / "src"
     video(src / "a" / "v", 20, "vp9")
@@ -281,8 +274,8 @@ def test_index_mds_starts_in_moving_part(tmp_path):
     moving = moving_texture_frames(96, h, w, (2.5, 1.0), seed=4)
     write_video(tmp_path / "src" / "a" / "v", np.concatenate([static, moving]), "mjpeg")
     cfg = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=8)
-    build_manifest(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True,
-                   mds_estimator="dis_fast")
+    index_videos(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True,
+                 mds_estimator="dis_fast")
     (rec,) = read_manifest(tmp_path / "m.jsonl")
     starts = rec.mds_starts
     assert starts and starts == sorted(starts) and all(s % 2 == 0 for s in starts)
@@ -305,9 +298,18 @@ def test_index_mds_static_video_allows_every_start(tmp_path):
     frames = np.repeat(moving_texture_frames(1, 112, 144, (0.0, 0.0), seed=1), 40, axis=0)
     write_video(tmp_path / "src" / "a" / "still", frames, "mjpeg")
     cfg = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=8)
-    build_manifest(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True)
+    index_videos(tmp_path / "src", tmp_path / "m.jsonl", data=cfg, workers=1, mds=True)
     (rec,) = read_manifest(tmp_path / "m.jsonl")
     assert rec.mds_starts == list(range(0, 40 - 8, 2))      # flows 2j -> 2j + 8 exist for 2j + 8 < 40
+
+
+def test_index_mds_scorer_pickles_for_spawned_workers():
+    # the index command hands build_manifest a scorer that the spawned probe processes must unpickle
+    import pickle
+
+    from mscl_stream.motion.mds import MDSScorer
+    scorer = MDSScorer(estimator="dis_fast", flow_gap=4)
+    assert pickle.loads(pickle.dumps(scorer)) == scorer and scorer.name == "dis_fast"
 
 
 def dali_decoded_count(path: Path, device: str) -> int:

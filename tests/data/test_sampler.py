@@ -10,7 +10,7 @@ import pytest
 
 from mscl_stream.config import DataConfig
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.sampler import ClipSampler
+from mscl_stream.data.sampler import ClipSampler, min_raw_frames
 from mscl_stream.errors import UserError
 
 
@@ -265,3 +265,12 @@ def test_mds_videos_without_starts_sample_uniformly(caplog):
         starts[spec.video_idx].add(int(spec.frames_a[0]))
     assert starts[0] == {40}               # MDS video: only its allowed start
     assert len(starts[1]) > 20             # no starts stored: uniform over the video
+
+
+def test_min_raw_frames():
+    # MSCL defaults: 8 frames 16 apart; flow for sampled frames 0, 2, 4, 6 -> last partner 6*16 + 8
+    # = 104 lies before the last sampled frame 7*16 = 112, so a window spans 113 raw frames; with
+    # flow for every frame the last partner is 7*16 + 8 = 120 -> 121
+    assert min_raw_frames(DataConfig()) == 113
+    assert min_raw_frames(DataConfig(flow_frames="all")) == 121
+    assert min_raw_frames(DataConfig(flow_frames="all", wrap=False)) == 121 + 128

@@ -249,8 +249,8 @@ def test_read_only_out_dir_is_refused(tmp_path, tiny_manifest, no_expensive_work
 
 
 def test_index_output_is_checked_before_probing(tmp_path, tiny_manifest, monkeypatch):
-    from mscl_stream.data import manifest as mf
-    monkeypatch.setattr(mf, "_probe_all", lambda *a, **k: (_ for _ in ()).throw(_Boom("probed first")))
+    from mscl_stream.data import indexing as ix
+    monkeypatch.setattr(ix, "_probe_all", lambda *a, **k: (_ for _ in ()).throw(_Boom("probed first")))
     src = tiny_manifest.parent
     data = load_config(None, TINY_TRAIN).data
     a_file = tmp_path / "f"
@@ -259,7 +259,7 @@ def test_index_output_is_checked_before_probing(tmp_path, tiny_manifest, monkeyp
     for out, msg in [(tmp_path / "dir.jsonl", "is a folder"), (a_file / "m.jsonl", "is a file, not a folder"),
                      (Path("/proc/mscl_test/m.jsonl"), "cannot write")]:
         with pytest.raises(UserError, match=msg) as ei:
-            mf.build_manifest(src, out, data=data, workers=1)
+            ix.build_manifest(src, out, data=data, workers=1)
         assert str(ei.value).startswith("index -o")
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or "write-test" in p.name]
 
@@ -278,7 +278,7 @@ def test_eval_out_is_checked_before_computing(tmp_path, tiny_manifest, monkeypat
 
 
 def test_index_reports_every_skipped_entry_and_short_videos(tmp_path, tiny_manifest):
-    from mscl_stream.data.manifest import build_manifest
+    from mscl_stream.data.indexing import build_manifest
     src = tmp_path / "src"
     cls = src / "right"
     cls.mkdir(parents=True)
