@@ -46,7 +46,7 @@ def documented_names(text: str, sections: set[str]) -> list[str]:
 
 
 def is_code_name(section: str, name: str) -> bool:
-    """True when ``section.name`` is the package's code (``augment.upload_views``, ``train.trainer``):
+    """True when ``section.name`` is the package's code (``augment.upload.upload_views``, ``train.trainer``):
     a submodule, or a def / class / assignment in the module of that name (read as text, not imported)."""
     pkg = ROOT / "mscl_stream"
     if (pkg / section / f"{name}.py").is_file() or (pkg / section / name).is_dir():
@@ -104,7 +104,7 @@ def test_the_checks_catch_what_they_should():
     keys = config_keys()
     text = ("Set `data.batch_size=4`, `loss.weights.lmcl=0`, `flow.options.corr` and `model.compat: released`; "
             "see `docs/data.md`, `data.md`, `mscl_stream.train.trainer`, `train.trainer`, `data.loader` and "
-            "`augment.upload_views`. Gone: `data.num_workers`, "
+            "`augment.upload.upload_views`. Gone: `data.num_workers`, "
             "`loss.weights.rgb_depth`, `train.batch_size=2`, `optim.lr.x`.")
     assert stale_names(text, keys) == ["data.num_workers", "loss.weights.rgb_depth", "train.batch_size",
                                        "optim.lr.x"]
