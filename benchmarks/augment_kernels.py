@@ -196,7 +196,7 @@ def measure_make_inputs(args, device: torch.device) -> dict:
 def measure_step(args, device: torch.device) -> dict:
     """Profile steady training steps: the profiler runs between on_step calls after warm-up."""
     from torch.profiler import ProfilerActivity, profile
-    from mscl_stream.train.bench import ResidentLoader
+    from mscl_stream.commands.bench import ResidentLoader
     from mscl_stream.train.trainer import pretrain
     warm, n = args.step_warmup, args.profile_steps
     total = warm + n + 1

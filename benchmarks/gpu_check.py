@@ -86,7 +86,7 @@ def train_step_cmd(amp: str, channels_last: bool, steps: int, batch: int) -> lis
 import json, torch
 from mscl_stream.config import load_config
 from mscl_stream.data.batch import ClipBatch
-from mscl_stream.train.bench import ResidentLoader, steady_rate
+from mscl_stream.commands.bench import ResidentLoader, steady_rate
 from mscl_stream.train.metrics import mfu
 from mscl_stream.train.trainer import pretrain
 cfg = load_config('configs/bench.yaml', ['train.amp={amp}', 'train.channels_last={str(channels_last).lower()}',

@@ -102,7 +102,7 @@ def count_make_inputs(cfg, device: torch.device, calls: int, warmup_clips: int =
 
 def count_step(cfg, device: torch.device, steps: int) -> dict:
     """Ops per training step through the real trainer on a device-resident batch."""
-    from mscl_stream.train.bench import ResidentLoader
+    from mscl_stream.commands.bench import ResidentLoader
     from mscl_stream.train.trainer import pretrain
     work = Path(tempfile.mkdtemp(prefix="mscl-step-ops-"))
     cfg = dataclasses.replace(

@@ -64,7 +64,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_flow_check(a: argparse.Namespace) -> int:
-    from mscl_stream.flow.check import flow_check
+    from mscl_stream.commands.flow_check import flow_check
     flow_check(a.video, estimator=a.estimator, reference=a.reference, out_dir=Path(a.out), pairs=a.pairs,
                gap=a.gap, size=tuple(a.size), weights=a.weights, device=a.device)
     return 0
@@ -72,7 +72,7 @@ def _cmd_flow_check(a: argparse.Namespace) -> int:
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
-    from mscl_stream.train.bench import run_bench
+    from mscl_stream.commands.bench import run_bench
     run_bench(cfg, out=Path(a.out), steps=a.steps, baselines=a.baselines, estimators=tuple(a.estimators),
               codec=a.codec, skip=tuple(a.skip), profile=a.profile, repeat_samples=a.repeat_samples)
     return 0
@@ -85,7 +85,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(a: argparse.Namespace) -> int:
-    from mscl_stream.ablate import load_variants, parse_variant_arg, run_ablation
+    from mscl_stream.commands.ablate import load_variants, parse_variant_arg, run_ablation
     known = load_variants(a.variants_file)
     if a.list:
         for v in known.values():

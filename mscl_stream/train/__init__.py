@@ -1,1 +1,1 @@
-"""Training: the loop, its step inputs, checkpoints, run folders, metrics, benchmarks and baselines."""
+"""Training: the loop, its step inputs, checkpoints, run folders, metrics and plots."""

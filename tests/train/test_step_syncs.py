@@ -94,7 +94,7 @@ def test_steady_make_inputs_has_no_syncs_on_cuda(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here: sync check not run)")
 def test_steady_training_step_has_no_syncs_on_cuda(tmp_path):
     """Steps 3 and 4 of a resident-batch run under sync debug mode "error" (steps 1-2 warm up)."""
-    from mscl_stream.train.bench import ResidentLoader
+    from mscl_stream.commands.bench import ResidentLoader
     from mscl_stream.train.trainer import pretrain
     cfg = _cfg("auto", "cuda")
     cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, estimator="raft_small", weights="none"),

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY_TRAIN
 from mscl_stream.config import load_config
-from mscl_stream.train.bench import ResidentLoader, run_bench, steady_rate
+from mscl_stream.commands.bench import ResidentLoader, run_bench, steady_rate
 
 
 def test_steady_rate_uses_the_second_half():
@@ -52,7 +52,7 @@ def test_precomputed_flow_equals_in_batch_flow(tiny_manifest, tmp_path):
     import torch
 
     from mscl_stream.flow import estimator_from_config
-    from mscl_stream.train.baseline import precomputed_flow_loader
+    from mscl_stream.commands.baseline import precomputed_flow_loader
     from mscl_stream.train.inputs import compute_flow
 
     cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=",
@@ -79,7 +79,7 @@ def test_precompute_chunks_wrap_without_changing_the_flow(tiny_manifest, tmp_pat
 
     from mscl_stream.data.manifest import read_manifest
     from mscl_stream.flow import estimator_from_config
-    from mscl_stream.train.baseline import precompute_flows
+    from mscl_stream.commands.baseline import precompute_flows
 
     cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split="])
     records = read_manifest(cfg.data.manifest, "")[:2]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY_TRAIN
 from mscl_stream.config import load_config
-from mscl_stream.train.bench import DECODE_COST_SAMPLES, bench_profile, decode_cost
+from mscl_stream.commands.bench import DECODE_COST_SAMPLES, bench_profile, decode_cost
 
 
 def test_bench_profile_default():
@@ -29,7 +29,7 @@ def test_decode_cost_and_cores_per_gpu(tiny_manifest):
 
 @pytest.mark.slow
 def test_bench_repeat_samples_run(tiny_manifest, tmp_path):
-    from mscl_stream.train.bench import run_bench
+    from mscl_stream.commands.bench import run_bench
 
     cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={tiny_manifest}", "data.split=", "data.decoder=pyav"])
     res = run_bench(cfg, out=tmp_path, steps=2, repeat_samples=2)

@@ -33,7 +33,7 @@ from mscl_stream.config import load_config
 from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
-VARIANTS_FILE = Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"
+VARIANTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
 RANDOM_INIT = "random_init"
 # Metrics carried into the table and the plot (fractions); the rows keep every metric eval returns.
 HEADLINE = ("R@1", "R@5", "linear_top1")

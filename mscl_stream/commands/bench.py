@@ -235,7 +235,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         done(f"end_to_end_repeat{repeat_samples}",
              _run(replace(cfg, data=replace(cfg.data, repeat_samples=repeat_samples))))
     if baselines and "pyav_dataloader" not in skip:
-        from mscl_stream.train.baseline import pyav_dataloader
+        from mscl_stream.commands.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
         done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
     if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto" and \
@@ -245,7 +245,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
         done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
     if baselines and "precomputed_flow" not in skip:
         from mscl_stream.flow import estimator_from_config
-        from mscl_stream.train.baseline import precomputed_flow_loader
+        from mscl_stream.commands.baseline import precomputed_flow_loader
         print("bench (d): precomputed-flow baseline (flow to disk once, read back by DataLoader workers)",
               flush=True)
         est = estimator_from_config(cfg.flow, resolve_device(cfg.train.device))

@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from mscl_stream import ablate
-from mscl_stream.ablate import RANDOM_INIT, Variant, load_variants, markdown_table, run_ablation, summarize
+from mscl_stream.commands import ablate
+from mscl_stream.commands.ablate import RANDOM_INIT, Variant, load_variants, markdown_table, run_ablation, summarize
 from mscl_stream.config import load_config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.sampler import ClipSampler

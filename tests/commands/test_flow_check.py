@@ -12,7 +12,7 @@ from PIL import Image
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow import get_estimator
-from mscl_stream.flow.check import flow_check
+from mscl_stream.commands.flow_check import flow_check
 
 pytest.importorskip("cv2")
 
