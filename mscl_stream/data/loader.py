@@ -9,7 +9,8 @@ DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUD
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
 ``auto`` means PyAV, in worker processes (``data.pyav_workers``), until a DALI engine is measured
-faster on that GPU (see :meth:`ClipLoader._route`; measurements in benchmarks/README.md).
+faster on that GPU (see :meth:`ClipLoader._route`; measurements in benchmarks/README.md). The loader
+routes samples and assembles batches; the decodes run in :mod:`mscl_stream.data.decode_jobs`.
 
 Failures at run time (a file damaged or removed after indexing) cost only their samples: a DALI batch
 that fails is retried sample by sample in a fresh pipeline, a sample DALI cannot decode is tried with
@@ -26,18 +27,12 @@ per sample, and the batch holds ``batch_size * K`` rows, a sample's candidates a
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
-import math
-import multiprocessing
 import queue
 from contextlib import nullcontext
 import threading
 import time
 import weakref
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -45,51 +40,16 @@ import torch
 
 from mscl_stream.config import Config, DataConfig
 from mscl_stream.data.batch import ClipBatch
+from mscl_stream.data.dali_decoder import auto_dali_mode_on_gpu, canonical_codec, dali_available, dali_can_decode
+from mscl_stream.data.decode_jobs import DaliJobs, DecodeStats, PyAVJobs, Work, one_torch_thread
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.dali_reader import DaliFrameReader
-from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
-from mscl_stream.data.dali_decoder import (DaliDecodeError, DaliDecoder, auto_dali_mode_on_gpu, canonical_codec,
-                                       dali_available, dali_can_decode)
-from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
-from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span, flow_steps
+from mscl_stream.data.pyav_decode import DecodeError
+from mscl_stream.data.sampler import ClipSampler, flow_steps
 from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 _END = object()
-# data.dali_mode=reader: lines each reader decodes per pipeline run, and batches per chunk of file lists
-# (a chunk's lists and pipeline are built in the background while the previous chunk is consumed)
-_READER_FRAMES_PER_RUN = 64
-_READER_CHUNK_BATCHES = 16
 _LIVE: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
-
-
-def _one_torch_thread() -> None:
-    """Loader threads resize and gather with torch on one OpenMP thread each: their own OpenMP teams
-    beside DALI's threads and the training thread spun on idle cores (several times the CPU time per
-    sample; benchmarks/README.md). ``torch.set_num_threads`` would also change the process-wide default (new
-    threads, the training thread if it had run no parallel op yet), so the OpenMP runtime's own
-    per-thread setting is used, after torch's lazy per-thread initialisation has run."""
-    torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), size=(2, 2), mode="bilinear", antialias=True)
-    omp = _openmp()
-    if omp is not None:
-        omp.omp_set_num_threads(1)
-
-
-def _openmp():
-    """The OpenMP runtime torch loaded (libgomp / libiomp5), or None where it cannot be found."""
-    global _OMP
-    if _OMP is None:
-        _OMP = False
-        try:
-            with open("/proc/self/maps") as f:
-                path = next((ln.split()[-1] for ln in f if "libgomp" in ln or "libiomp" in ln), None)
-            _OMP = ctypes.CDLL(path) if path else False
-        except OSError:
-            pass
-    return _OMP or None
-
-
-_OMP = None
 
 
 def _close_live_loaders() -> None:
@@ -101,19 +61,6 @@ def _close_live_loaders() -> None:
 # pipelines down (both would otherwise fail under a still-running producer). concurrent.futures uses
 # this same hook; handlers run last-registered first, so this one runs before the pools shut down.
 getattr(threading, "_register_atexit", atexit.register)(_close_live_loaders)
-
-
-@dataclass
-class _Work:
-    """One sample (all its candidate windows) on its way through the decoders."""
-
-    position: int          # sampler position (may pass the epoch's end when refilling)
-    specs: list[SampleSpec]
-    record: VideoRecord
-
-    def all_frames(self) -> np.ndarray:
-        """(K * (2T + 2F),) indices: each candidate's ``SampleSpec.all_frames()``, in candidate order."""
-        return np.concatenate([s.all_frames() for s in self.specs])
 
 
 class ClipLoader:
@@ -136,32 +83,16 @@ class ClipLoader:
         self.steps = torch.from_numpy(flow_steps(data))
         self._batch = 0                       # batches consumed in the current epoch
         self._resumed = False
-        self._lock = threading.Lock()
-        self._stats = {"batches": 0, "samples": 0, "decode_seconds": 0.0, "skipped": 0, "skipped_files": [],
-                       "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0,
-                       "pyav_frames_requested": 0, "pyav_frames_wanted": 0, "pyav_frames_decoded": 0,
-                       "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
-                       "dali_max_in_flight": 0, "dali_reader_fallbacks": 0, "dali_frames_requested": 0}
-        self._bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
-        self._dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
+        self._stats = DecodeStats()
         self._routes_logged: set[str] = set()
-        self._dali: DaliDecoder | None = None            # pipelined, data.prefetch batches in flight
-        self._dali_one: DaliDecoder | None = None        # one sample at a time (finding a culprit)
-        self._src: DecoderSource | ReaderSource | None = None   # this iteration's DALI look-ahead
-        self._reader_runs = 0                 # runs of the readers of finished iterations
-        self._dali_frames = 0                 # frames requested from DALI in finished iterations
-        self._pool: ThreadPoolExecutor | None = None
-        self._procs: ProcessPoolExecutor | None = None    # PyAV worker processes (data.pyav_workers)
-        self._ahead: dict[int, Future] = {}   # position -> PyAV decode already submitted (producer thread)
-        # repeated sampling: first position of a group -> its one PyAV decode (shared by the members)
-        self._groups: dict[int, Future] = {}
-        self._groups_counted: "weakref.WeakSet[Future]" = weakref.WeakSet()
         self._active: tuple[threading.Event, threading.Thread] | None = None
         self._use_dali = data.decoder != "pyav" and dali_available()
         # data.decoder=auto on a GPU: the DALI engine measured faster than PyAV there, if any
         self._auto_gpu_mode = auto_dali_mode_on_gpu(torch.cuda.get_device_name(self.device)) \
             if data.decoder == "auto" and self.device.type == "cuda" else None
-        self._dali_mode = self._auto_gpu_mode or data.dali_mode
+        self._pyav = PyAVJobs(data, self.device, sampler, self._work, self._stats)
+        self._dali = DaliJobs(data, self.device, sampler, self._auto_gpu_mode or data.dali_mode, self._stats,
+                              self._pyav)
         _LIVE.add(self)
         if data.decoder == "dali" and not dali_available():
             raise UserError("data.decoder=dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
@@ -200,8 +131,7 @@ class ClipLoader:
         collected at once: the pipelining actually reached), dali_reader_fallbacks (samples the
         legacy reader cannot express, decoded by fn.decoders.video instead) and dali_frames_requested
         (frames DALI was asked to output: a repeated-sampling group's union once)."""
-        with self._lock:
-            return {**self._stats, "skipped_files": list(self._stats["skipped_files"])}
+        return self._stats.snapshot()
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[ClipBatch]:
@@ -233,9 +163,8 @@ class ClipLoader:
                         t.record_stream(stream)
                 self._batch += 1
                 self.sampler.position = cursor
-                with self._lock:
-                    self._stats["batches"] += 1
-                    self._stats["samples"] += batch.batch_size // batch.candidates
+                self._stats.add("batches")
+                self._stats.add("samples", batch.batch_size // batch.candidates)
                 yield batch
         finally:
             self._stop_active()
@@ -251,16 +180,8 @@ class ClipLoader:
     def close(self) -> None:
         """Stop the prefetch thread and release DALI and the PyAV workers."""
         self._stop_active()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._procs is not None:
-            self._procs.shutdown(wait=True, cancel_futures=True)
-            self._procs = None
-        for dec in (self._dali, self._dali_one):
-            if dec is not None:
-                dec.close()
-        self._dali = self._dali_one = None
+        self._pyav.close()
+        self._dali.close()
 
     def _produce(self, cursor: int, batch_no: int, q: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -272,10 +193,11 @@ class ClipLoader:
                     continue
             return False
 
-        self._ahead = {}
-        _one_torch_thread()
+        self._pyav.ahead = {}
+        one_torch_thread()
         try:
-            self._src = self._dali_source(cursor)
+            if self._use_dali:
+                self._dali.start(self._dali_work, len(self) * self.data.batch_size)
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             for _ in range(batch_no, len(self)):
                 if stop.is_set():
@@ -287,21 +209,15 @@ class ClipLoader:
                         return
                 if stream is not None:
                     stream.synchronize()
-                with self._lock:
-                    self._stats["decode_seconds"] += time.perf_counter() - t0
+                self._stats.add("decode_seconds", time.perf_counter() - t0)
                 if not put((batch, cursor)):
                     return
             put(_END)
         except BaseException as e:          # surfaces in the consuming thread
             put(e)
         finally:
-            for fut in self._ahead.values():
-                fut.cancel()
-            self._ahead = {}
-            if self._src is not None:
-                self._dali_counters(closing=True)
-                self._src.close()
-                self._src = None
+            self._pyav.cancel_ahead()
+            self._dali.end()
 
     # ------------------------------------------------------------------ one batch
     def _next_batch(self, cursor: int, stop: threading.Event) -> tuple[ClipBatch | None, int]:
@@ -318,18 +234,18 @@ class ClipLoader:
             failures = 0 if done else failures + need
             if failures > max(64, 4 * bsz):
                 raise UserError(f"data: {failures} samples in a row failed to decode; last: "
-                                f"{self._stats['skipped_files'][-1]['path']}: "
-                                f"{self._stats['skipped_files'][-1]['reason']}")
+                                f"{self._stats.counts['skipped_files'][-1]['path']}: "
+                                f"{self._stats.counts['skipped_files'][-1]['reason']}")
             got += done
         return self._assemble(got), cursor
 
     def _route(self, rec: VideoRecord) -> str:
         codec = canonical_codec(rec.codec)
-        if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._dali_bad:
+        if self.data.decoder == "pyav" or not self._use_dali or rec.path in self._stats.dali_bad:
             return "pyav"
         if self.data.decoder == "auto" and self.device.type == "cuda" and self._auto_gpu_mode is None:
             # The rule (docs/data.md, "Choosing the decoder"): PyAV in worker processes unless this GPU
-            # has a measured DALI variant faster than PyAV (pipeline.AUTO_DALI_ON_GPU); the old
+            # has a measured DALI variant faster than PyAV (dali_decoder.AUTO_DALI_ON_GPU); the old
             # synchronous NVDEC path lost to PyAV. data.decoder=dali still forces NVDEC.
             if "auto-cuda" not in self._routes_logged:
                 self._routes_logged.add("auto-cuda")
@@ -350,31 +266,37 @@ class ClipLoader:
             log.info("codec %s: DALI cannot decode it on %s; those files use PyAV", codec, self.device.type)
         return "pyav"
 
-    def _decode(self, works: list[_Work]) -> list[tuple[_Work, torch.Tensor, torch.Tensor]]:
+    def _decode(self, works: list[Work]) -> list[tuple[Work, torch.Tensor, torch.Tensor]]:
         """Decode ``works``; returns the successes in order as (work, frames, where): frames (U, H, W, 3)
         uint8 on the device, where (K*(2T+2F),) long: row of ``frames`` for each of ``w.all_frames()``."""
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         dali, pyav = [], []
         for w in works:
-            if w.record.path in self._bad:
-                self._skip(w, f"{self._bad[w.record.path]} (failed before)", quiet=True)
+            if w.record.path in self._stats.bad:
+                self._stats.skip(w, f"{self._stats.bad[w.record.path]} (failed before)", quiet=True)
             else:
                 (dali if self._route(w.record) == "dali" else pyav).append(w)
-        futures = [(w, self._ahead.pop(w.position, None) or self._submit_pyav(w)) for w in pyav]
+        futures = [(w, self._pyav.ahead.pop(w.position, None) or self._pyav.submit(w)) for w in pyav]
         if dali:
-            self._dali_batch(dali, out)
+            self._dali.collect(dali, out)
         for w, fut in futures:
             try:
-                out[w.position] = self._from_pyav(self._pyav_result(w, fut))
-                self._count("pyav_samples")
+                out[w.position] = self._pyav.to_device(self._pyav.result(w, fut))
+                self._stats.add("pyav_samples")
             except DecodeError as e:
-                self._fail(w, f"PyAV: {e}")
+                self._stats.fail(w, f"PyAV: {e}")
         return [(w, *out[w.position]) for w in works if w.position in out]
 
-    def _work(self, pos: int) -> _Work:
+    def _work(self, pos: int) -> Work:
         """The sample at epoch position ``pos``: its candidates' specs and their video."""
         specs = self.sampler.specs(pos)
-        return _Work(pos, specs, self.records[specs[0].video_idx])
+        return Work(pos, specs, self.records[specs[0].video_idx])
+
+    def _dali_work(self, pos: int) -> Work | None:
+        """The sample at ``pos`` where DALI decodes it, else None (DALI's look-ahead skips it)."""
+        w = self._work(pos)
+        ok = w.record.path not in self._stats.bad and self._route(w.record) == "dali"
+        return w if ok else None
 
     def _submit_ahead(self, start: int) -> None:
         """Start decoding the next batch's PyAV samples (positions ``start`` to ``start + batch_size``)
@@ -382,218 +304,13 @@ class ClipLoader:
         uploaded. A refill after skips uses the same positions, so nothing is decoded twice."""
         end = min(start + self.data.batch_size, len(self) * self.data.batch_size)
         for pos in range(start, end):
-            if pos in self._ahead:
+            if pos in self._pyav.ahead:
                 continue
             w = self._work(pos)
-            if w.record.path not in self._bad and self._route(w.record) == "pyav":
-                self._ahead[pos] = self._submit_pyav(w)
+            if w.record.path not in self._stats.bad and self._route(w.record) == "pyav":
+                self._pyav.ahead[pos] = self._pyav.submit(w)
 
-    def _workers(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode",
-                                            initializer=_one_torch_thread)
-        return self._pool
-
-    def _pyav_pool(self) -> Executor:
-        """Where PyAV decodes: worker processes or the loader's threads (``data.pyav_workers``)."""
-        if self._procs is not None:
-            return self._procs
-        mode = self.data.pyav_workers
-        if mode == "auto":
-            mode = "processes" if self.device.type == "cuda" else "threads"
-        if mode == "threads":
-            return self._workers()
-        # forkserver: never fork a process that holds CUDA state; the workers import PyAV + numpy only
-        self._procs = ProcessPoolExecutor(self.data.num_threads, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=ignore_sigint)
-        log.info("PyAV decodes in %d worker processes", self.data.num_threads)
-        return self._procs
-
-    def _submit_pyav(self, w: _Work) -> Future:
-        if self.sampler.repeat > 1:
-            return self._submit_group(w)
-        args = self._pyav_args(w)
-        try:
-            return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
-        except BrokenProcessPool:             # a worker died since the last batch
-            self._restart_procs()
-            return self._pyav_pool().submit(decode_frames_counted, *args, threads=1)
-
-    def _submit_group(self, w: _Work) -> Future:
-        """Repeated sampling (data.repeat_samples): one PyAV sweep over the union of the frames of the
-        group holding ``w`` (``ClipSampler.group``), shared by every member's future; each member takes
-        its part in :meth:`_pyav_result`."""
-        g = self.sampler.group(w.position)
-        fut = self._groups.get(g.start)
-        if fut is None or fut.cancelled():
-            args = (w.record.path, [self._work(p).all_frames() for p in g], tuple(self.data.frame_size))
-            try:
-                fut = self._pyav_pool().submit(decode_group_counted, *args, threads=1)
-            except BrokenProcessPool:         # a worker died since the last batch
-                self._restart_procs()
-                fut = self._pyav_pool().submit(decode_group_counted, *args, threads=1)
-            self._groups[g.start] = fut
-            while len(self._groups) > 4 * self.data.batch_size:   # oldest first: long consumed
-                self._groups.pop(next(iter(self._groups)))
-        return fut
-
-    def _pyav_result(self, w: _Work, fut: Future) -> np.ndarray:
-        try:
-            frames, cost = fut.result()
-            if isinstance(frames, list):      # a repeated-sampling group: its cost once, this member's part
-                if fut not in self._groups_counted:
-                    self._groups_counted.add(fut)
-                    self._count_pyav(cost)
-                return frames[w.position - self.sampler.group(w.position).start]
-            self._count_pyav(cost)
-            return frames
-        except BrokenProcessPool:             # a worker died while this sample was in flight
-            self._restart_procs()
-            return self._pyav_one(w)          # this sample retried in-process
-
-    def _restart_procs(self) -> None:
-        if self._procs is not None:           # e.g. killed, or a crash inside FFmpeg
-            log.warning("a PyAV worker process died; starting a new pool")
-            self._procs.shutdown(wait=False, cancel_futures=True)
-            self._procs = None
-            self._ahead = {}                  # submitted to the dead pool: decoded again on demand
-
-    def _pyav_args(self, w: _Work) -> tuple:
-        return w.record.path, w.all_frames(), tuple(self.data.frame_size)
-
-    def _pyav_one(self, w: _Work) -> np.ndarray:
-        """Decode ``w`` in this process (fallbacks; the batch path goes through :meth:`_submit_pyav`)."""
-        frames, cost = decode_frames_counted(*self._pyav_args(w), threads=1)
-        self._count_pyav(cost)
-        return frames
-
-    def _count_pyav(self, cost: dict) -> None:
-        with self._lock:
-            for k in ("requested", "wanted", "decoded"):
-                self._stats[f"pyav_frames_{k}"] += cost[k]
-            self._stats["pyav_seeks"] += cost["seeks"]
-            self._stats["pyav_cpu_seconds"] += cost["cpu_seconds"]
-
-    def _dali_source(self, cursor: int) -> DecoderSource | ReaderSource | None:
-        """This iteration's DALI look-ahead (None without DALI): ``data.prefetch`` batches in flight
-        from ``cursor`` on, the engine chosen by ``data.dali_mode``."""
-        if not self._use_dali:
-            return None
-        bsz, depth = self.data.batch_size, max(2, self.data.prefetch)
-        limit = len(self) * bsz
-
-        def lookup(pos: int) -> _Work | None:
-            w = self._work(pos)
-            ok = w.record.path not in self._bad and self._route(w.record) == "dali"
-            return w if ok else None
-
-        if self._dali is None:
-            self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
-                                     seed=self.data.seed, executor=self._workers(), depth=depth)
-        group_of = self.sampler.group             # repeated sampling: a group is one DALI sample
-        if self._dali_mode == "decoder":
-            return DecoderSource(self._dali, lookup, bsz, limit, group_of=group_of)
-        legacy = self._dali_mode == "legacy"
-        # legacy: a window is one sequence on the grid of gcd(frame_stride, flow_gap) from its start
-        g = math.gcd(self.data.frame_stride, self.data.flow_gap)
-        seq = ((clip_span(self.data) - 1) // g + 1, g) if legacy else (1, 1)
-
-        def make(jobs) -> DaliFrameReader:
-            return DaliFrameReader(jobs, tuple(self.data.frame_size), self.device,
-                                   readers=self.data.num_threads, frames_per_run=max(1, _READER_FRAMES_PER_RUN // seq[0]),
-                                   depth=depth, num_threads=1, seed=self.data.seed,
-                                   op="legacy" if legacy else "experimental", seq=seq)
-        chunk = _READER_CHUNK_BATCHES * bsz * self.sampler.repeat
-        if not legacy:
-            return ReaderSource(make, lookup, chunk=chunk, limit=limit, group_of=group_of)
-        src = ReaderSource(make, lookup, chunk=chunk, limit=limit, to_job=window_jobs(*seq), group_of=group_of)
-        # groups with a window the legacy reader cannot express (it wraps): fn.decoders.video, alongside
-        src.fallback = DecoderSource(self._dali, lambda p: lookup(p) if src.refused(p) else None, bsz, limit,
-                                     group_of=group_of)
-        return src
-
-    def _dali_counters(self, closing: bool = False) -> None:
-        """Fold the DALI engines' run counters into the stats (readers live for one iteration)."""
-        readers = self._src.readers if isinstance(self._src, ReaderSource) else []
-        engines = readers + ([self._dali] if self._dali is not None else [])
-        with self._lock:
-            st = self._stats
-            st["dali_max_in_flight"] = max([st["dali_max_in_flight"]] + [e.max_in_flight for e in engines])
-            st["dali_runs"] = self._reader_runs + sum(e.runs for e in engines)
-            frames = self._src.frames_requested if self._src is not None else 0
-            st["dali_frames_requested"] = self._dali_frames + frames
-            if closing:
-                self._reader_runs += sum(e.runs for e in readers)
-                self._dali_frames += frames
-                if isinstance(self._src, ReaderSource):
-                    st["dali_reader_fallbacks"] += self._src.fallback_samples
-
-    def _dali_batch(self, works: list[_Work], out: dict) -> None:
-        """Collect ``works`` from this iteration's DALI look-ahead; a sample whose run failed is decoded
-        again alone (which finds the damaged file), then with PyAV."""
-        for w in works:
-            try:
-                frames, inv = self._src.take(w)
-            except OSError as e:
-                self._fail(w, str(e))
-                continue
-            except DaliDecodeError as e:
-                self._count("dali_rebuilds")
-                self._dali_single(w, str(e), out)
-                continue
-            out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
-            self._count("dali_samples")
-        self._dali_counters()
-
-    def _dali_single(self, w: _Work, reason: str, out: dict) -> None:
-        if self._dali_one is None:
-            self._dali_one = DaliDecoder(1, tuple(self.data.frame_size), 1, self.device, seed=self.data.seed)
-        uniq, inv = np.unique(w.all_frames(), return_inverse=True)
-        try:
-            (frames,) = self._dali_one.decode([np.fromfile(w.record.path, dtype=np.uint8)], [uniq])
-        except OSError as e:
-            self._fail(w, f"cannot read: {e.strerror or e}")
-            return
-        except DaliDecodeError as e:
-            self._count("dali_rebuilds")
-            self._dali_fallback(w, f"{reason}; alone: {e}" if reason != str(e) else reason, out)
-            return
-        out[w.position] = (frames, torch.from_numpy(inv).to(frames.device))
-        self._count("dali_samples")
-
-    def _dali_fallback(self, w: _Work, reason: str, out: dict) -> None:
-        """DALI failed on this sample: its file goes to PyAV from now on; try PyAV right away."""
-        self._dali_bad.add(w.record.path)
-        log.warning("DALI could not decode %s (%s); trying PyAV for this file", w.record.path, reason)
-        try:
-            out[w.position] = self._from_pyav(self._pyav_one(w))
-            self._count("pyav_samples")
-        except DecodeError as e:
-            self._fail(w, f"DALI: {reason}; PyAV: {e}")
-
-    # ------------------------------------------------------------------ helpers
-    def _from_pyav(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """PyAV output (already in ``all_frames()`` order) -> (frames on the device, identity rows)."""
-        t = torch.from_numpy(frames)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t, torch.arange(len(frames), device=self.device)
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._stats[key] += 1
-
-    def _fail(self, w: _Work, reason: str) -> None:
-        self._bad[w.record.path] = reason
-        self._skip(w, reason)
-
-    def _skip(self, w: _Work, reason: str, quiet: bool = False) -> None:
-        with self._lock:
-            self._stats["skipped"] += 1
-            self._stats["skipped_files"].append({"path": w.record.path, "reason": reason})
-        (log.debug if quiet else log.warning)("skipped a sample of %s: %s", w.record.path, reason)
-
-    def _assemble(self, got: list[tuple[_Work, torch.Tensor, torch.Tensor]]) -> ClipBatch:
+    def _assemble(self, got: list[tuple[Work, torch.Tensor, torch.Tensor]]) -> ClipBatch:
         """Gather each sample's frames straight into the batch tensors (one copy per delivered frame),
         HWC -> CHW on the way: (B*K, T or F, 3, H, W) uint8, candidate c of sample b at row b*K + c."""
         t, f, k = self.data.frames_per_clip, len(self.steps), self.sampler.candidates

@@ -23,7 +23,7 @@ MODES = ["decoder", "reader"]
 @pytest.mark.parametrize("mode", MODES)
 def test_frames_equal_reference_with_runs_in_flight(vp9_video, mode, monkeypatch):
     # short reader runs, so that this small epoch needs several of them
-    monkeypatch.setattr("mscl_stream.data.loader._READER_FRAMES_PER_RUN", 4)
+    monkeypatch.setattr("mscl_stream.data.decode_jobs._READER_FRAMES_PER_RUN", 4)
     ref = reference(vp9_video)
     n, h, w = ref.shape[:3]
     cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", dali_mode=mode, num_threads=2, prefetch=2)

@@ -162,7 +162,7 @@ def test_killed_pyav_worker_process_costs_no_data(dataset, caplog):
     it = iter(loader)
     batches = [next(it)]
     # prefetch 1: batch 2 waits in the queue, batch 3 is decoded; batch 4 meets the dead pool
-    for proc in list(loader._procs._processes.values()):
+    for proc in list(loader._pyav._procs._processes.values()):
         os.kill(proc.pid, signal.SIGKILL)
     with caplog.at_level(logging.WARNING):
         batches += list(it)
@@ -181,7 +181,7 @@ def test_pyav_worker_processes_ignore_ctrl_c(dataset, caplog):
     loader.set_epoch(0)
     it = iter(loader)
     batches = [next(it)]
-    procs = list(loader._procs._processes.values())
+    procs = list(loader._pyav._procs._processes.values())
     for proc in procs:
         os.kill(proc.pid, signal.SIGINT)
     with caplog.at_level(logging.WARNING):
