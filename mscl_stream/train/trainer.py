@@ -3,6 +3,8 @@
 Config -> streaming loader -> in-batch flow -> augmentation + flow encoding -> MSCL -> SGD.
 One process per GPU under torchrun (DDP; gloo on CPU); checkpoints carry everything needed to resume
 exactly (model with momentum encoders and queues, optimizer, scaler, loader/sampler position, RNGs).
+Which checkpoint a start resumes from is decided in :mod:`mscl_stream.train.resume`; SIGINT/SIGTERM
+are turned into a checkpoint at a step boundary by :mod:`mscl_stream.train.signals`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -24,11 +24,12 @@ from mscl_stream.data.manifest import read_manifest
 from mscl_stream.errors import Interrupted, UserError
 from mscl_stream.progress import Progress
 from mscl_stream.models.mscl import MSCL, momentum_at
-from mscl_stream.train.checkpoint import (check_expect, differences, expect_from_config, find_resumable,
-                                          list_checkpoints, load_checkpoint, load_model_state, rng_state,
-                                          save_checkpoint, save_step_checkpoint, set_rng_state)
+from mscl_stream.train.checkpoint import (load_model_state, rng_state, save_checkpoint, save_step_checkpoint,
+                                          set_rng_state)
 from mscl_stream.train.guard import StepGuard
+from mscl_stream.train.resume import changed_settings, resume_point
 from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
+from mscl_stream.train.signals import StopSignals, should_stop
 from mscl_stream.distributed import all_gather_objects, cleanup, init_distributed
 from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
 from mscl_stream.train.schedule import lr_at, scaled_lr
@@ -39,15 +40,6 @@ from mscl_stream.train.plot import plot_run_or_warn
 from mscl_stream.train.inputs import amp_dtype, autocast, make_inputs
 
 log = logging.getLogger(__name__)
-
-# Resume policy (docs/reliability.md). Settings that define the run must match the checkpoint, or the
-# resume is refused; the manifest's content (SHA-256) must match too.
-RESUME_MUST_MATCH = ("data.frames_per_clip", "data.frame_stride", "data.flow_gap", "data.flow_frames",
-                     "data.batch_size", "data.frame_size", "data.mds", "augment.out_size", "model", "loss",
-                     "flow.estimator", "flow.weights", "flow.iters", "flow.options", "train.seed")
-# Settings a resumed run may change (lowering the learning rate after a spike, extending the schedule):
-# each change is logged as a warning and recorded in the metrics.
-RESUME_MAY_CHANGE = ("optim", "train.epochs", "train.max_steps", "augment", "data.manifest", "data.split")
 
 
 class TrainingDiverged(UserError):
@@ -63,32 +55,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (checkpoint, then exit 130/143).
-
-    The first signal only sets a flag; the previous handler is put back, so a second one acts at once
-    (KeyboardInterrupt for SIGINT, termination for SIGTERM). Installed only in the main thread.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
@@ -124,14 +90,14 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
         cleanup()
         raise UserError(errors[0])
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             return _pretrain(cfg, dist, run, loader, on_step, signals)
     finally:
         if run is not None:
             run.release()
 
 
-def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) -> dict:
+def _pretrain(cfg: Config, dist, run, loader, on_step, signals: StopSignals) -> dict:
     device = dist.device
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -139,23 +105,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
     manifest_id = manifest_identity(cfg.data.manifest) if loader is None and dist.is_main else None
 
     # ---- which checkpoint to resume (rank 0 decides; every rank loads the same file)
-    chosen, state, refusal = None, None, None
-    if dist.is_main and cfg.train.resume:
-        try:
-            chosen, state = _choose_checkpoint(cfg, run, out)
-        except UserError as e:
-            refusal = str(e)
-    decided = all_gather_objects((str(chosen) if chosen else None, refusal))[0]
-    if decided[1]:
-        cleanup()
-        raise UserError(decided[1])
-    ckpt_path = Path(decided[0]) if decided[0] else None
-    if ckpt_path is not None:
-        if state is None:                 # other ranks read the file rank 0 chose
-            state = load_checkpoint(ckpt_path)
-        check_expect(state, expect_from_config(to_dict(cfg), RESUME_MUST_MATCH), ckpt_path)
-        if dist.is_main:
-            _check_resume_data(state, manifest_id, ckpt_path)
+    ckpt_path, state = resume_point(cfg, dist, run, out, manifest_id)
     run_id = ((state or {}).get("run_id") or new_run_id()) if dist.is_main else None
 
     # ---- data, flow, model, optimiser
@@ -261,8 +211,7 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                  "device %s", run_id, source, steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
                  dtype or "fp32", device)
         if state is not None:
-            changed = [d for k in RESUME_MAY_CHANGE
-                       for d in differences(_get(state["config"], k), _get(to_dict(cfg), k), k)]
+            changed = changed_settings(state, cfg)
             if changed:
                 log.warning("resume: settings changed since the checkpoint: %s", "; ".join(changed))
                 metrics.log({"step": step, "run_id": run_id, "resume_changes": changed})
@@ -359,17 +308,17 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
                                 + f" | data wait {wait_pct} | loss {loss_now:.4f}")
             else:
                 progress.update(step)
-            if _should_stop(signals, dist.world_size, logged, device):
+            if should_stop(signals, dist.world_size, logged, device):
                 account(guard.flush())
                 path = checkpoint("step")
-                name = signal.Signals(signals.signum or signal.SIGTERM).name
                 if own_loader:
                     loader.close()
                 metrics.close()
                 progress.close()
                 cleanup()
-                raise Interrupted(f"stopped by {name} at step {step}; checkpoint {path or out / 'checkpoints'} "
-                                  f"written (continue with --resume auto)", signals.signum or signal.SIGTERM)
+                raise Interrupted(f"stopped by {signals.name} at step {step}; checkpoint "
+                                  f"{path or out / 'checkpoints'} written (continue with --resume auto)",
+                                  signals.number)
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                 account(guard.flush())
                 checkpoint("step")
@@ -400,56 +349,3 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: _StopSignals) ->
     cleanup()
     return result
 
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
-    return d
-
-
-def _should_stop(signals: _StopSignals, world_size: int, logged: bool, device: torch.device) -> bool:
-    """Whether a SIGINT/SIGTERM asked to stop: at every step in one process; at logged steps in DDP,
-    agreed by all ranks (a tiny all-reduce), so every rank writes the same checkpoint and stops."""
-    if world_size == 1:
-        return signals.signum is not None
-    if not logged:
-        return False
-    flag = torch.tensor([1 if signals.signum is not None else 0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item() and signals.signum is None:
-        signals.signum = signal.SIGTERM
-    return bool(flag.item())
-
-
-def _choose_checkpoint(cfg: Config, run, out: Path) -> tuple[Path, dict] | tuple[None, None]:
-    """(path, state) this start resumes from (main rank), or (None, None): fresh; UserError if unsafe."""
-    if cfg.train.resume != "auto":
-        path = Path(cfg.train.resume)
-        st = load_checkpoint(path)
-        theirs = st.get("run_id")
-        if run.previous_run_id and theirs != run.previous_run_id:
-            raise UserError(f"train.resume: {path} belongs to run {theirs or '(unrecorded)'}, but "
-                            f"{out} holds run {run.previous_run_id}; resume into that run's own folder or an "
-                            f"empty train.out_dir")
-        return path, st
-    path, st = find_resumable(out, run.previous_run_id)
-    if path is None and (list_checkpoints(out) or (out / "checkpoints" / "last.pt").is_file()):
-        raise UserError(f"train.resume=auto: {out} holds checkpoints, but none of run "
-                        f"{run.previous_run_id or '(unrecorded)'} that loads (see the warnings); use "
-                        f"--resume PATH, --overwrite, or another train.out_dir")
-    return path, st
-
-
-def _check_resume_data(state: dict, manifest_id: dict | None, path: Path) -> None:
-    """Refuse a resume whose manifest content differs from the checkpoint's (same size is not enough)."""
-    theirs = state.get("manifest")
-    if manifest_id is None or not theirs:
-        if manifest_id is not None:
-            log.warning("resume: %s records no manifest identity (older checkpoint): data not compared", path)
-        return
-    if theirs.get("sha256") != manifest_id["sha256"]:
-        raise UserError(f"data.manifest: {manifest_id['path']} ({manifest_id['bytes']} bytes) is not the "
-                        f"manifest {path.name} was trained on ({theirs.get('path')}, {theirs.get('bytes')} bytes, "
-                        f"different SHA-256); resume with that manifest or start a new run")
-    if theirs.get("path") != manifest_id["path"]:
-        log.info("resume: same manifest content at a new path (%s, was %s)", manifest_id["path"], theirs.get("path"))
