@@ -48,6 +48,7 @@ def blur_kernel_size(cfg: AugmentConfig) -> int:
     k = 2 * math.ceil(3.0 * cfg.blur_sigma[1]) + 1
     return max(1, min(k, 2 * ((cfg.out_size - 1) // 2) + 1))  # reflect padding needs k // 2 < S
 
+
 def _kornia():
     # imported where used: the fused (Triton) path runs on hosts without kornia
     import kornia
@@ -112,6 +113,7 @@ def augment_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     return "triton" if device.type == "cuda" and triton_available() else "torch"
+
 
 def apply_uploaded(rgb: torch.Tensor, view: UploadedView, cfg: AugmentConfig, backend: str = "torch",
                    out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> AugmentedView:

@@ -28,6 +28,7 @@ def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
         src = torch.from_numpy(host)
     return torch.empty(host.shape, dtype=torch.float32, device=device).copy_(src, non_blocking=True)
 
+
 @dataclass
 class UploadedView:
     """One view's parameters on the device (see :func:`upload_views`).

@@ -28,6 +28,7 @@ class Entry:
     start: int = 0
     end: int = -1
 
+
 def entry_kind(p: Path) -> tuple[str, str] | None:
     """None for a regular file (followed through symlinks), else (reason, detail) why it is skipped."""
     try:

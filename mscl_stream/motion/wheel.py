@@ -33,14 +33,17 @@ def colorwheel() -> torch.Tensor:
             rows.append(rgb)
     return torch.tensor(rows, dtype=torch.float64)
 
+
 @functools.lru_cache(maxsize=16)
 def wheel01(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The wheel / 255 as (55, 3) on ``device`` in ``dtype``, cached: the encoders gather from it per pixel."""
     return (colorwheel() / 255.0).to(device=device, dtype=dtype)
 
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype motion ops compute in: float64 for float64 input, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
 
 def wheel_encode_255(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Colour-wheel code of flow vectors as integers 0..255 (section 2 step 5, before the /255).
@@ -90,6 +93,7 @@ def normalize_flow(flow: torch.Tensor) -> torch.Tensor:
     check_flow(flow, "flow")
     mag = torch.linalg.vector_norm(flow, dim=-3, keepdim=True)
     return flow / (mag.amax(dim=(-2, -1), keepdim=True) + FLOW_EPS)
+
 
 def check_flow(flow: torch.Tensor, name: str, ndim: int | None = None) -> None:
     """Raise a UserError unless ``flow`` is a float (..., 2, H, W) tensor ((N, 2, H, W) with ``ndim=4``)."""
