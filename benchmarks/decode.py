@@ -4,7 +4,7 @@ Both sides decode exactly the same samples (a ClipSampler epoch plan: windows A 
 partners, 2T + 2F = 24 frames per clip at the working size 128 x 176) from a generated dataset
 (``make_sample_dataset``, indexed with ``build_manifest``), with the same number of workers:
   dali:  ``build_loader(decoder="dali")``: DALI ``cpu`` (or ``mixed`` = NVDEC with --device cuda) with
-         ``data.num_threads`` = workers, the loader's prefetch thread, batches on the device;
+         ``data.decode_workers`` = workers, the loader's prefetch thread, batches on the device;
   pyav:  ``torch.utils.data.DataLoader`` with ``num_workers`` = workers over a dataset whose items call
          ``decode_frames`` (the project's PyAV path), batches moved to the device.
 Each run is a fresh subprocess (clean memory numbers); runs alternate between methods and repeat, and
@@ -125,7 +125,7 @@ def _config(a: argparse.Namespace, records: list) -> "object":
 
     cfg = Config()
     d = cfg.data
-    d.batch_size, d.num_threads, d.prefetch, d.seed = a.batch, a.workers, a.prefetch, 0
+    d.batch_size, d.decode_workers, d.prefetch, d.seed = a.batch, a.workers, a.prefetch, 0
     d.clips_per_video = max(1, math.ceil(a.clips / len(records)))
     return cfg
 

@@ -209,7 +209,7 @@ def part_dali(results: Path) -> dict[str, tuple[list[str], int]]:
             # built when it starts: the DALI run uses the variant that was fastest above
             "bench_e2e": (lambda: [PY, "-m", "mscl_stream.cli", "bench", "-c", "configs/bench.yaml", "--steps", "20",
                                    "--baselines", "--out", str(results), f"data.manifest={manifest}", "data.split=",
-                                   "data.num_threads=16", f"data.dali_mode={fastest_dali_mode(results)}"], 420),
+                                   "data.decode_workers=16", f"data.dali_mode={fastest_dali_mode(results)}"], 420),
             "dali_nowrap_k400": ([PY, "benchmarks/nvdec_access.py", *VARIANT_ARGS, "--no-wrap", "--variants",
                                   "dali_legacy", "dali_reader", "--out", str(results)], 240),
             # repeated sampling (data.repeat_samples=4): a group of 4 samples is one decode on every path

@@ -8,7 +8,7 @@ what decode can feed a training step:
   dali_sync:      ``fn.decoders.video`` one batch at a time (``DaliDecoder`` depth 1: the old path);
   dali_decoder:   ``data.dali_mode=decoder``: the same operator, ``data.prefetch`` runs in flight;
   dali_reader:    ``data.dali_mode=reader``: ``fn.experimental.readers.video`` on per-frame file lists,
-                  ``data.num_threads`` readers, pipelined;
+                  ``data.decode_workers`` readers, pipelined;
   dali_legacy:    ``data.dali_mode=legacy`` (GPU only): ``fn.readers.video``, one sequence per window;
                   samples with a window that wraps around the video's end go to ``fn.decoders.video``
                   (``--no-wrap`` samples the method without wrapping, to see the reader alone);
@@ -97,10 +97,10 @@ def _config(a, variant: str):
           f"data.prefetch={a.depth}", f"data.clips_per_video={a.clips_per_video}",
           f"data.wrap={'false' if a.no_wrap else 'true'}", f"data.repeat_samples={a.repeat}"]
     if variant == "pyav":
-        ov += ["data.decoder=pyav", "data.pyav_workers=processes", f"data.num_threads={a.pyav_workers}"]
+        ov += ["data.decoder=pyav", "data.pyav_workers=processes", f"data.decode_workers={a.pyav_workers}"]
     else:
         mode = {"dali_reader": "reader", "dali_legacy": "legacy"}.get(variant, "decoder")
-        ov += ["data.decoder=dali", f"data.dali_mode={mode}", f"data.num_threads={a.dali_threads}"]
+        ov += ["data.decoder=dali", f"data.dali_mode={mode}", f"data.decode_workers={a.dali_threads}"]
     return load_config(None, ov)
 
 

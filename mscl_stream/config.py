@@ -26,6 +26,10 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the offending key."""
 
 
+# Renamed keys: the old dotted name is refused with a line naming the new one.
+RENAMED_KEYS = {"data.num_threads": "data.decode_workers"}
+
+
 # Environment opt-in for "package.module:factory" estimators (FlowConfig.allow_import does the same).
 ALLOW_IMPORT_ENV = "MSCL_STREAM_ALLOW_IMPORT"
 
@@ -54,9 +58,9 @@ class DataConfig:
     # legacy = fn.readers.video (GPU only), one sequence per window
     dali_mode: Literal["decoder", "reader", "legacy"] = "decoder"
     # PyAV decode workers. auto: processes on CUDA (decode threads contend for the GIL with the training
-    # thread, which launches many small kernels; benchmarks/README.md), threads on CPU. data.num_threads of them.
+    # thread, which launches many small kernels; benchmarks/README.md), threads on CPU. data.decode_workers of them.
     pyav_workers: Literal["auto", "threads", "processes"] = "auto"
-    num_threads: int = 2                # DALI threads / PyAV workers
+    decode_workers: int = 2             # DALI threads, or PyAV worker threads / processes
     prefetch: int = 2                   # batches decoded ahead
     mds: Literal["off", "index", "online"] = "off"   # index: starts stored by `mscl-stream index --mds`
     mds_candidates: int = 2             # online: candidate windows scored per sample (K)
@@ -261,6 +265,8 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"{key}: renamed to {RENAMED_KEYS[key]} (same meaning and value)")
         if k not in names:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
@@ -305,7 +311,7 @@ def validate(cfg: Config) -> Config:
     need(d.clips_per_video >= 1, "data.clips_per_video", "must be >= 1")
     need(d.repeat_samples >= 1, "data.repeat_samples", "must be >= 1 (1 = off)")
     need(d.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(d.num_threads >= 1, "data.num_threads", "must be >= 1")
+    need(d.decode_workers >= 1, "data.decode_workers", "must be >= 1")
     need(d.prefetch >= 1, "data.prefetch", "must be >= 1")
     need(d.mds_candidates >= 2, "data.mds_candidates", "must be >= 2 (candidate windows per sample)")
     h, w = d.frame_size

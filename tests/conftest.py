@@ -17,7 +17,7 @@ def _video_tools():
 
 # Tiny training settings shared by the trainer, online-MDS and bench tests (CPU, seconds per run).
 TINY_TRAIN = ["data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
-              "data.batch_size=2", "data.frame_size=[32, 40]", "data.num_threads=1", "data.prefetch=1",
+              "data.batch_size=2", "data.frame_size=[32, 40]", "data.decode_workers=1", "data.prefetch=1",
               "augment.out_size=32", "flow.estimator=dis_fast", "model.queue_size=8", "optim.lr=0.01",
               "optim.base_batch=2", "train.device=cpu", "train.amp=fp32", "train.deterministic=true",
               "log.every=1", "log.tensorboard=false"]

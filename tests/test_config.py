@@ -51,6 +51,18 @@ def test_errors_name_the_key(override, key):
     assert msg.startswith(key) and "\n" not in msg
 
 
+def test_renamed_key_is_one_line_naming_the_new_key(tmp_path):
+    # data.num_threads also counted PyAV processes; data.decode_workers says what it counts
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  num_threads: 4\n")
+    for path, overrides in ((None, ["data.num_threads=4"]), (old, [])):
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides)
+        msg = str(e.value)
+        assert msg.startswith("data.num_threads: renamed to data.decode_workers") and "\n" not in msg
+    assert load_config(None, ["data.decode_workers=4"]).data.decode_workers == 4
+
+
 def test_raft_minimum_does_not_apply_to_classical_flow():
     cfg = load_config(None, ["flow.estimator=dis_fast", "data.frame_size=[64, 88]", "augment.out_size=56"])
     assert cfg.data.frame_size == (64, 88)

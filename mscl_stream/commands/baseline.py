@@ -1,6 +1,6 @@
 """The conventional loaders the benchmarks compare against (only ``mscl-stream bench --baselines``).
 
-* :class:`PyAVDataLoader`: PyAV decode in ``data.num_threads`` torch DataLoader worker processes,
+* :class:`PyAVDataLoader`: PyAV decode in ``data.decode_workers`` torch DataLoader worker processes,
   host collation, a copy to the device: what a typical PyTorch video pipeline does.
 * :class:`PrecomputedFlowLoader`: the authors' pipeline. Flow is computed once for every frame pair
   (r, r + flow_gap) of every video and written to disk (float16 .npy per video); workers then decode
@@ -67,12 +67,12 @@ class PyAVDataLoader:
         self.t, self.steps, self.device, self.stats = d.frames_per_clip, torch.from_numpy(flow_steps(d)), device, {}
         self.loader = torch.utils.data.DataLoader(
             _Clips(self.sampler, records, tuple(d.frame_size), flow_dir), batch_size=d.batch_size, shuffle=False,
-            num_workers=d.num_threads, pin_memory=device.type == "cuda", drop_last=True,
-            prefetch_factor=d.prefetch if d.num_threads else None, persistent_workers=False,
+            num_workers=d.decode_workers, pin_memory=device.type == "cuda", drop_last=True,
+            prefetch_factor=d.prefetch if d.decode_workers else None, persistent_workers=False,
             # forkserver, not fork: forked workers deadlocked in libswscale on an H100 (its slice-thread
             # pool, copied mid-use from a parent that had decoded with FFmpeg threads: the precomputed
             # baseline decodes every video in-process first); start-up cost only, outside steady state
-            multiprocessing_context=mp_context if d.num_threads else None)
+            multiprocessing_context=mp_context if d.decode_workers else None)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -236,7 +236,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
              _run(replace(cfg, data=replace(cfg.data, repeat_samples=repeat_samples))))
     if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.commands.baseline import pyav_dataloader
-        print(f"bench (d): PyAV DataLoader baseline, {cfg.data.num_threads} workers", flush=True)
+        print(f"bench (d): PyAV DataLoader baseline, {cfg.data.decode_workers} workers", flush=True)
         done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
     if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto" and \
             "end_to_end_nvdec" not in skip:

@@ -142,7 +142,7 @@ class PyAVJobs:
     def threads(self) -> ThreadPoolExecutor:
         """The loader's decode threads (PyAV with ``pyav_workers=threads``; DALI's resize/gather)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.data.num_threads, thread_name_prefix="pyav-decode",
+            self._pool = ThreadPoolExecutor(self.data.decode_workers, thread_name_prefix="pyav-decode",
                                             initializer=one_torch_thread)
         return self._pool
 
@@ -156,9 +156,9 @@ class PyAVJobs:
         if mode == "threads":
             return self.threads()
         # forkserver: never fork a process that holds CUDA state; the workers import PyAV + numpy only
-        self._procs = ProcessPoolExecutor(self.data.num_threads, mp_context=multiprocessing.get_context("forkserver"),
+        self._procs = ProcessPoolExecutor(self.data.decode_workers, mp_context=multiprocessing.get_context("forkserver"),
                                           initializer=ignore_sigint)
-        log.info("PyAV decodes in %d worker processes", self.data.num_threads)
+        log.info("PyAV decodes in %d worker processes", self.data.decode_workers)
         return self._procs
 
     def submit(self, w: Work) -> Future:
@@ -260,7 +260,7 @@ class DaliJobs:
         go to DALI; ``limit`` is the epoch's last position."""
         bsz, depth = self.data.batch_size, max(2, self.data.prefetch)
         if self._dali is None:
-            self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.num_threads, self.device,
+            self._dali = DaliDecoder(bsz, tuple(self.data.frame_size), self.data.decode_workers, self.device,
                                      seed=self.data.seed, executor=self.pyav.threads(), depth=depth)
         group_of = self.sampler.group             # repeated sampling: a group is one DALI sample
         if self.mode == "decoder":
@@ -273,7 +273,7 @@ class DaliJobs:
 
         def make(jobs) -> DaliFrameReader:
             return DaliFrameReader(jobs, tuple(self.data.frame_size), self.device,
-                                   readers=self.data.num_threads, frames_per_run=max(1, _READER_FRAMES_PER_RUN // seq[0]),
+                                   readers=self.data.decode_workers, frames_per_run=max(1, _READER_FRAMES_PER_RUN // seq[0]),
                                    depth=depth, num_threads=1, seed=self.data.seed,
                                    op="legacy" if legacy else "experimental", seq=seq)
         chunk = _READER_CHUNK_BATCHES * bsz * self.sampler.repeat

@@ -73,7 +73,7 @@ class ClipLoader:
 
     Args:
         sampler: the rank's :class:`ClipSampler` (its position is kept in step with consumed batches).
-        data: loader settings (batch_size, frame_size, decoder, num_threads, prefetch).
+        data: loader settings (batch_size, frame_size, decoder, decode_workers, prefetch).
         device: where batches are delivered; CUDA also selects DALI's NVDEC decoder.
     """
 
@@ -251,7 +251,7 @@ class ClipLoader:
                 self._routes_logged.add("auto-cuda")
                 log.info("data.decoder=auto on CUDA: PyAV decodes (%d workers), frames go to the GPU; no DALI "
                          "variant is measured faster on this GPU (docs/data.md); data.decoder=dali selects NVDEC",
-                         self.data.num_threads)
+                         self.data.decode_workers)
             return "pyav"
         if dali_can_decode(codec, self.device):
             if codec not in self._routes_logged:

@@ -8,7 +8,7 @@ every number should be compared with.
 Settings taken from the configuration:
 
 * clip geometry: data.frames_per_clip, data.frame_stride, data.frame_size, augment.out_size;
-  decode threads data.num_threads; batch data.batch_size; device train.device; seed train.seed;
+  decode threads data.decode_workers; batch data.batch_size; device train.device; seed train.seed;
   clips per video eval.clips.
 * fine-tune: the eval section (epochs 22, lr 0.12 per 32 clips scaled by eval.batch_size, weight
   decay 1e-6, clip 40, lr x0.1 at eval.milestones 14 and 18: the SSv2 recipe), optim.momentum.

@@ -202,7 +202,7 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
     Args:
         encoder: maps (B, 3, T, S, S) -> (B, D) (e.g. :func:`build_r3d` without ``num_classes``).
         records: the videos; records that fail to decode are skipped with a warning.
-        cfg: uses data.frames_per_clip, data.frame_stride, data.frame_size, data.num_threads,
+        cfg: uses data.frames_per_clip, data.frame_stride, data.frame_size, data.decode_workers,
             data.batch_size and augment.out_size.
         device: where the encoder runs (bf16 autocast on CUDA).
         clips: clips per video (evenly spread; their features are averaged).
@@ -233,7 +233,7 @@ def extract_features(encoder: nn.Module, records: Sequence[VideoRecord], cfg: Co
         buf.clear()
         buf_labels.clear()
 
-    decoded = iter_decoded(records, index_fn, tuple(d.frame_size), d.num_threads, lookahead=2 * bs)
+    decoded = iter_decoded(records, index_fn, tuple(d.frame_size), d.decode_workers, lookahead=2 * bs)
     with progress:
         for done, (row, frames) in enumerate(decoded, 1):
             if frames is not None:

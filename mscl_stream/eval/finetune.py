@@ -53,7 +53,7 @@ def finetune(checkpoint: str | None, train_records: Sequence[VideoRecord], test_
     Args:
         checkpoint: pretrain checkpoint (None: random-init baseline).
         train_records, test_records: labelled videos (labels in [0, K), K = max train label + 1).
-        cfg: clip geometry from data.frames_per_clip / frame_stride / frame_size / num_threads and
+        cfg: clip geometry from data.frames_per_clip / frame_stride / frame_size / decode_workers and
             augment.out_size.
         device: where to train (bf16 autocast on CUDA, fp32 on CPU).
         epochs: passes over the training videos (one random clip per video per pass).
@@ -117,7 +117,7 @@ def finetune(checkpoint: str | None, train_records: Sequence[VideoRecord], test_
             clips.clear()
             labels.clear()
 
-        for row, frames in iter_decoded(order, index_fn, (h, w), d.num_threads, lookahead=2 * batch_size):
+        for row, frames in iter_decoded(order, index_fn, (h, w), d.decode_workers, lookahead=2 * batch_size):
             if frames is None:
                 continue
             clips.append(_train_view(frames[0], out_size, int(ys[row]), int(xs[row]), bool(flips[row])))

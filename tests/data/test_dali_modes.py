@@ -26,7 +26,7 @@ def test_frames_equal_reference_with_runs_in_flight(vp9_video, mode, monkeypatch
     monkeypatch.setattr("mscl_stream.data.decode_jobs._READER_FRAMES_PER_RUN", 4)
     ref = reference(vp9_video)
     n, h, w = ref.shape[:3]
-    cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", dali_mode=mode, num_threads=2, prefetch=2)
+    cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", dali_mode=mode, decode_workers=2, prefetch=2)
     recs = [record(vp9_video, n, h, w, "vp9", label=1)] * 8        # 64 frames: windows wrap around
     loader = build_loader(cfg, recs, device=CPU)
     loader.set_epoch(0)

@@ -69,7 +69,7 @@ def test_loader_reports_pyav_decode_cost(h264_video, workers):
                       width=176, height=128, codec="h264", duration=64 / 25)
     cfg = Config()
     cfg.data = dataclasses.replace(cfg.data, frames_per_clip=4, frame_stride=6, flow_gap=3, max_shift=8,
-                                   batch_size=2, frame_size=(32, 48), num_threads=1, prefetch=1,
+                                   batch_size=2, frame_size=(32, 48), decode_workers=1, prefetch=1,
                                    pyav_workers=workers, decoder="pyav")
     loader = build_loader(cfg, [rec] * 2, device=torch.device("cpu"))
     loader.set_epoch(0)

@@ -49,7 +49,7 @@ def config(**data) -> Config:
 def small(**kw) -> Config:
     """Short clips for 40-frame 48x64 videos."""
     base = dict(frames_per_clip=4, frame_stride=6, flow_gap=3, max_shift=8, batch_size=2, frame_size=(48, 64),
-                num_threads=2, prefetch=1)
+                decode_workers=2, prefetch=1)
     return config(**{**base, **kw})
 
 
@@ -70,7 +70,7 @@ def check_batch_frames(batch: ClipBatch, refs: dict[int, np.ndarray]) -> None:
 def test_dali_vp9_frames_equal_reference(vp9_video):
     ref = reference(vp9_video)
     n, h, w = ref.shape[:3]
-    cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", num_threads=2)
+    cfg = config(batch_size=2, frame_size=(h, w), decoder="dali", decode_workers=2)
     recs = [record(vp9_video, n, h, w, "vp9", label=3)] * 4        # 64 frames: windows wrap around
     loader = build_loader(cfg, recs, device=CPU)
     loader.set_epoch(0)

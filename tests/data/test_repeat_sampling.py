@@ -36,7 +36,7 @@ def record(path, i) -> VideoRecord:
 
 def small_data(**kw) -> DataConfig:
     base = dict(frames_per_clip=4, frame_stride=6, flow_gap=3, max_shift=20, batch_size=4, frame_size=(32, 48),
-                num_threads=1, prefetch=1, decoder="pyav", pyav_workers="threads")
+                decode_workers=1, prefetch=1, decoder="pyav", pyav_workers="threads")
     return dataclasses.replace(DataConfig(), **{**base, **kw})
 
 

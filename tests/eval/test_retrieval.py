@@ -116,7 +116,7 @@ def test_extract_features_clips_order_and_skips(monkeypatch):
     cfg = Config()
     cfg.data.frames_per_clip, cfg.data.frame_stride, cfg.data.frame_size = 4, 10, (16, 24)
     cfg.augment.out_size = 8
-    cfg.data.num_threads = 2
+    cfg.data.decode_workers = 2
 
     class FirstPixel(torch.nn.Module):        # (B,3,T,S,S) -> (B,T): channel 0 at pixel (0,0)
         def forward(self, x):
