@@ -1,4 +1,4 @@
-"""DALI decode engines: encoded files or per-frame file lists -> resized uint8 frames on the device.
+"""DaliDecoder (whole files through ``fn.decoders.video``) and the DALI helpers every engine shares.
 
 Two ways to drive DALI, both pipelined (``data.prefetch`` runs in flight, scheduled with
 ``schedule_run`` and collected in order with ``outputs``, so DALI decodes while the caller trains):
