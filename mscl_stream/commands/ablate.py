@@ -243,12 +243,25 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         _write_json(row_path, row)
         rows.append(row)
         done_now += 1
-        _write_summary(out, rows)          # a study cut short still has its table
+        _write_summary(out, _with_other_rows(out, rows))   # a study cut short still has its table
+    rows = _with_other_rows(out, rows)
     if not rows:
         raise UserError(f"ablate: no finished runs in {out} yet")
     md = _write_summary(out, rows)
     print("\n" + md + f"\nstudy folder: {out} (ablation.json, ablation.md, ablation.png)", flush=True)
     return rows
+
+
+def _with_other_rows(out: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` followed by the finished rows of the study folder that this invocation did not plan
+    (variants run in another sitting), so that the summary never drops a finished run."""
+    have = {(r["variant"], r["seed"]) for r in rows}
+    others = []
+    for path in sorted((out / "runs").glob("*/seed*/row.json")):
+        row = json.loads(path.read_text())
+        if (row.get("variant"), row.get("seed")) not in have:
+            others.append(row)
+    return rows + sorted(others, key=lambda r: (r["variant"], r["seed"]))
 
 
 def _write_summary(out: Path, rows: list[dict]) -> str:

@@ -126,6 +126,15 @@ def test_study_skips_finished_rows_and_refuses_changed_overrides(tmp_path, monke
     assert calls == [] and len(rows) == 5
     assert "| no_lmcl | 1 |" in (tmp_path / "s" / "ablation.md").read_text()
 
+    calls.clear()    # a later sitting runs another variant: the summary keeps every finished row
+    other = [Variant("no_cross", "", ("loss.weights.rgb_flow=0",))]
+    rows = run_ablation(tmp_path / "s", other, [0], manifest=str(manifest), random_init=False)
+    assert calls == [("no_cross", 0)]
+    saved = json.loads((tmp_path / "s" / "ablation.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in saved] == [(r["variant"], r["seed"]) for r in rows] == [
+        ("no_cross", 0), ("full", 0), ("full", 1), ("no_lmcl", 0), (RANDOM_INIT, 0), (RANDOM_INIT, 1)]
+    assert "| full | 2 |" in (tmp_path / "s" / "ablation.md").read_text()
+
     changed = [Variant("full", "", ("loss.weights.lmcl=2",))]
     with pytest.raises(UserError, match="overrides"):
         run_ablation(tmp_path / "s", changed, [0], manifest=str(manifest), random_init=False)
