@@ -66,8 +66,8 @@ def synthetic_batch(cfg, device: torch.device) -> ClipBatch:
 
     idx = torch.arange(t).expand(b, t) * cfg.data.frame_stride
     part = idx[:, steps] + cfg.data.flow_gap
-    return ClipBatch(rgb_a=u8(t), rgb_b=u8(t), partner_a=u8(nf), partner_b=u8(nf), flow_steps=steps,
-                     frames_a=idx, frames_b=idx, partners_a=part, partners_b=part,
+    return ClipBatch(rgb_a=u8(t), rgb_b=u8(t), partner_rgb_a=u8(nf), partner_rgb_b=u8(nf), flow_steps=steps,
+                     frame_idx_a=idx, frame_idx_b=idx, partner_idx_a=part, partner_idx_b=part,
                      labels=torch.zeros(b, dtype=torch.long), video_idx=torch.arange(b)).to(device)
 
 
@@ -134,7 +134,7 @@ def measure_make_inputs(args, device: torch.device) -> dict:
     out = {}
     base = bench_config(args.batch, device.type, quick=args.quick)
     batch = synthetic_batch(base, device)
-    b, nf = batch.batch_size, batch.partner_a.shape[1]
+    b, nf = batch.batch_size, batch.partner_rgb_a.shape[1]
     h, w = base.data.frame_size
     flow = (torch.randn((2, b, nf, 2, h, w), generator=torch.Generator().manual_seed(1)) * 3).to(device)
     outs = {}

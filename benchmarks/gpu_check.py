@@ -98,9 +98,10 @@ B, T, F, (H, W) = {batch}, 8, 4, cfg.data.frame_size
 g = torch.Generator().manual_seed(0)
 u8 = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8).to(dev)
 ar = lambda n: torch.arange(n).repeat(B, 1).to(dev)
-batch = ClipBatch(rgb_a=u8(B, T, 3, H, W), rgb_b=u8(B, T, 3, H, W), partner_a=u8(B, F, 3, H, W),
-                  partner_b=u8(B, F, 3, H, W), flow_steps=torch.arange(0, T, 2).to(dev), frames_a=ar(T),
-                  frames_b=ar(T), partners_a=ar(F), partners_b=ar(F), labels=torch.zeros(B, dtype=torch.long).to(dev),
+batch = ClipBatch(rgb_a=u8(B, T, 3, H, W), rgb_b=u8(B, T, 3, H, W), partner_rgb_a=u8(B, F, 3, H, W),
+                  partner_rgb_b=u8(B, F, 3, H, W), flow_steps=torch.arange(0, T, 2).to(dev), frame_idx_a=ar(T),
+                  frame_idx_b=ar(T), partner_idx_a=ar(F), partner_idx_b=ar(F),
+                  labels=torch.zeros(B, dtype=torch.long).to(dev),
                   video_idx=torch.zeros(B, dtype=torch.long).to(dev))
 res = pretrain(cfg, loader=ResidentLoader(batch, {steps}))
 stages = res['stage_seconds']; tot = sum(stages.values()); rate = steady_rate(res, B)

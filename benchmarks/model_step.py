@@ -62,9 +62,9 @@ def make_batch(b: int, t: int, f: int, h: int, w: int, device: torch.device) -> 
     g = torch.Generator().manual_seed(0)
     u8 = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8).to(device)   # noqa: E731
     ar = lambda n: torch.arange(n).repeat(b, 1).to(device)                               # noqa: E731
-    return ClipBatch(rgb_a=u8(b, t, 3, h, w), rgb_b=u8(b, t, 3, h, w), partner_a=u8(b, f, 3, h, w),
-                     partner_b=u8(b, f, 3, h, w), flow_steps=torch.arange(0, t, t // f).to(device),
-                     frames_a=ar(t), frames_b=ar(t), partners_a=ar(f), partners_b=ar(f),
+    return ClipBatch(rgb_a=u8(b, t, 3, h, w), rgb_b=u8(b, t, 3, h, w), partner_rgb_a=u8(b, f, 3, h, w),
+                     partner_rgb_b=u8(b, f, 3, h, w), flow_steps=torch.arange(0, t, t // f).to(device),
+                     frame_idx_a=ar(t), frame_idx_b=ar(t), partner_idx_a=ar(f), partner_idx_b=ar(f),
                      labels=torch.zeros(b, dtype=torch.long, device=device),
                      video_idx=torch.zeros(b, dtype=torch.long, device=device))
 
@@ -74,7 +74,7 @@ def flow_fn(batch: ClipBatch, est):
     src_a, dst_a = batch.flow_pairs("a")
     src_b, dst_b = batch.flow_pairs("b")
     flow = est(torch.cat([src_a, src_b]), torch.cat([dst_a, dst_b])).float()
-    flow = flow.view(2, batch.batch_size, batch.partner_a.shape[1], *flow.shape[1:])
+    flow = flow.view(2, batch.batch_size, batch.partner_rgb_a.shape[1], *flow.shape[1:])
     return batch, flow[0], flow[1]
 
 

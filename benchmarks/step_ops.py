@@ -64,8 +64,8 @@ def synthetic_batch(cfg, device: torch.device, seed: int = 0) -> ClipBatch:
 
     idx = torch.arange(t).expand(b, t) * cfg.data.frame_stride
     part = idx[:, steps] + cfg.data.flow_gap
-    return ClipBatch(rgb_a=frames(t), rgb_b=frames(t), partner_a=frames(nf), partner_b=frames(nf),
-                     flow_steps=steps, frames_a=idx, frames_b=idx + 2, partners_a=part, partners_b=part + 2,
+    return ClipBatch(rgb_a=frames(t), rgb_b=frames(t), partner_rgb_a=frames(nf), partner_rgb_b=frames(nf),
+                     flow_steps=steps, frame_idx_a=idx, frame_idx_b=idx + 2, partner_idx_a=part, partner_idx_b=part + 2,
                      labels=torch.zeros(b, dtype=torch.long), video_idx=torch.arange(b)).to(device)
 
 
@@ -82,7 +82,7 @@ def count_make_inputs(cfg, device: torch.device, calls: int, warmup_clips: int =
     takes minutes per call at batch 64)."""
     from mscl_stream.train.inputs import make_inputs
     batch = synthetic_batch(cfg, device)
-    b, nf = batch.batch_size, batch.partner_a.shape[1]
+    b, nf = batch.batch_size, batch.partner_rgb_a.shape[1]
     h, w = cfg.data.frame_size
     flow = torch.randn((2, b, nf, 2, h, w), generator=torch.Generator().manual_seed(1)).mul_(3).to(device)
     gen = torch.Generator().manual_seed(0)

@@ -42,8 +42,8 @@ class _Clips(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         spec = self.sampler.spec(i)
         frames = decode_frames(self.records[spec.video_idx].path, spec.all_frames(), self.size, threads=1)
-        idx = np.stack([spec.frames_a, spec.frames_b])
-        partners = np.stack([spec.partners_a, spec.partners_b])
+        idx = np.stack([spec.frame_idx_a, spec.frame_idx_b])
+        partners = np.stack([spec.partner_idx_a, spec.partner_idx_b])
         flows = torch.empty(0)
         if self.flow_dir is not None:   # (2, F, 2, H, W) rows r - start of the video's flow file
             rec, steps = self.records[spec.video_idx], self.sampler.steps
@@ -93,9 +93,9 @@ class PyAVDataLoader:
             flows = flows.to(dev, non_blocking=True) if flows.numel() else None
             yield ClipBatch(
                 rgb_a=x[:, :t].contiguous(), rgb_b=x[:, t:2 * t].contiguous(),
-                partner_a=x[:, 2 * t:2 * t + f].contiguous(), partner_b=x[:, 2 * t + f:].contiguous(),
-                flow_steps=self.steps.to(dev), frames_a=idx[:, 0].to(dev), frames_b=idx[:, 1].to(dev),
-                partners_a=partners[:, 0].to(dev), partners_b=partners[:, 1].to(dev),
+                partner_rgb_a=x[:, 2 * t:2 * t + f].contiguous(), partner_rgb_b=x[:, 2 * t + f:].contiguous(),
+                flow_steps=self.steps.to(dev), frame_idx_a=idx[:, 0].to(dev), frame_idx_b=idx[:, 1].to(dev),
+                partner_idx_a=partners[:, 0].to(dev), partner_idx_b=partners[:, 1].to(dev),
                 labels=labels.to(dev), video_idx=vids.to(dev),
                 # contiguous, like the estimators' output that the flow-encode kernel normally gets
                 flow_a=flows[:, 0].contiguous() if flows is not None else None,

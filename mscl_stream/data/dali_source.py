@@ -52,7 +52,7 @@ def window_jobs(length: int, stride: int) -> Callable:
     def to_job(key: int, works: list):
         uniq, rows = union_frames(works)
         windows = [np.unique(np.concatenate([a, p])) for w in works for s in w.specs
-                   for a, p in ((s.frames_a, s.partners_a), (s.frames_b, s.partners_b))]
+                   for a, p in ((s.frame_idx_a, s.partner_idx_a), (s.frame_idx_b, s.partner_idx_b))]
         job = window_job(key, works[0].record.path, uniq, windows, length, stride)
         return None if job is None else (job, rows)
     return to_job

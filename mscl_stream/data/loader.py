@@ -316,8 +316,8 @@ class ClipLoader:
         t, f, k = self.data.frames_per_clip, len(self.steps), self.sampler.candidates
         (h, w), n, dev = self.data.frame_size, len(got) * k, self.device
         per = 2 * t + 2 * f          # rows of ``where`` per candidate
-        parts = {"rgb_a": slice(0, t), "rgb_b": slice(t, 2 * t), "partner_a": slice(2 * t, 2 * t + f),
-                 "partner_b": slice(2 * t + f, per)}
+        parts = {"rgb_a": slice(0, t), "rgb_b": slice(t, 2 * t), "partner_rgb_a": slice(2 * t, 2 * t + f),
+                 "partner_rgb_b": slice(2 * t + f, per)}
         out = {name: torch.empty((n, sl.stop - sl.start, 3, h, w), dtype=torch.uint8, device=dev)
                for name, sl in parts.items()}
         for b, (_, frames, where) in enumerate(got):
@@ -329,8 +329,8 @@ class ClipLoader:
         specs = [s for wk, _, _ in got for s in wk.specs]
         idx = lambda name: torch.from_numpy(np.stack([getattr(s, name) for s in specs])).to(dev)  # noqa: E731
         return ClipBatch(
-            **out, flow_steps=self.steps.to(dev), frames_a=idx("frames_a"), frames_b=idx("frames_b"),
-            partners_a=idx("partners_a"), partners_b=idx("partners_b"),
+            **out, flow_steps=self.steps.to(dev), frame_idx_a=idx("frame_idx_a"), frame_idx_b=idx("frame_idx_b"),
+            partner_idx_a=idx("partner_idx_a"), partner_idx_b=idx("partner_idx_b"),
             labels=torch.tensor([wk.record.label for wk, _, _ in got for _ in wk.specs], dtype=torch.long,
                                 device=dev),
             video_idx=torch.tensor([s.video_idx for s in specs], dtype=torch.long, device=dev), candidates=k)

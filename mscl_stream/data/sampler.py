@@ -52,19 +52,19 @@ _STREAM_SHARD, _STREAM_RANK = 1, 2   # generator streams (non-zero tags: SeedSeq
 class SampleSpec:
     """One training sample: raw frame indices (int64) of both windows and their flow partners.
 
-    Shapes: frames_a, frames_b (T,); partners_a, partners_b (F,), partner j belongs to sampled frame
-    ``flow_steps(data)[j]``.
+    Shapes: frame_idx_a, frame_idx_b (T,); partner_idx_a, partner_idx_b (F,); partner j belongs to
+    sampled frame ``flow_steps(data)[j]``.
     """
 
     video_idx: int
-    frames_a: np.ndarray
-    partners_a: np.ndarray
-    frames_b: np.ndarray
-    partners_b: np.ndarray
+    frame_idx_a: np.ndarray
+    partner_idx_a: np.ndarray
+    frame_idx_b: np.ndarray
+    partner_idx_b: np.ndarray
 
     def all_frames(self) -> np.ndarray:
         """(2T + 2F,) indices in the order A, B, partners A, partners B (the loader's decode order)."""
-        return np.concatenate([self.frames_a, self.frames_b, self.partners_a, self.partners_b])
+        return np.concatenate([self.frame_idx_a, self.frame_idx_b, self.partner_idx_a, self.partner_idx_b])
 
 
 def flow_steps(data: DataConfig) -> np.ndarray:

@@ -39,7 +39,7 @@ def window_flow(batch: ClipBatch, window: str, estimator) -> torch.Tensor:
     """Forward flow of one window ("a" or "b") of every row, one estimator call: (B, F, 2, H, W) float32."""
     src, dst = batch.flow_pairs(window)
     flow = estimator(src, dst).float()
-    return flow.view(batch.batch_size, batch.partner_a.shape[1], *flow.shape[1:])
+    return flow.view(batch.batch_size, batch.partner_rgb_a.shape[1], *flow.shape[1:])
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def compute_flow(batch: ClipBatch, estimator) -> tuple[ClipBatch, torch.Tensor, 
     src_a, dst_a = batch.flow_pairs("a")
     src_b, dst_b = batch.flow_pairs("b")
     flow = estimator(torch.cat([src_a, src_b]), torch.cat([dst_a, dst_b])).float()
-    b, f = batch.batch_size, batch.partner_a.shape[1]
+    b, f = batch.batch_size, batch.partner_rgb_a.shape[1]
     flow = flow.view(2, b, f, *flow.shape[1:])
     return batch, flow[0], flow[1]
 

@@ -79,7 +79,7 @@ def test_mds_variant_reaches_the_sampler():
     cands = sampler.specs(0)
     # two candidate windows A of one video, at different starts
     assert len(cands) == 2 and cands[0].video_idx == cands[1].video_idx
-    assert cands[0].frames_a[0] != cands[1].frames_a[0]
+    assert cands[0].frame_idx_a[0] != cands[1].frame_idx_a[0]
 
 
 def test_summary_statistics_against_statistics_module():

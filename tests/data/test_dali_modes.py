@@ -58,7 +58,7 @@ def test_same_samples_as_pyav_on_every_rank(dataset, mode):
         want = [s.video_idx for s in plan]
         assert [v for b in out["dali"] for v in b.video_idx.tolist()] == want
         for a, b in zip(out["dali"], out["pyav"]):
-            assert torch.equal(a.frames_a, b.frames_a) and torch.equal(a.partners_b, b.partners_b)
+            assert torch.equal(a.frame_idx_a, b.frame_idx_a) and torch.equal(a.partner_idx_b, b.partner_idx_b)
             check_batch_frames(a, refs)
             assert (a.rgb_a.double() - b.rgb_a.double()).abs().mean() < 1.5
         seen.append(set(want))

@@ -81,7 +81,7 @@ def test_loader_reports_pyav_decode_cost(h264_video, workers):
     expect = [0, 0, 0]
     for b in range(2):
         want = np.unique(np.concatenate([getattr(batch, k)[b].numpy() for k in
-                                         ("frames_a", "frames_b", "partners_a", "partners_b")]))
+                                         ("frame_idx_a", "frame_idx_b", "partner_idx_a", "partner_idx_b")]))
         d, s = sweep_frames(index, want)
         expect = [expect[0] + len(want), expect[1] + d, expect[2] + s]
     assert [st["pyav_frames_wanted"], st["pyav_frames_decoded"], st["pyav_seeks"]] == expect

@@ -56,8 +56,8 @@ def small(**kw) -> Config:
 def check_batch_frames(batch: ClipBatch, refs: dict[int, np.ndarray]) -> None:
     """Every frame of the batch is the reference frame of its video at its raw index (< 3/255), and the
     closest reference frame of that video."""
-    pairs = [(batch.rgb_a, batch.frames_a), (batch.rgb_b, batch.frames_b),
-             (batch.partner_a, batch.partners_a), (batch.partner_b, batch.partners_b)]
+    pairs = [(batch.rgb_a, batch.frame_idx_a), (batch.rgb_b, batch.frame_idx_b),
+             (batch.partner_rgb_a, batch.partner_idx_a), (batch.partner_rgb_b, batch.partner_idx_b)]
     for b, v in enumerate(batch.video_idx.tolist()):
         ref = refs[v].astype(np.float64)
         for frames, idx in pairs:
@@ -120,8 +120,8 @@ def test_dali_and_pyav_paths_agree_after_resize(vp9_video):
         loader.set_epoch(1)
         out[decoder] = next(iter(loader))
     a, b = out["dali"], out["pyav"]
-    assert torch.equal(a.frames_a, b.frames_a) and torch.equal(a.partners_b, b.partners_b)
-    for name in ("rgb_a", "rgb_b", "partner_a", "partner_b"):
+    assert torch.equal(a.frame_idx_a, b.frame_idx_a) and torch.equal(a.partner_idx_b, b.partner_idx_b)
+    for name in ("rgb_a", "rgb_b", "partner_rgb_a", "partner_rgb_b"):
         x, y = getattr(a, name).double(), getattr(b, name).double()
         assert x.shape[-2:] == (96, 96) and (x - y).abs().mean() < 1.5
 
@@ -144,13 +144,13 @@ def test_clipbatch_shapes_and_dtypes(dataset):
     assert len(batches) == 2
     b = batches[0]
     assert b.rgb_a.shape == b.rgb_b.shape == (2, 4, 3, 48, 64)
-    assert b.partner_a.shape == b.partner_b.shape == (2, 2, 3, 48, 64)
-    for t in (b.rgb_a, b.rgb_b, b.partner_a, b.partner_b):
+    assert b.partner_rgb_a.shape == b.partner_rgb_b.shape == (2, 2, 3, 48, 64)
+    for t in (b.rgb_a, b.rgb_b, b.partner_rgb_a, b.partner_rgb_b):
         assert t.dtype == torch.uint8 and t.is_contiguous() and t.device == CPU
     assert b.flow_steps.tolist() == [0, 2]
-    for t in (b.frames_a, b.frames_b, b.partners_a, b.partners_b, b.labels, b.video_idx):
+    for t in (b.frame_idx_a, b.frame_idx_b, b.partner_idx_a, b.partner_idx_b, b.labels, b.video_idx):
         assert t.dtype == torch.long
-    assert b.frames_a.shape == (2, 4) and b.partners_a.shape == (2, 2)
+    assert b.frame_idx_a.shape == (2, 4) and b.partner_idx_a.shape == (2, 2)
     assert b.labels.tolist() == [recs[v].label for v in b.video_idx.tolist()]
     assert loader.stats["batches"] == 2 and loader.stats["samples"] == 4
 
@@ -252,8 +252,8 @@ def test_resume_yields_the_same_remaining_batches(dataset, mode):
     rest = list(resumed)                          # the trainer iterates a resumed loader directly
     assert len(head) + len(rest) == len(expected)
     for a, b in zip(head + rest, expected):
-        assert torch.equal(a.video_idx, b.video_idx) and torch.equal(a.frames_b, b.frames_b)
-        assert torch.equal(a.rgb_a, b.rgb_a) and torch.equal(a.partner_b, b.partner_b)
+        assert torch.equal(a.video_idx, b.video_idx) and torch.equal(a.frame_idx_b, b.frame_idx_b)
+        assert torch.equal(a.rgb_a, b.rgb_a) and torch.equal(a.partner_rgb_b, b.partner_rgb_b)
     assert list(resumed) == []                    # the epoch is over until set_epoch
     resumed.set_epoch(3)
     full.set_epoch(3)
@@ -275,7 +275,7 @@ def test_dali_nvdec_frames_equal_reference(request, name, codec):
     batches = list(loader)
     assert len(batches) == 2 and loader.stats["dali_samples"] == 4
     for b in batches:
-        assert b.rgb_a.is_cuda and b.frames_a.is_cuda
+        assert b.rgb_a.is_cuda and b.frame_idx_a.is_cuda
         check_batch_frames(b.to("cpu"), {i: ref for i in range(len(recs))})   # 4 records, one file
 
 
@@ -289,7 +289,7 @@ def test_nvdec_and_pyav_agree_after_resize(h264_video):
                               device=torch.device("cuda"))
         loader.set_epoch(1)
         out[decoder] = next(iter(loader)).to("cpu")
-    for name in ("rgb_a", "rgb_b", "partner_a", "partner_b"):
+    for name in ("rgb_a", "rgb_b", "partner_rgb_a", "partner_rgb_b"):
         x, y = getattr(out["dali"], name).double(), getattr(out["pyav"], name).double()
         # different colour conversions (DALI: BT.601 limited range; PyAV's rgb24 differs by ~1.3/255)
         # and resize kernels: the issue's bound for decoder agreement, mean < 3 of 255

@@ -57,7 +57,7 @@ def test_sampler_groups(tmp_path):
     big = ClipSampler([record("/x/v.mp4", 0)], small_data(clips_per_video=200, repeat_samples=2), seed=0)
     big.set_epoch(0)
     s = list(big)
-    same = np.mean([s[i].frames_a[0] == s[i + 1].frames_a[0] for i in range(0, len(s), 2)])
+    same = np.mean([s[i].frame_idx_a[0] == s[i + 1].frame_idx_a[0] for i in range(0, len(s), 2)])
     assert same < 0.2
     # a state saved with other repeat settings is refused; a state without the key means 1 (older runs)
     st = rep.state_dict()
@@ -78,7 +78,8 @@ def test_each_repeated_sample_gets_its_own_frames_and_decode_is_shared(tmp_path,
     batches = list(loader)
     loader.close()
     assert len(batches) == 6 // batch_size
-    parts = [("rgb_a", "frames_a"), ("rgb_b", "frames_b"), ("partner_a", "partners_a"), ("partner_b", "partners_b")]
+    parts = [("rgb_a", "frame_idx_a"), ("rgb_b", "frame_idx_b"),
+             ("partner_rgb_a", "partner_idx_a"), ("partner_rgb_b", "partner_idx_b")]
     delivered = []
     for batch in batches:
         for b in range(batch.rgb_a.shape[0]):

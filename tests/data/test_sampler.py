@@ -26,7 +26,7 @@ def data(**kw) -> DataConfig:
 
 
 def key(s):
-    return (s.video_idx, tuple(s.frames_a), tuple(s.partners_a), tuple(s.frames_b), tuple(s.partners_b))
+    return (s.video_idx, tuple(s.frame_idx_a), tuple(s.partner_idx_a), tuple(s.frame_idx_b), tuple(s.partner_idx_b))
 
 
 def reference_window(r0: int, rec: VideoRecord, d: DataConfig):
@@ -43,18 +43,18 @@ def reference_window(r0: int, rec: VideoRecord, d: DataConfig):
 def check_formulas(s, rec: VideoRecord, d: DataConfig) -> int:
     """Asserts the spec follows section 1; returns the shift d = rB - rA (one that explains rB)."""
     start, end = rec.start, rec.frame_end
-    ra = int(s.frames_a[0])
+    ra = int(s.frame_idx_a[0])
     assert start <= ra < end and (ra - start) % 2 == 0
     fa, pa = reference_window(ra, rec, d)
-    assert s.frames_a.tolist() == fa and s.partners_a.tolist() == pa
-    assert s.frames_a.dtype == np.int64 and s.partners_b.dtype == np.int64
+    assert s.frame_idx_a.tolist() == fa and s.partner_idx_a.tolist() == pa
+    assert s.frame_idx_a.dtype == np.int64 and s.partner_idx_b.dtype == np.int64
     # window B: some even shift in [-max_shift, max_shift] from rA, wrapped
     length = end - start
     shifts = [dd for dd in range(-d.max_shift, d.max_shift + 1, 2)
-              if start + (ra + dd - start) % length == s.frames_b[0]
-              and reference_window(ra + dd, rec, d) == (s.frames_b.tolist(), s.partners_b.tolist())]
-    assert shifts, f"window B {s.frames_b} is not rA + d for any allowed d"
-    for arr in (s.frames_a, s.partners_a, s.frames_b, s.partners_b):
+              if start + (ra + dd - start) % length == s.frame_idx_b[0]
+              and reference_window(ra + dd, rec, d) == (s.frame_idx_b.tolist(), s.partner_idx_b.tolist())]
+    assert shifts, f"window B {s.frame_idx_b} is not rA + d for any allowed d"
+    for arr in (s.frame_idx_a, s.partner_idx_a, s.frame_idx_b, s.partner_idx_b):
         assert arr.min() >= start and arr.max() < end
     return shifts[0]
 
@@ -71,8 +71,8 @@ def test_windows_and_partners_follow_section_1(flow_frames):
             shift = check_formulas(spec, recs[spec.video_idx], d)
             if recs[spec.video_idx].num_frames > 2 * d.max_shift:   # else d is ambiguous modulo the length
                 shifts.append(shift)
-            wrapped += bool(np.any(np.diff(spec.frames_a) < 0))
-            assert len(spec.partners_a) == (4 if flow_frames == "even" else 8)
+            wrapped += bool(np.any(np.diff(spec.frame_idx_a) < 0))
+            assert len(spec.partner_idx_a) == (4 if flow_frames == "even" else 8)
     shifts = np.array(shifts)
     assert wrapped > 0                            # short videos did wrap
     assert shifts.min() == -128 and shifts.max() == 128 and np.all(shifts % 2 == 0)
@@ -85,7 +85,7 @@ def test_start_a_is_uniform_over_even_frames():
     rec = records([20])                           # 10 even starts: 0, 2, ..., 18
     s = ClipSampler(rec, data(clips_per_video=4000), seed=0)
     s.set_epoch(0)
-    starts = collections.Counter(int(x.frames_a[0]) for x in s)
+    starts = collections.Counter(int(x.frame_idx_a[0]) for x in s)
     assert sorted(starts) == list(range(0, 20, 2))
     assert min(starts.values()) > 300             # expected 400 each
     assert d.frames_per_clip == 8
@@ -99,10 +99,10 @@ def test_no_wrap_clamps_windows_inside_the_video():
         s.set_epoch(epoch)
         for spec in s:
             end = recs[spec.video_idx].num_frames
-            for fr, pa in ((spec.frames_a, spec.partners_a), (spec.frames_b, spec.partners_b)):
+            for fr, pa in ((spec.frame_idx_a, spec.partner_idx_a), (spec.frame_idx_b, spec.partner_idx_b)):
                 assert np.all(np.diff(fr) == 16) and fr[0] >= 4 and (fr[0] - 4) % 2 == 0
                 assert fr.max() < end and pa.max() < end and np.array_equal(pa, fr[::2] + 8)
-            assert abs(int(spec.frames_b[0]) - int(spec.frames_a[0])) <= 128
+            assert abs(int(spec.frame_idx_b[0]) - int(spec.frame_idx_a[0])) <= 128
 
 
 def test_wrap_around_short_video():
@@ -111,11 +111,11 @@ def test_wrap_around_short_video():
     s = ClipSampler(rec, d, seed=0)
     s.set_epoch(0)
     spec = next(iter(s))
-    ra = int(spec.frames_a[0])
+    ra = int(spec.frame_idx_a[0])
     expect = [3 + (ra - 3 + 10 * k) % 22 for k in range(4)]
-    assert spec.frames_a.tolist() == expect
-    assert spec.partners_a.tolist() == [3 + (ra - 3 + 10 * k + 5) % 22 for k in (0, 2)]
-    assert spec.frames_b.tolist() == expect       # max_shift 0: B == A
+    assert spec.frame_idx_a.tolist() == expect
+    assert spec.partner_idx_a.tolist() == [3 + (ra - 3 + 10 * k + 5) % 22 for k in (0, 2)]
+    assert spec.frame_idx_b.tolist() == expect       # max_shift 0: B == A
 
 
 @pytest.mark.parametrize("cpv", [1, 3])
@@ -224,13 +224,13 @@ def test_mds_rule_on_a_hand_made_allowed_set(allowed, max_shift):
     s.set_epoch(0)
     by_a = collections.defaultdict(collections.Counter)
     for spec in s:
-        ra, rb = int(spec.frames_a[0]), int(spec.frames_b[0])
+        ra, rb = int(spec.frame_idx_a[0]), int(spec.frame_idx_b[0])
         assert ra in allowed                      # start A: drawn until allowed, else the first allowed
         by_a[ra][rb] += 1
         fa, pa = reference_window(ra, rec[0], d)
-        assert spec.frames_a.tolist() == fa and spec.partners_a.tolist() == pa
+        assert spec.frame_idx_a.tolist() == fa and spec.partner_idx_a.tolist() == pa
         fb, pb = reference_window(rb, rec[0], d)
-        assert spec.frames_b.tolist() == fb and spec.partners_b.tolist() == pb
+        assert spec.frame_idx_b.tolist() == fb and spec.partner_idx_b.tolist() == pb
     # start A: 100 even candidates, k allowed: no allowed one in 11 draws -> the first allowed start
     k = len(allowed)
     p_hit = 1 - (1 - k / 100) ** 11
@@ -262,7 +262,7 @@ def test_mds_videos_without_starts_sample_uniformly(caplog):
     s.set_epoch(0)
     starts = {v: set() for v in (0, 1)}
     for spec in s:
-        starts[spec.video_idx].add(int(spec.frames_a[0]))
+        starts[spec.video_idx].add(int(spec.frame_idx_a[0]))
     assert starts[0] == {40}               # MDS video: only its allowed start
     assert len(starts[1]) > 20             # no starts stored: uniform over the video
 

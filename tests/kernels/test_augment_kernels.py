@@ -72,9 +72,9 @@ _SCRIPT = textwrap.dedent("""
                model=ModelConfig(queue_size=8), train=TrainConfig(device="cpu", amp="fp32"))
     u8 = lambda n: torch.randint(0, 256, (bb, n, 3, 24, 32), generator=g, dtype=torch.uint8)
     idx = torch.arange(tt).expand(bb, tt)
-    batch = ClipBatch(rgb_a=u8(tt), rgb_b=u8(tt), partner_a=u8(nf), partner_b=u8(nf),
-                      flow_steps=torch.tensor([0, 2]), frames_a=idx, frames_b=idx, partners_a=idx[:, :nf],
-                      partners_b=idx[:, :nf], labels=torch.zeros(bb, dtype=torch.long), video_idx=torch.arange(bb))
+    batch = ClipBatch(rgb_a=u8(tt), rgb_b=u8(tt), partner_rgb_a=u8(nf), partner_rgb_b=u8(nf),
+                      flow_steps=torch.tensor([0, 2]), frame_idx_a=idx, frame_idx_b=idx, partner_idx_a=idx[:, :nf],
+                      partner_idx_b=idx[:, :nf], labels=torch.zeros(bb, dtype=torch.long), video_idx=torch.arange(bb))
     fa, fb = torch.randn(2, bb, nf, 2, 24, 32, generator=g) * 2
     res = {}
     for be in ("torch", "triton"):
@@ -168,8 +168,9 @@ def test_make_inputs_backends_agree_on_cuda():
     b, t, nf, h, w = 4, 8, 4, 128, 176
     u8 = lambda n: torch.randint(0, 256, (b, n, 3, h, w), generator=g, dtype=torch.uint8)  # noqa: E731
     idx = torch.arange(t).expand(b, t)
-    batch = ClipBatch(rgb_a=u8(t), rgb_b=u8(t), partner_a=u8(nf), partner_b=u8(nf), flow_steps=torch.arange(0, t, 2),
-                      frames_a=idx, frames_b=idx, partners_a=idx[:, :nf], partners_b=idx[:, :nf],
+    batch = ClipBatch(rgb_a=u8(t), rgb_b=u8(t), partner_rgb_a=u8(nf), partner_rgb_b=u8(nf),
+                      flow_steps=torch.arange(0, t, 2),
+                      frame_idx_a=idx, frame_idx_b=idx, partner_idx_a=idx[:, :nf], partner_idx_b=idx[:, :nf],
                       labels=torch.zeros(b, dtype=torch.long), video_idx=torch.arange(b)).to("cuda")
     fa, fb = (torch.randn(2, b, nf, 2, h, w, generator=g) * 4).cuda()
     res = {}

@@ -40,7 +40,8 @@ def _online(k=3, **kw) -> DataConfig:
 
 
 def _key(specs):
-    return tuple((s.video_idx, tuple(s.frames_a), tuple(s.partners_a), tuple(s.frames_b), tuple(s.partners_b))
+    return tuple((s.video_idx, tuple(s.frame_idx_a), tuple(s.partner_idx_a), tuple(s.frame_idx_b),
+                  tuple(s.partner_idx_b))
                  for s in specs)
 
 
@@ -70,18 +71,18 @@ def test_sampler_yields_k_candidates_with_a_shared_shift():
         rec = recs[cands[0].video_idx]
         length = rec.frame_end - rec.start
         assert len(cands) == k and {c.video_idx for c in cands} == {cands[0].video_idx}
-        starts = [int(c.frames_a[0]) for c in cands]
+        starts = [int(c.frame_idx_a[0]) for c in cands]
         assert len(set(starts)) == k and all(a % 2 == 0 for a in starts)
         seen_starts.update(starts)
         shifts = set()
         for c in cands:
-            a = int(c.frames_a[0])
-            assert c.frames_a.tolist() == [(a + 16 * t) % length for t in range(8)]
-            assert c.partners_a.tolist() == [(a + 16 * t + 8) % length for t in range(0, 8, 2)]
-            delta = (int(c.frames_b[0]) - a) % length          # B = A + d (wrapped), d even in [-128, 128]
+            a = int(c.frame_idx_a[0])
+            assert c.frame_idx_a.tolist() == [(a + 16 * t) % length for t in range(8)]
+            assert c.partner_idx_a.tolist() == [(a + 16 * t + 8) % length for t in range(0, 8, 2)]
+            delta = (int(c.frame_idx_b[0]) - a) % length          # B = A + d (wrapped), d even in [-128, 128]
             dd = delta if delta <= 128 else delta - length
             assert -128 <= dd <= 128 and dd % 2 == 0
-            assert c.frames_b.tolist() == [(a + dd + 16 * t) % length for t in range(8)]
+            assert c.frame_idx_b.tolist() == [(a + dd + 16 * t) % length for t in range(8)]
             shifts.add(dd)
         assert len(shifts) == 1, "one shift d per sample, shared by its candidates"
         assert _key([s.spec(p)]) == _key(cands[:1])
@@ -207,21 +208,21 @@ def test_window_scores_rank_motion_above_static():
 # ---------------------------------------------------------------- in-batch selection
 
 def _hand_batch(moving: list[bool], k: int, f: int = 2, h: int = 32, w: int = 32) -> ClipBatch:
-    """Rows whose window-A partner differs from its source frame iff ``moving``; frames_a = row index."""
+    """Rows whose window-A partner differs from its source frame iff ``moving``; frame_idx_a = row index."""
     g = torch.Generator().manual_seed(1)
     n, t = len(moving), 2 * f
     rgb_a = torch.randint(0, 256, (n, t, 3, h, w), generator=g, dtype=torch.uint8)
-    partner_a = rgb_a[:, ::2].clone()
+    partner_rgb_a = rgb_a[:, ::2].clone()
     for r, m in enumerate(moving):
         if m:
-            partner_a[r] = torch.randint(0, 256, (f, 3, h, w), generator=g, dtype=torch.uint8)
+            partner_rgb_a[r] = torch.randint(0, 256, (f, 3, h, w), generator=g, dtype=torch.uint8)
     rgb_b = torch.randint(0, 256, (n, t, 3, h, w), generator=g, dtype=torch.uint8)
-    partner_b = torch.randint(0, 256, (n, f, 3, h, w), generator=g, dtype=torch.uint8)
+    partner_rgb_b = torch.randint(0, 256, (n, f, 3, h, w), generator=g, dtype=torch.uint8)
     rows = torch.arange(n)
-    return ClipBatch(rgb_a=rgb_a, rgb_b=rgb_b, partner_a=partner_a, partner_b=partner_b,
-                     flow_steps=torch.arange(0, t, 2), frames_a=rows[:, None].repeat(1, t),
-                     frames_b=rows[:, None].repeat(1, t) + 100, partners_a=rows[:, None].repeat(1, f),
-                     partners_b=rows[:, None].repeat(1, f), labels=rows // k, video_idx=rows // k, candidates=k)
+    return ClipBatch(rgb_a=rgb_a, rgb_b=rgb_b, partner_rgb_a=partner_rgb_a, partner_rgb_b=partner_rgb_b,
+                     flow_steps=torch.arange(0, t, 2), frame_idx_a=rows[:, None].repeat(1, t),
+                     frame_idx_b=rows[:, None].repeat(1, t) + 100, partner_idx_a=rows[:, None].repeat(1, f),
+                     partner_idx_b=rows[:, None].repeat(1, f), labels=rows // k, video_idx=rows // k, candidates=k)
 
 
 class DiffEstimator:
@@ -244,7 +245,7 @@ def test_select_keeps_the_moving_candidate():
     kept, kept_flow = select_online_mds(batch, flow_a)
     # sample 0 keeps row 1, sample 1 row 2, sample 2 (both static: a tie) its first row 4
     assert kept.candidates == 1 and kept.batch_size == 3
-    assert kept.frames_a[:, 0].tolist() == [1, 2, 4] and kept.labels.tolist() == [0, 1, 2]
+    assert kept.frame_idx_a[:, 0].tolist() == [1, 2, 4] and kept.labels.tolist() == [0, 1, 2]
     assert torch.equal(kept.rgb_b, batch.rgb_b[[1, 2, 4]]) and torch.equal(kept_flow, flow_a[[1, 2, 4]])
     assert torch.equal(kept.flow_steps, batch.flow_steps)
     same, same_flow = select_online_mds(kept, kept_flow)              # K = 1: unchanged
@@ -257,8 +258,8 @@ def test_compute_flow_runs_window_b_for_kept_rows_only():
     est = DiffEstimator()
     kept, flow_a, flow_b = compute_flow(batch, est)
     assert est.calls == [4 * f, 2 * f]             # A for every candidate, B for the kept ones
-    assert kept.frames_a[:, 0].tolist() == [0, 3]
-    ref_b = (batch.partner_b[[0, 3]].float() - batch.rgb_b[[0, 3]][:, ::2].float())[:, :, :2] / 16
+    assert kept.frame_idx_a[:, 0].tolist() == [0, 3]
+    ref_b = (batch.partner_rgb_b[[0, 3]].float() - batch.rgb_b[[0, 3]][:, ::2].float())[:, :, :2] / 16
     assert torch.equal(flow_b, ref_b) and flow_a.shape == flow_b.shape == (2, f, 2, 32, 32)
     est.calls.clear()
     compute_flow(kept, est)
@@ -281,15 +282,15 @@ def test_loader_puts_candidates_in_adjacent_rows(manifest):
         batch = next(iter(loader))
     finally:
         loader.close()
-    assert batch.candidates == 2 and batch.rgb_a.shape[:2] == (4, 8) and batch.partner_b.shape[:2] == (4, 4)
+    assert batch.candidates == 2 and batch.rgb_a.shape[:2] == (4, 8) and batch.partner_rgb_b.shape[:2] == (4, 4)
     sampler = ClipSampler(records, cfg.data, seed=cfg.data.seed)
     sampler.set_epoch(0)
     for b in range(2):
         for c, spec in enumerate(sampler.specs(b)):
             row = 2 * b + c
-            assert batch.frames_a[row].tolist() == spec.frames_a.tolist()
-            assert batch.partners_b[row].tolist() == spec.partners_b.tolist()
-            ref = decode_frames(records[spec.video_idx].path, spec.frames_a[:2], (32, 40), threads=1)
+            assert batch.frame_idx_a[row].tolist() == spec.frame_idx_a.tolist()
+            assert batch.partner_idx_b[row].tolist() == spec.partner_idx_b.tolist()
+            ref = decode_frames(records[spec.video_idx].path, spec.frame_idx_a[:2], (32, 40), threads=1)
             assert torch.equal(batch.rgb_a[row, :2], torch.from_numpy(ref).permute(0, 3, 1, 2))
     assert loader.stats["samples"] == 2
 

@@ -35,9 +35,9 @@ def _batch(device: torch.device) -> tuple[ClipBatch, torch.Tensor, torch.Tensor]
         return torch.randint(0, 256, (B, n, 3, H, W), generator=g, dtype=torch.uint8)
 
     idx = torch.arange(T).expand(B, T)
-    batch = ClipBatch(rgb_a=u8(T), rgb_b=u8(T), partner_a=u8(NF), partner_b=u8(NF),
-                      flow_steps=torch.tensor([0, 2]), frames_a=idx, frames_b=idx, partners_a=idx[:, :NF],
-                      partners_b=idx[:, :NF], labels=torch.zeros(B, dtype=torch.long),
+    batch = ClipBatch(rgb_a=u8(T), rgb_b=u8(T), partner_rgb_a=u8(NF), partner_rgb_b=u8(NF),
+                      flow_steps=torch.tensor([0, 2]), frame_idx_a=idx, frame_idx_b=idx, partner_idx_a=idx[:, :NF],
+                      partner_idx_b=idx[:, :NF], labels=torch.zeros(B, dtype=torch.long),
                       video_idx=torch.arange(B)).to(device)
     flow = (torch.randn(2, B, NF, 2, H, W, generator=g) * 2).to(device)
     return batch, flow[0], flow[1]
