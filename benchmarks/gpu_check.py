@@ -87,7 +87,7 @@ import json, torch
 from mscl_stream.config import load_config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.commands.bench import ResidentLoader, steady_rate
-from mscl_stream.train.metrics import mfu
+from mscl_stream.train.flops import mfu
 from mscl_stream.train.trainer import pretrain
 cfg = load_config('configs/bench.yaml', ['train.amp={amp}', 'train.channels_last={str(channels_last).lower()}',
     'flow.precision={'bf16' if amp == 'bf16' else 'fp32'}', 'data.batch_size={batch}', 'train.max_steps={steps}',

@@ -75,7 +75,7 @@ def steady_rate(result: dict, clips_per_step: int) -> float:
 
 
 def _run(cfg: Config, loader=None) -> dict:
-    from mscl_stream.train.metrics import mfu
+    from mscl_stream.train.flops import mfu
     from mscl_stream.train.trainer import pretrain
     res = pretrain(cfg, loader=loader)
     rate = steady_rate(res, cfg.data.batch_size)

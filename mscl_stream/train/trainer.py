@@ -31,7 +31,9 @@ from mscl_stream.train.resume import changed_settings, resume_point
 from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
 from mscl_stream.train.signals import StopSignals, should_stop
 from mscl_stream.distributed import all_gather_objects, cleanup, init_distributed
-from mscl_stream.train.metrics import MetricsLogger, StageTimer, estimate_flops_per_clip, format_progress, mfu, peak_flops
+from mscl_stream.train.flops import estimate_flops_per_clip, mfu, peak_flops
+from mscl_stream.train.metrics import MetricsLogger, format_progress
+from mscl_stream.train.timing import StageTimer
 from mscl_stream.train.schedule import lr_at, scaled_lr
 from mscl_stream.flow import estimator_from_config
 from mscl_stream.train.flow_ahead import FlowFeed

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from mscl_stream.train import flops as FL
 from mscl_stream.train import metrics as M
+from mscl_stream.train import timing as T
 
 
 def test_jsonl_records(tmp_path):
@@ -39,7 +41,7 @@ def test_non_main_rank_writes_nothing(tmp_path):
 
 
 def test_stage_timer_per_step_medians_warmup_and_gap():
-    timer = M.StageTimer("cpu", warmup_steps=1)
+    timer = T.StageTimer("cpu", warmup_steps=1)
     timer.begin_step()
     with timer("flow"):
         time.sleep(0.2)                   # warm-up step: left out of everything
@@ -68,7 +70,7 @@ def test_stage_timer_per_step_medians_warmup_and_gap():
 
 def test_stage_timer_abandoned_step_is_not_a_step():
     # the loop's end-of-epoch probe begins a step, waits for data, finds none: that is no training step
-    timer = M.StageTimer("cpu")
+    timer = T.StageTimer("cpu")
     for _ in range(2):
         timer.begin_step()
         with timer("data_wait"):
@@ -86,7 +88,7 @@ def test_stage_timer_abandoned_step_is_not_a_step():
 
 
 def test_stage_timer_disabled_and_exceptions():
-    timer = M.StageTimer("cpu")
+    timer = T.StageTimer("cpu")
     timer.enabled = False
     timer.begin_step()
     with timer("flow"):
@@ -109,15 +111,15 @@ def test_format_progress():
 
 
 def test_peak_and_mfu():
-    assert M.peak_flops("cpu") is None
-    assert M.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert M.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert M.peak_flops("NVIDIA H200") == 989e12
-    assert M.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert M.peak_flops("Some Future GPU") is None
+    assert FL.peak_flops("cpu") is None
+    assert FL.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert FL.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert FL.peak_flops("NVIDIA H200") == 989e12
+    assert FL.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert FL.peak_flops("Some Future GPU") is None
     # 100 GFLOP per clip at 1000 clips/s on a 989 TFLOP/s part
-    assert M.mfu(100e9, 1000.0, 989e12) == pytest.approx(100e12 / 989e12)
-    assert M.mfu(100e9, 1000.0, None) is None
+    assert FL.mfu(100e9, 1000.0, 989e12) == pytest.approx(100e12 / 989e12)
+    assert FL.mfu(100e9, 1000.0, None) is None
 
 
 @dataclass
@@ -137,12 +139,12 @@ class _Net(nn.Module):
 def test_flops_per_clip_by_hand():
     a, b, c, batch = 16, 32, 8, 4
     net = _Net(a, b, c)
-    got = M.estimate_flops_per_clip(net, _Inputs(torch.randn(batch, a)))
+    got = FL.estimate_flops_per_clip(net, _Inputs(torch.randn(batch, a)))
     # forward: 2ab + 2bc; backward: l2 grad-weight 2bc + grad-input 2bc, l1 grad-weight 2ab (the input
     # needs no gradient) -> 4ab + 6bc per sample
     assert got == 4 * a * b + 6 * b * c
     assert net.l1.weight.grad is not None
     conv = nn.Conv3d(3, 4, kernel_size=(1, 3, 3), bias=False)
-    fwd = M.count_flops(lambda: conv(torch.randn(2, 3, 2, 5, 5)))
+    fwd = FL.count_flops(lambda: conv(torch.randn(2, 3, 2, 5, 5)))
     # output 2 x 4 x 2 x 3 x 3 positions, each 3*1*3*3 multiply-adds
     assert fwd == 2 * (2 * 4 * 2 * 3 * 3) * (3 * 9)
