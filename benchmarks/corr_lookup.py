@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mscl_stream.flow.raft import corr_lookup, corr_pyramid, lookup_offsets
+from mscl_stream.flow.raft_loop import corr_lookup, corr_pyramid, lookup_offsets
 from mscl_stream.kernels import corr_lookup as kernel
 from mscl_stream.machine import machine_info
 

@@ -17,7 +17,7 @@ Layout contract:
         the pretrained motion encoders expect).
 Sampling is bilinear with zeros outside the map, the same as ``grid_sample(align_corners=True,
 padding_mode="zeros")`` on pixel positions scaled to [-1, 1]. The torch reference is
-:func:`mscl_stream.flow.raft.corr_lookup`; tests/kernels/test_corr_lookup.py checks parity under
+:func:`mscl_stream.flow.raft_loop.corr_lookup`; tests/kernels/test_corr_lookup.py checks parity under
 ``TRITON_INTERPRET=1``. Importing this module imports triton.
 """
 
@@ -81,7 +81,7 @@ def _corr_lookup_kernel(pyr_ptr, coords_ptr, out_ptr, Q, H, W, S, sN, sC, sP,
 
 
 def flat_pyramid(pyramid: list[torch.Tensor]) -> torch.Tensor:
-    """Level list from :func:`mscl_stream.flow.raft.corr_pyramid` ((Q, 1, h >> l, w >> l) each) ->
+    """Level list from :func:`mscl_stream.flow.raft_loop.corr_pyramid` ((Q, 1, h >> l, w >> l) each) ->
     the kernel's (Q, S) float32 layout (one copy, made once per forward)."""
     return torch.cat([v.flatten(1) for v in pyramid], dim=1).float().contiguous()
 

@@ -18,7 +18,7 @@ import torch
 _SCRIPT = r"""
 import json, warnings, torch
 warnings.simplefilter("ignore")
-from mscl_stream.flow.raft import corr_pyramid, corr_lookup, lookup_offsets
+from mscl_stream.flow.raft_loop import corr_pyramid, corr_lookup, lookup_offsets
 from mscl_stream.kernels import corr_lookup as K
 
 def bilinear64(pyramid, coords, radius):
@@ -124,7 +124,7 @@ def test_raft_with_triton_lookup_matches_grid_sample(interpreted):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_kernel_matches_grid_sample_on_gpu():
-    from mscl_stream.flow.raft import corr_lookup, corr_pyramid, lookup_offsets
+    from mscl_stream.flow.raft_loop import corr_lookup, corr_pyramid, lookup_offsets
     from mscl_stream.kernels import corr_lookup as K
     g = torch.Generator().manual_seed(1)
     n, c, h, w = 8, 96, 16, 22
