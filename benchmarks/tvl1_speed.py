@@ -85,7 +85,8 @@ def time_call(est: TVL1, a: torch.Tensor, b: torch.Tensor, device: torch.device,
 def profile_blocks(n: int, h: int, w: int, device: torch.device, backends: list[str]) -> list[dict]:
     """Milliseconds of the building blocks at the finest level: one inner iteration, one median,
     one warp + linearisation (shared torch code), per backend."""
-    from mscl_stream.flow.tvl1 import TVL1Params, _TorchLevel, _TritonLevel, centered_gradient, warp
+    from mscl_stream.flow.tvl1 import TVL1Params, _TorchLevel, _TritonLevel
+    from mscl_stream.flow.tvl1_ops import centered_gradient, warp
 
     a, b, gt = known_motion_pairs(n, h, w, device, seed=7)
     prm = TVL1Params(epsilon=0.0)          # nobody stops: every iteration does full work

@@ -18,8 +18,8 @@ program of a pair computes the same value, and the flag only ever goes 1 -> 0, s
 stores are benign. A pair that is not active is skipped entirely (no loads, no stores), so a pair's
 result does not depend on the other pairs of the batch.
 
-The torch reference of one iteration is :func:`mscl_stream.flow.tvl1.tvl1_inner_reference`, of the
-median :func:`mscl_stream.flow.tvl1.median_filter_reference`; tests/kernels/test_tvl1_kernel.py
+The torch reference of one iteration is :func:`mscl_stream.flow.tvl1_ops.tvl1_inner_reference`, of the
+median :func:`mscl_stream.flow.tvl1_ops.median_filter_reference`; tests/kernels/test_tvl1_kernel.py
 checks parity under ``TRITON_INTERPRET=1``. This module imports triton at import time: import it only
 where triton is wanted (the estimator does so lazily).
 """

@@ -8,8 +8,9 @@ import torch
 
 from mscl_stream.errors import UserError
 from mscl_stream.flow import get_estimator
-from mscl_stream.flow.tvl1 import (TVL1, centered_gradient, median_filter_reference, pyramid_sizes,
-                                   tvl1_inner_reference, warp)
+from mscl_stream.flow.tvl1 import TVL1
+from mscl_stream.flow.tvl1_ops import (centered_gradient, median_filter_reference, pyramid_sizes, tvl1_inner_reference,
+                                       warp)
 
 # Small schedules keep CPU time low; they still resolve a few pixels of motion at 112 px.
 FAST = dict(nscales=3, warps=3, outer_iterations=3, inner_iterations=30)

@@ -18,7 +18,7 @@ import torch
 
 _SCRIPT = r"""
 import json, torch
-from mscl_stream.flow.tvl1 import tvl1_inner_reference, median_filter_reference
+from mscl_stream.flow.tvl1_ops import tvl1_inner_reference, median_filter_reference
 from mscl_stream.kernels import tvl1 as K
 
 def inputs(n, h, w, seed):
@@ -151,7 +151,7 @@ def test_fused_solver_matches_eager_solver(interpreted):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_kernels_match_reference_on_gpu():
-    from mscl_stream.flow.tvl1 import median_filter_reference, tvl1_inner_reference
+    from mscl_stream.flow.tvl1_ops import median_filter_reference, tvl1_inner_reference
     from mscl_stream.kernels import tvl1 as K
 
     dev = torch.device("cuda")
