@@ -17,8 +17,8 @@ Two ways to drive DALI, both pipelined (``data.prefetch`` runs in flight, schedu
   output back to its sample (and reveals lines the reader dropped).
 
 Geometry: ``fn.resize(mode="not_smaller")`` + ``fn.crop`` cover the working size keeping the aspect
-ratio and centre-crop it on the GPU; on the CPU torch does the same resize (DALI's CPU resize costs
-~4x more); :func:`mscl_stream.data.pyav_decode.cover_crop` reproduces it for PyAV.
+ratio and centre-crop it on the GPU; on the CPU torch does the same resize (cheaper than DALI's CPU resize;
+docs/data.md); :func:`mscl_stream.data.pyav_decode.cover_crop` reproduces it for PyAV.
 
 Scheduling: ``exec_dynamic=True`` with ``exec_pipelined=False``, because a pipelined executor's first
 ``schedule_run`` runs ``prefetch_queue_depth`` iterations at once (expecting that many fed batches);
@@ -106,7 +106,7 @@ def resize_cover_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     h, w = size
     nh, nw, y0, x0 = cover_crop(frames.shape[1], frames.shape[2], h, w)
     if (nh, nw) != tuple(frames.shape[1:3]):
-        # uint8 channels-last input takes torch's vectorised antialiasing kernel (~4x DALI's CPU resize)
+        # uint8 channels-last input takes torch's vectorised antialiasing kernel (cheaper than DALI's; docs/data.md)
         frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2), size=(nh, nw), mode="bilinear",
                                                  antialias=True, align_corners=False).permute(0, 2, 3, 1)
     return frames[:, y0:y0 + h, x0:x0 + w]

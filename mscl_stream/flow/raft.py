@@ -242,7 +242,7 @@ class RAFT:
 
     def bytes_per_pair(self, h: int, w: int) -> float:
         """Rough peak working memory per pair: the fp32 correlation pyramid plus encoder activations
-        (per-pixel terms fitted to peak memory measured on an H200 at 128x176)."""
+        (per-pixel terms fitted to peak memory; docs/performance.md)."""
         cells = math.ceil(h / 8) * math.ceil(w / 8)
         per_pixel = 320.0 if self.name == "raft_small" else 512.0
         return 4.0 * cells * cells * 4 / 3 + per_pixel * h * w

@@ -111,7 +111,7 @@ class _Lookup:
 
 def convex_upsample(flow: torch.Tensor, mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """RAFT's learned upsampling: each fine pixel is a softmax-weighted mix of the 3x3 coarse
-    neighbourhood of 8x-scaled flow.
+    neighbourhood of the coarse flow scaled by ``factor``.
 
     Args:
         flow: (n, 2, h, w) coarse flow; mask: (n, 9*factor^2, h, w) logits.
