@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # codec name -> (FFmpeg encoder, container suffix, pixel format, encoder options)
 _CODECS: dict[str, tuple[str, str, str, dict[str, str]]] = {
-    # realtime + cpu-used 8: ~10x faster than the default "good" deadline, quality is irrelevant here
+    # realtime + cpu-used 8: far faster than the default "good" deadline; quality is irrelevant here
     "vp9": ("libvpx-vp9", ".webm", "yuv420p", {"deadline": "realtime", "cpu-used": "8", "crf": "32",
                                                "b": "0", "row-mt": "1"}),
     "h264": ("libx264", ".mp4", "yuv420p", {"preset": "ultrafast", "crf": "23"}),

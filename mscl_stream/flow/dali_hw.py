@@ -84,8 +84,8 @@ class DALIOpticalFlow:
 
         n, _, h, w = frames_a.shape
         # (n, 2, H, W, 3) uint8 sequences [b, a]: the engine returns, on the grid of the second frame,
-        # vectors pointing into the first (measured on an H200: [a, b] gave -3 px for content moving
-        # +3 px), so [b, a] yields the forward flow of a.
+        # vectors pointing into the first ([a, b] gives the negated motion), so [b, a] yields the
+        # forward flow of a.
         seq = torch.stack([frames_b, frames_a], dim=1).permute(0, 1, 3, 4, 2)
         if seq.dtype != torch.uint8:
             seq = seq.round().clamp(0, 255).to(torch.uint8)

@@ -69,8 +69,8 @@ class OpenCVFlow:
 
     def _dis(self):
         # A fresh object per pair: a reused DIS instance carries buffers over from its previous call
-        # (results then differ by ~1e-3 px with batch order and thread assignment); creating one
-        # costs ~15 us, under 10 % of the fastest preset's per-pair time at 112 px.
+        # (results would then depend on batch order and thread assignment); creating one is cheap
+        # next to the flow itself.
         preset = {"dis_fast": self.cv2.DISOPTICAL_FLOW_PRESET_FAST,
                   "dis_medium": self.cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[self.name]
         return self.cv2.DISOpticalFlow_create(preset)
