@@ -163,3 +163,10 @@ def test_no_new_pair_of_modules_importing_each_other():
     new = mutual - KNOWN_MUTUAL
     assert not new, f"modules importing each other: {sorted(sorted(m) for m in new)}"
     assert KNOWN_MUTUAL <= mutual, "a known mutual import is gone: remove it from KNOWN_MUTUAL"
+
+
+def test_every_module_says_what_it_holds():
+    # the first docstring line is what a newcomer reads in a file listing or `help()`
+    missing = [str(p.relative_to(ROOT)) for p in sources()
+               if not (ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "").strip()]
+    assert not missing, f"modules without a docstring saying what they hold: {missing}"
