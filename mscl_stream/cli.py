@@ -97,7 +97,8 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
                         f"(or add one with --variant NAME=key=value,...)")
     chosen = [known[n] for n in (a.variants or list(known))] + [parse_variant_arg(t) for t in a.variant]
     run_ablation(Path(a.out), chosen, a.seeds, config=a.config, manifest=a.manifest, videos=a.videos,
-                 extra=list(a.overrides), random_init=not a.no_random_init, report_only=a.report)
+                 extra=list(a.overrides), random_init=not a.no_random_init, report_only=a.report,
+                 rescore=a.rescore)
     return 0
 
 
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--report", action="store_true",
                    help="run nothing: write the table and plot from the runs already finished")
+    p.add_argument("--rescore", action="store_true",
+                   help="evaluate finished runs again from their final checkpoints and update their rows "
+                        "(no pretraining)")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_ablate)
 

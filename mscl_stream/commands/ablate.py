@@ -10,11 +10,13 @@ study folder:
     STUDY/runs/<variant>/seed<k>/row.json    its result row, written last (atomically)
     STUDY/ablation.json                      all rows: a list of {variant, seed, overrides, R@1, ...}
     STUDY/ablation.md / .png                 mean +- standard error per variant; bars with every seed
+    STUDY/ablation_confusion.png             per variant: which class each query's nearest video has
 
 Rows already written are skipped, and an interrupted pretrain resumes from its newest checkpoint, so a
-study can span several sittings: rerun the same command. Data: the demo's labelled videos in
-``STUDY/videos`` (made once, with the base config's seed, so every run sees the same split), or any
-labelled manifest given with ``--manifest``.
+study can span several sittings: rerun the same command. ``--rescore`` evaluates the finished runs
+again from their checkpoints (after the evaluation changed) without pretraining them again. Data: the
+demo's labelled videos in ``STUDY/videos`` (made once, with the base config's seed, so every run sees
+the same split), or any labelled manifest given with ``--manifest``.
 """
 
 from __future__ import annotations
@@ -86,33 +88,50 @@ def _write_json(path: Path, obj) -> None:
 def _run_one(variant: Variant, seed: int, base_config: str, manifest: Path, run_dir: Path,
              extra: list[str]) -> dict:
     """Pretrain (resuming an interrupted run) and evaluate one (variant, seed); returns its row."""
-    from mscl_stream.eval import run_eval
     from mscl_stream.train.trainer import pretrain
 
     pre_dir = run_dir / "pretrain"
     ckpts = pre_dir / "checkpoints"
     started = ckpts.is_dir() and any(ckpts.glob("*.pt"))
-    common = [f"data.manifest={manifest}", f"train.seed={seed}", *extra]
     t0 = time.perf_counter()
-    metrics: dict = {}
-    if variant.name == RANDOM_INIT:
-        cfg = load_config(base_config, common)
-        checkpoint = None
-        train = {}
-    else:
+    train: dict = {}
+    if variant.name != RANDOM_INIT:
         # an interrupted run resumes from its newest checkpoint; a run dir without one starts over
         how = "train.resume=auto" if started else "train.overwrite=true"
-        cfg = load_config(base_config, [*common, *variant.overrides, f"train.out_dir={pre_dir}", how])
-        train = pretrain(cfg)
-        checkpoint = str(ckpts / "last.pt")
-        metrics["final_loss"] = train.get("loss/loss")
+        train = pretrain(_run_config(variant, seed, base_config, manifest, run_dir, [*extra, how]))
+    row = {"variant": variant.name, "seed": seed, "overrides": list(variant.overrides)}
+    if train:
+        row["final_loss"] = train.get("loss/loss")
+    row.update(_evaluate(variant, seed, base_config, manifest, run_dir, extra))
+    return {**row, "about": variant.about, "steps": train.get("steps"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _run_config(variant: Variant, seed: int, base_config: str, manifest: Path, run_dir: Path, extra: list[str]):
+    common = [f"data.manifest={manifest}", f"train.seed={seed}", *extra]
+    if variant.name == RANDOM_INIT:
+        return load_config(base_config, common)
+    return load_config(base_config, [*common, *variant.overrides, f"train.out_dir={run_dir / 'pretrain'}"])
+
+
+def _evaluate(variant: Variant, seed: int, base_config: str, manifest: Path, run_dir: Path,
+              extra: list[str]) -> dict:
+    """Retrieval (Recall@k and the top-1 confusion) and the linear probe of one run's final checkpoint
+    (the untrained encoder for ``random_init``)."""
+    from mscl_stream.eval import run_eval
+
+    cfg = _run_config(variant, seed, base_config, manifest, run_dir, extra)
+    checkpoint = None
+    if variant.name != RANDOM_INIT:
+        checkpoint = str(run_dir / "pretrain" / "checkpoints" / "last.pt")
+        if not Path(checkpoint).is_file():
+            raise UserError(f"ablate: {checkpoint}: no final checkpoint to evaluate")
     ret = run_eval("retrieval", checkpoint=checkpoint, cfg=cfg)
     lin = run_eval("linear", checkpoint=checkpoint, cfg=cfg)
-    metrics.update({k: v for k, v in ret.items() if k.startswith("R@")})
+    metrics = {k: v for k, v in ret.items() if k.startswith("R@")}
     metrics.update({f"linear_{k}": v for k, v in lin.items() if isinstance(v, float)})
-    return {"variant": variant.name, "seed": seed, "overrides": list(variant.overrides), **metrics,
-            "about": variant.about, "test_queries": ret["info"]["test"], "steps": train.get("steps"),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {**metrics, "classes": ret["classes"], "top1_confusion": ret["top1_confusion"],
+            "test_queries": ret["info"]["test"]}
 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...] = HEADLINE) -> list[dict]:
@@ -182,7 +201,7 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...] = HEADLINE) -> 
 
 def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], config: str | None = None,
                  manifest: str | None = None, videos: int = 120, extra: list[str] | None = None,
-                 random_init: bool = True, report_only: bool = False) -> list[dict]:
+                 random_init: bool = True, report_only: bool = False, rescore: bool = False) -> list[dict]:
     """Run (or continue) a study into ``out``; returns every row (done now or earlier).
 
     Args:
@@ -195,6 +214,8 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         extra: overrides applied to every run (e.g. ``train.max_steps=200`` for a pilot).
         random_init: add the untrained-encoder row per seed.
         report_only: run nothing; summarise the rows already done (a study between sittings).
+        rescore: evaluate the finished runs again from their final checkpoints and update their rows
+            (after the evaluation changed or gained a metric); pretraining is not repeated.
     """
     from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
     from mscl_stream.machine import machine_info, resolve_device
@@ -226,8 +247,15 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
             if row.get("overrides") != list(v.overrides):
                 raise UserError(f"ablate: {row_path} was run with overrides {row.get('overrides')}, variant "
                                 f"{v.name!r} now has {list(v.overrides)}; rename the variant or delete that folder")
+            if rescore and not report_only:
+                before = row.get("R@1")
+                row.update(_evaluate(v, seed, config, mpath, run_dir, extra), rescored=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                _write_json(row_path, row)
+                print(f"[{i}/{len(plan)}] {v.name} seed {seed}: evaluated again (R@1 {before} -> {row['R@1']})",
+                      flush=True)
+            else:
+                print(f"[{i}/{len(plan)}] {v.name} seed {seed}: done earlier, skipped", flush=True)
             rows.append(row)
-            print(f"[{i}/{len(plan)}] {v.name} seed {seed}: done earlier, skipped", flush=True)
             continue
         if report_only:
             print(f"[{i}/{len(plan)}] {v.name} seed {seed}: not run yet", flush=True)
@@ -273,4 +301,57 @@ def _write_summary(out: Path, rows: list[dict]) -> str:
     tmp.write_text(md)
     os.replace(tmp, out / "ablation.md")
     plot(table, out / "ablation.png")
+    if any("top1_confusion" in r for r in rows):
+        plot_confusion(rows, out / "ablation_confusion.png")
     return md
+
+
+def confusion_by_variant(rows: list[dict]) -> dict[str, dict]:
+    """Per variant (first-seen order, rows without a confusion left out): the top-1 confusion counts
+    summed over seeds, the class names and the seeds summed."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        if "top1_confusion" not in r:
+            continue
+        entry = by.setdefault(r["variant"], {"classes": r["classes"], "counts": None, "seeds": []})
+        if entry["classes"] != r["classes"]:
+            raise UserError(f"ablate: {r['variant']} seed {r['seed']} has classes {r['classes']}, "
+                            f"other seeds {entry['classes']}")
+        c = r["top1_confusion"]
+        entry["counts"] = c if entry["counts"] is None else [[a + b for a, b in zip(x, y)]
+                                                             for x, y in zip(entry["counts"], c)]
+        entry["seeds"].append(r["seed"])
+    return by
+
+
+def plot_confusion(rows: list[dict], path: Path) -> None:
+    """One top-1 confusion matrix per variant (summed over seeds), each row as a fraction of its queries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = confusion_by_variant(rows)
+    cols = min(5, len(by))
+    nrows = -(-len(by) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.7 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat[len(by):]:
+        ax.axis("off")
+    for ax, (name, e) in zip(axes.flat, by.items()):
+        counts = e["counts"]
+        frac = [[x / max(sum(row), 1) for x in row] for row in counts]
+        ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
+        n = len(e["classes"])
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i][j]), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i][j] > 0.5 else "black")
+        ax.set_xticks(range(n), e["classes"], fontsize=6, rotation=45)
+        ax.set_yticks(range(n), e["classes"], fontsize=6)
+        ax.set_title(f"{name} ({len(e['seeds'])} seeds)", fontsize=8)
+    fig.supxlabel("class of the nearest training video", fontsize=8)
+    fig.supylabel("query class", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -30,7 +30,7 @@ from mscl_stream.eval.features import ENCODER_PREFIX, build_r3d, extract_feature
 from mscl_stream.machine import machine_info, resolve_device
 from mscl_stream.eval.finetune import finetune
 from mscl_stream.eval.linear import linear_probe
-from mscl_stream.eval.retrieval import KS, retrieval_recall
+from mscl_stream.eval.retrieval import KS, retrieval_recall, top1_confusion
 from mscl_stream.train.schedule import scaled_lr
 
 __all__ = ["run_eval", "split_records", "KINDS"]
@@ -64,6 +64,14 @@ def split_records(manifest: str) -> tuple[list[VideoRecord], list[VideoRecord], 
                          "unlabelled_left_out": unlabelled}
 
 
+def class_names(records: list[VideoRecord]) -> list[str]:
+    """Name of each label 0 .. max label (a label with no name, or absent, is shown as its number)."""
+    names: dict[int, str] = {}
+    for r in records:
+        names.setdefault(r.label, r.label_name or str(r.label))
+    return [names.get(i, str(i)) for i in range(max(names) + 1)]
+
+
 def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None, out: str | None = None,
              prefix: str = ENCODER_PREFIX, clips: int | None = None) -> dict:
     """Run one evaluation and return its results (also written as JSON to ``out`` if given).
@@ -78,8 +86,9 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         clips: centred clips per video whose features (logits) are averaged (default eval.clips).
 
     Returns:
-        The metrics as fractions at the top level ("R@1" .. "R@50"; or "top1", "train_top1",
-        "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict: video counts, skips,
+        The metrics as fractions at the top level ("R@1" .. "R@50", with "classes" (label names) and
+        "top1_confusion" (rows: query class, columns: the nearest gallery video's class; counts); or
+        "top1", "train_top1", "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict: video counts, skips,
         seconds, device). The JSON file adds the checkpoint, the config, the machine and the date.
     """
     if kind not in KINDS:
@@ -114,6 +123,9 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
         if kind == "retrieval":
             metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
+            names = class_names(train + test)
+            conf = top1_confusion(qry_f, qry_l, gal_f, gal_l, num_classes=len(names))
+            metrics.update(classes=names, top1_confusion=conf.tolist())
         else:
             metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
 

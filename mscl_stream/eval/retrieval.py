@@ -1,7 +1,8 @@
 """Nearest-neighbour video retrieval (docs/method.md, section 8): test clips query the train split.
 
 Each set is centred by its own mean and L2-normalised; similarity is the dot product; Recall@k is the
-fraction of queries with at least one of their k most similar gallery videos in the same class.
+fraction of queries with at least one of their k most similar gallery videos in the same class. The
+top-1 confusion matrix says which classes a representation mixes up (R@1 is its trace over its sum).
 """
 
 from __future__ import annotations
@@ -54,3 +55,28 @@ def retrieval_recall(query_feats: torch.Tensor, query_labels: torch.Tensor, gall
         for k in ks:
             hits[k] += int((first_hit < min(k, g.shape[0])).sum())
     return {f"R@{k}": hits[k] / q.shape[0] for k in ks}
+
+
+@torch.no_grad()
+def top1_confusion(query_feats: torch.Tensor, query_labels: torch.Tensor, gallery_feats: torch.Tensor,
+                   gallery_labels: torch.Tensor, num_classes: int, chunk: int = 1024) -> torch.Tensor:
+    """Which class each query's most similar gallery video belongs to.
+
+    Args: as :func:`retrieval_recall`; labels in [0, num_classes).
+
+    Returns:
+        (num_classes, num_classes) int64 counts: row = the query's class, column = the class of its
+        nearest gallery video (same similarity as :func:`retrieval_recall`, so the diagonal's sum over
+        the total is R@1).
+    """
+    if query_feats.shape[0] == 0 or gallery_feats.shape[0] == 0:
+        raise ValueError("retrieval needs at least one query and one gallery item")
+    q, g = _centre_normalise(query_feats), _centre_normalise(gallery_feats)
+    ql, gl = query_labels.long().cpu(), gallery_labels.long().cpu()
+    if min(int(ql.min()), int(gl.min())) < 0 or max(int(ql.max()), int(gl.max())) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    for s in range(0, q.shape[0], chunk):
+        nearest = gl[(q[s:s + chunk] @ g.T).argmax(dim=1)]
+        counts += torch.bincount(ql[s:s + chunk] * num_classes + nearest, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)

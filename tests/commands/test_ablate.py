@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mscl_stream.commands import ablate
-from mscl_stream.commands.ablate import RANDOM_INIT, Variant, load_variants, markdown_table, run_ablation, summarize
+from mscl_stream.commands.ablate import (RANDOM_INIT, Variant, confusion_by_variant, load_variants, markdown_table,
+                                         run_ablation, summarize)
 from mscl_stream.config import load_config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.sampler import ClipSampler
@@ -138,6 +139,36 @@ def test_study_skips_finished_rows_and_refuses_changed_overrides(tmp_path, monke
     changed = [Variant("full", "", ("loss.weights.lmcl=2",))]
     with pytest.raises(UserError, match="overrides"):
         run_ablation(tmp_path / "s", changed, [0], manifest=str(manifest), random_init=False)
+
+
+def test_rescore_evaluates_finished_runs_again_without_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "_run_one", lambda v, seed, *a: {
+        "variant": v.name, "seed": seed, "overrides": list(v.overrides), "R@1": 0.5, "R@5": 0.9,
+        "linear_top1": 0.4, "final_loss": 3.0, "steps": 100})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    arms = [Variant("full", "", ())]
+    run_ablation(tmp_path / "s", arms, [0, 1], manifest=str(manifest), random_init=False)
+    assert not (tmp_path / "s" / "ablation_confusion.png").exists()      # no row has a confusion yet
+
+    evaluated = []
+
+    def fake_eval(v, seed, config, mpath, run_dir, extra):
+        evaluated.append((v.name, seed))
+        return {"R@1": 0.75, "classes": ["up", "down"], "top1_confusion": [[3, 1], [seed, 4 - seed]]}
+
+    monkeypatch.setattr(ablate, "_run_one", lambda *a: pytest.fail("rescore pretrained again"))
+    monkeypatch.setattr(ablate, "_evaluate", fake_eval)
+    rows = run_ablation(tmp_path / "s", arms, [0, 1], manifest=str(manifest), random_init=False, rescore=True)
+    assert evaluated == [("full", 0), ("full", 1)]
+    saved = json.loads((tmp_path / "s" / "runs" / "full" / "seed1" / "row.json").read_text())
+    # the new evaluation replaces the old, the training fields stay
+    assert saved["R@1"] == 0.75 and saved["final_loss"] == 3.0 and saved["steps"] == 100 and "rescored" in saved
+    assert [r["R@1"] for r in rows] == [0.75, 0.75]
+    assert (tmp_path / "s" / "ablation_confusion.png").stat().st_size > 0
+    # summed over seeds: [[3, 1], [0, 4]] + [[3, 1], [1, 3]]
+    by = confusion_by_variant(rows)
+    assert by["full"]["counts"] == [[6, 2], [1, 7]] and by["full"]["seeds"] == [0, 1]
 
 
 def test_bad_variant_override_fails_before_any_run(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from mscl_stream.config import Config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.errors import UserError
 from mscl_stream.eval import features as FE
-from mscl_stream.eval.retrieval import retrieval_recall
+from mscl_stream.eval.retrieval import retrieval_recall, top1_confusion
 
 T = torch.tensor
 
@@ -70,6 +70,31 @@ def test_3d_points_against_loop_reference():
     for k in (1, 5, 10, 20, 50):
         assert got[f"R@{k}"] == pytest.approx(_ref_recall(q, ql.tolist(), g, gl.tolist(), min(k, 30)))
     assert got["R@50"] == 1.0   # all 4 labels appear in the gallery of 30
+
+
+def test_top1_confusion_hand_worked_and_against_loop_reference():
+    # the hand-worked gallery above: q0 is nearest g0 (label 0), q1 nearest g2 (label 2)
+    g = T([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    gl = T([0, 1, 2, 1])
+    conf = top1_confusion(T([[2.0, 0.5], [-2.0, -0.5]]), T([1, 2]), g, gl, num_classes=3)
+    assert conf.tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 1]]
+
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(40, 5, generator=gen)
+    gl = torch.randint(0, 4, (40,), generator=gen)
+    q = torch.randn(23, 5, generator=gen) + 0.3
+    ql = torch.randint(0, 4, (23,), generator=gen)
+    qn, gn = q.double() - q.double().mean(0), g.double() - g.double().mean(0)
+    qn, gn = qn / qn.norm(dim=1, keepdim=True), gn / gn.norm(dim=1, keepdim=True)
+    ref = [[0] * 4 for _ in range(4)]
+    for i in range(23):
+        sims = [float(qn[i] @ gn[j]) for j in range(40)]
+        ref[int(ql[i])][int(gl[max(range(40), key=sims.__getitem__)])] += 1
+    got = top1_confusion(q, ql, g, gl, num_classes=4, chunk=6)
+    assert got.tolist() == ref
+    assert got.trace().item() / 23 == pytest.approx(_ref_recall(q, ql.tolist(), g, gl.tolist(), 1))
+    with pytest.raises(ValueError, match="labels"):
+        top1_confusion(q, ql, g, gl, num_classes=3)
 
 
 # ----------------------------------------------------------------------------- clips and features
