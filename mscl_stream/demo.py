@@ -16,6 +16,7 @@ import torch
 
 from mscl_stream.augment import IMAGENET_MEAN, IMAGENET_STD
 from mscl_stream.config import Config, load_config
+from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -44,7 +45,10 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     loader.set_epoch(0)
     est = estimator_from_config(cfg.flow, device)
     t0 = time.perf_counter()
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise UserError(f"demo: the train split gives fewer samples than one batch (data.batch_size "
+                        f"{cfg.data.batch_size}); use more videos or a smaller batch")
     batch, flow_a, flow_b = compute_flow(batch, est)
     inputs = make_inputs(batch, flow_a, flow_b, cfg, torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - t0
@@ -106,7 +110,7 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
     40 queries, so one standard error of R@1 is about 0.07 (with 16 queries it was 0.11).
     """
     from mscl_stream.data.synthetic import CLASSES
-    from mscl_stream.eval import run_eval
+    from mscl_stream.eval import run_evals
     from mscl_stream.train.trainer import pretrain
 
     out = Path(out)
@@ -121,11 +125,12 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), videos: int
     train = pretrain(cfg)
     ckpt = out / "pretrain" / "checkpoints" / "last.pt"
     results = {"stream": stream, "pretrain": train}
-    for kind in ("retrieval", "linear"):
-        results[kind] = {
-            "pretrained": run_eval(kind, checkpoint=str(ckpt), cfg=cfg, out=str(out / f"eval_{kind}_pretrained.json")),
-            "random_init": run_eval(kind, checkpoint=None, cfg=cfg, out=str(out / f"eval_{kind}_random.json")),
-        }
+    kinds = ("retrieval", "linear")
+    pre = run_evals(kinds, checkpoint=str(ckpt), cfg=cfg,
+                    outs={k: str(out / f"eval_{k}_pretrained.json") for k in kinds})
+    rnd = run_evals(kinds, checkpoint=None, cfg=cfg, outs={k: str(out / f"eval_{k}_random.json") for k in kinds})
+    for kind in kinds:
+        results[kind] = {"pretrained": pre[kind], "random_init": rnd[kind]}
     (out / "demo_results.json").write_text(json.dumps(results, indent=2, default=str))
 
     print("\nmotion-label evaluation on the test split (pretrained vs random init):")

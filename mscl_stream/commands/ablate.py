@@ -118,7 +118,7 @@ def _evaluate(variant: Variant, seed: int, base_config: str, manifest: Path, run
               extra: list[str]) -> dict:
     """Retrieval (Recall@k and the top-1 confusion) and the linear probe of one run's final checkpoint
     (the untrained encoder for ``random_init``)."""
-    from mscl_stream.eval import run_eval
+    from mscl_stream.eval import run_evals
 
     cfg = _run_config(variant, seed, base_config, manifest, run_dir, extra)
     checkpoint = None
@@ -126,8 +126,8 @@ def _evaluate(variant: Variant, seed: int, base_config: str, manifest: Path, run
         checkpoint = str(run_dir / "pretrain" / "checkpoints" / "last.pt")
         if not Path(checkpoint).is_file():
             raise UserError(f"ablate: {checkpoint}: no final checkpoint to evaluate")
-    ret = run_eval("retrieval", checkpoint=checkpoint, cfg=cfg)
-    lin = run_eval("linear", checkpoint=checkpoint, cfg=cfg)
+    res = run_evals(("retrieval", "linear"), checkpoint=checkpoint, cfg=cfg)
+    ret, lin = res["retrieval"], res["linear"]
     metrics = {k: v for k, v in ret.items() if k.startswith("R@")}
     metrics.update({f"linear_{k}": v for k, v in lin.items() if isinstance(v, float)})
     return {**metrics, "classes": ret["classes"], "top1_confusion": ret["top1_confusion"],

@@ -33,7 +33,7 @@ from mscl_stream.eval.linear import linear_probe
 from mscl_stream.eval.retrieval import KS, retrieval_recall, top1_confusion
 from mscl_stream.train.schedule import scaled_lr
 
-__all__ = ["run_eval", "split_records", "KINDS"]
+__all__ = ["run_eval", "run_evals", "split_records", "KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -88,57 +88,74 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
     Returns:
         The metrics as fractions at the top level ("R@1" .. "R@50", with "classes" (label names) and
         "top1_confusion" (rows: query class, columns: the nearest gallery video's class; counts); or
-        "top1", "train_top1", "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict: video counts, skips,
-        seconds, device). The JSON file adds the checkpoint, the config, the machine and the date.
+        "top1", "train_top1", "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict:
+        video counts, skips, seconds, device). The JSON file adds the checkpoint, the config, the
+        machine and the date.
     """
-    if kind not in KINDS:
-        raise UserError(f"eval: unknown kind {kind!r} (use {', '.join(KINDS)})")
+    return run_evals((kind,), checkpoint, cfg, {kind: out} if out else None, prefix, clips)[kind]
+
+
+def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None, cfg: Config | None = None,
+              outs: dict[str, str] | None = None, prefix: str = ENCODER_PREFIX,
+              clips: int | None = None) -> dict[str, dict]:
+    """Several evaluations of one encoder: {kind: :func:`run_eval`'s result}. Retrieval and the linear
+    probe share one feature extraction; ``outs`` maps a kind to its JSON file."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise UserError(f"eval: unknown kind {unknown[0] if unknown else 'none'!r} (use {', '.join(KINDS)})")
     cfg = cfg or Config()
     clips = clips or cfg.eval.clips
+    outs = outs or {}
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such file")
-    if out:
+    for out in outs.values():
         check_writable(out)        # before the features are paid for
-    train, test, counts = split_records(cfg.data.manifest)
+    train, test, counts0 = split_records(cfg.data.manifest)
     device = resolve_device(cfg.train.device)
     seed = cfg.train.seed
-    t0 = time.perf_counter()
-    log.info("eval %s: %d train / %d test videos, %s, device %s", kind, len(train), len(test),
+    log.info("eval %s: %d train / %d test videos, %s, device %s", "+".join(kinds), len(train), len(test),
              checkpoint or "random init", device)
-
-    if kind == "finetune":
-        e = cfg.eval
-        res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
-                       lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
-                       momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
-                       milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=seed,
-                       test_clips=clips)
-        desc = res.pop("encoder")
-        counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
-        metrics = res
-    else:
-        encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
-        gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
-        qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
-        counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
-        if kind == "retrieval":
-            metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
-            names = class_names(train + test)
-            conf = top1_confusion(qry_f, qry_l, gal_f, gal_l, num_classes=len(names))
-            metrics.update(classes=names, top1_confusion=conf.tolist())
+    feats, feat_seconds, results = None, 0.0, {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        counts = dict(counts0)
+        if kind == "finetune":
+            e = cfg.eval
+            res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
+                           lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
+                           momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
+                           milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=seed,
+                           test_clips=clips)
+            desc = res.pop("encoder")
+            counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
+            metrics = res
         else:
-            metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
-
-    counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
-    result = {"kind": kind, "encoder": desc, **metrics, "info": counts}
-    shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
-                      if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
-    print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
-          f"{counts['seconds']:.1f} s)", flush=True)
-    if out:
-        _write_json(out, {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
-                          "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return result
+            if feats is None:        # frozen features: extracted once for retrieval and the probe
+                encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
+                gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
+                qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
+                feats, feat_seconds = (desc, gal_f, gal_l, qry_f, qry_l), time.perf_counter() - t0
+            else:
+                t0 -= feat_seconds   # each result counts the shared extraction in its seconds
+            desc, gal_f, gal_l, qry_f, qry_l = feats
+            counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
+            if kind == "retrieval":
+                metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
+                names = class_names(train + test)
+                conf = top1_confusion(qry_f, qry_l, gal_f, gal_l, num_classes=len(names))
+                metrics.update(classes=names, top1_confusion=conf.tolist())
+            else:
+                metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
+        counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
+        result = results[kind] = {"kind": kind, "encoder": desc, **metrics, "info": counts}
+        shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
+                          if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
+        print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
+              f"{counts['seconds']:.1f} s)", flush=True)
+        if kind in outs:
+            _write_json(outs[kind], {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
+                                     "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return results
 
 
 def check_writable(path: str) -> None:

@@ -11,7 +11,7 @@ from mscl_stream.config import load_config
 from mscl_stream.data.manifest import VideoRecord, write_manifest
 from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
-from mscl_stream.eval import run_eval
+from mscl_stream.eval import run_eval, run_evals
 from mscl_stream.eval.linear import linear_probe
 
 
@@ -113,6 +113,22 @@ def test_run_eval_retrieval_and_linear_random_init(tiny_dataset, tmp_path, capsy
     lin = run_eval("linear", checkpoint=None, cfg=cfg)
     assert lin["train_top1"] == 1.0          # 8 points in 512 dimensions are always separable
     assert 0.0 <= lin["top1"] <= 1.0
+
+
+def test_run_evals_extracts_features_once_with_the_same_results(tiny_dataset, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_dataset)
+    alone = {k: run_eval(k, checkpoint=None, cfg=cfg) for k in ("retrieval", "linear")}
+    from mscl_stream import eval as ev
+    calls = []
+    real = ev.extract_features
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = run_evals(("retrieval", "linear"), checkpoint=None, cfg=cfg, outs={"linear": str(tmp_path / "l.json")})
+    assert len(calls) == 2                      # gallery + queries, once for both kinds
+    for k in ("R@1", "R@5", "top1_confusion", "classes"):
+        assert both["retrieval"][k] == alone["retrieval"][k]
+    assert both["linear"]["top1"] == alone["linear"]["top1"]
+    assert json.loads((tmp_path / "l.json").read_text())["top1"] == alone["linear"]["top1"]
+    assert sum(map(sum, both["retrieval"]["top1_confusion"])) == both["retrieval"]["info"]["test"]
 
 
 def test_run_eval_finetune_smoke(tiny_dataset):
