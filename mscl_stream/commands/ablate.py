@@ -121,11 +121,7 @@ def _evaluate(variant: Variant, seed: int, base_config: str, manifest: Path, run
     from mscl_stream.eval import run_evals
 
     cfg = _run_config(variant, seed, base_config, manifest, run_dir, extra)
-    checkpoint = None
-    if variant.name != RANDOM_INIT:
-        checkpoint = str(run_dir / "pretrain" / "checkpoints" / "last.pt")
-        if not Path(checkpoint).is_file():
-            raise UserError(f"ablate: {checkpoint}: no final checkpoint to evaluate")
+    checkpoint = None if variant.name == RANDOM_INIT else str(run_dir / "pretrain" / "checkpoints" / "last.pt")
     res = run_evals(("retrieval", "linear"), checkpoint=checkpoint, cfg=cfg)
     ret, lin = res["retrieval"], res["linear"]
     metrics = {k: v for k, v in ret.items() if k.startswith("R@")}

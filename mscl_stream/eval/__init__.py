@@ -120,42 +120,54 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
         t0 = time.perf_counter()
         counts = dict(counts0)
         if kind == "finetune":
-            e = cfg.eval
-            res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
-                           lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
-                           momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
-                           milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=seed,
-                           test_clips=clips)
-            desc = res.pop("encoder")
-            counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
-            metrics = res
+            desc, metrics = _finetune(checkpoint, train, test, cfg, device, prefix, clips, counts)
+            results[kind] = _report(kind, desc, metrics, counts, t0, clips, device, checkpoint, cfg, outs)
+            continue
+        if feats is None:        # frozen features: extracted once for retrieval and the probe
+            encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
+            gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
+            qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
+            feats, feat_seconds = (desc, gal_f, gal_l, qry_f, qry_l), time.perf_counter() - t0
         else:
-            if feats is None:        # frozen features: extracted once for retrieval and the probe
-                encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
-                gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
-                qry_f, qry_l = extract_features(encoder, test, cfg, device, clips=clips)
-                feats, feat_seconds = (desc, gal_f, gal_l, qry_f, qry_l), time.perf_counter() - t0
-            else:
-                t0 -= feat_seconds   # each result counts the shared extraction in its seconds
-            desc, gal_f, gal_l, qry_f, qry_l = feats
-            counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
-            if kind == "retrieval":
-                metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
-                names = class_names(train + test)
-                conf = top1_confusion(qry_f, qry_l, gal_f, gal_l, num_classes=len(names))
-                metrics.update(classes=names, top1_confusion=conf.tolist())
-            else:
-                metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
-        counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
-        result = results[kind] = {"kind": kind, "encoder": desc, **metrics, "info": counts}
-        shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
-                          if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
-        print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
-              f"{counts['seconds']:.1f} s)", flush=True)
-        if kind in outs:
-            _write_json(outs[kind], {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
-                                     "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            t0 -= feat_seconds   # each result counts the shared extraction in its seconds
+        desc, gal_f, gal_l, qry_f, qry_l = feats
+        counts["skipped_undecodable"] = len(train) + len(test) - len(gal_l) - len(qry_l)
+        if kind == "retrieval":
+            metrics = retrieval_recall(qry_f, qry_l, gal_f, gal_l, ks=KS)
+            names = class_names(train + test)
+            conf = top1_confusion(qry_f, qry_l, gal_f, gal_l, num_classes=len(names))
+            metrics.update(classes=names, top1_confusion=conf.tolist())
+        else:
+            metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
+        results[kind] = _report(kind, desc, metrics, counts, t0, clips, device, checkpoint, cfg, outs)
     return results
+
+
+def _finetune(checkpoint, train, test, cfg: Config, device, prefix: str, clips: int, counts: dict):
+    """(encoder description, metrics) of end-to-end fine-tuning; its steps and epochs go into ``counts``."""
+    e = cfg.eval
+    res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
+                   lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
+                   momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
+                   milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=cfg.train.seed,
+                   test_clips=clips)
+    counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
+    return res.pop("encoder"), res
+
+
+def _report(kind: str, desc: str, metrics: dict, counts: dict, t0: float, clips: int, device, checkpoint,
+            cfg: Config, outs: dict) -> dict:
+    """One evaluation's result: printed as one line, written to its JSON file when ``outs`` names one."""
+    counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
+    result = {"kind": kind, "encoder": desc, **metrics, "info": counts}
+    shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
+                      if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
+    print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
+          f"{counts['seconds']:.1f} s)", flush=True)
+    if kind in outs:
+        _write_json(outs[kind], {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
+                                 "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return result
 
 
 def check_writable(path: str) -> None:
