@@ -97,6 +97,25 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     return path
 
 
+def link_checkpoint(src: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Make ``path`` name the same file as ``src`` (a hard link, swapped in atomically); False if not possible.
+
+    The end of a run whose last step was also a step checkpoint writes nothing twice this way. On a
+    filesystem without hard links, or if ``src`` is gone, the caller writes the file instead.
+    """
+    src, path = Path(src), Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
 def _free_gb(folder: Path) -> float:
     try:
         st = os.statvfs(folder)

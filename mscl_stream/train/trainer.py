@@ -24,8 +24,8 @@ from mscl_stream.data.manifest import read_manifest
 from mscl_stream.errors import Interrupted, UserError
 from mscl_stream.progress import Progress
 from mscl_stream.models.mscl import MSCL, momentum_at
-from mscl_stream.train.checkpoint import (load_model_state, rng_state, save_checkpoint, save_step_checkpoint,
-                                          set_rng_state)
+from mscl_stream.train.checkpoint import (link_checkpoint, load_model_state, rng_state, save_checkpoint,
+                                          save_step_checkpoint, set_rng_state)
 from mscl_stream.train.guard import StepGuard
 from mscl_stream.train.resume import changed_settings, resume_point
 from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
@@ -168,19 +168,27 @@ def _pretrain(cfg: Config, dist, run, loader, on_step, signals: StopSignals) -> 
         log.info("resume=auto: no checkpoint in %s, starting run %s", out, run_id)
     guard = StepGuard(core, opt if scaler is None else None, device, dist.world_size)
 
+    step_file: dict = {}      # the latest step checkpoint: its (step, epoch, bad_total) and path
+
     def checkpoint(tag: str) -> Path | None:
         # Every rank contributes its loader position and RNG states (one list entry per rank); rank 0 writes.
         per_rank = all_gather_objects({"loader": feed.loader_state(), "rng": rng_state(),
                                        "aug_rng": aug_gen.get_state()})
         if not dist.is_main:
             return None
+        named = out / "checkpoints" / f"{tag}.pt"
+        if tag == "last" and step_file.get("at") == (step, epoch, bad_total) and \
+                link_checkpoint(step_file["path"], named):
+            return named      # the run ended on a step checkpoint: the same state, not written twice
         ckpt = {"model": core.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "ranks": per_rank,
                 "step": step, "epoch": epoch, "bad_total": bad_total, "config": to_dict(cfg),
                 "flow": estimator.describe(), "run_id": run_id, "manifest": manifest_id}
         if tag == "step":
-            return save_step_checkpoint(out, step, ckpt, keep=cfg.train.keep_checkpoints)
-        return save_checkpoint(out / "checkpoints" / f"{tag}.pt", ckpt)
+            path = save_step_checkpoint(out, step, ckpt, keep=cfg.train.keep_checkpoints)
+            step_file.update(at=(step, epoch, bad_total), path=path)
+            return path
+        return save_checkpoint(named, ckpt)
 
     def account(results: list[tuple[int, bool]]) -> None:
         # Host view of the guard's verdicts (a step or so late on a GPU); stop after too many in a row.

@@ -30,12 +30,8 @@ from mscl_stream.train.trainer import pretrain
 REPO = Path(__file__).resolve().parents[2]
 
 
-# TINY_TRAIN with a narrow model (1.1 M instead of 71 M parameters): these tests check bookkeeping, not learning.
-SMALL_MODEL = ["model.rgb_width=8", "model.neck_channels=16", "model.feat_dim=16"]
-
-
 def _cfg(manifest: Path, out: Path, *extra: str):
-    return load_config(None, [*TINY_TRAIN, *SMALL_MODEL, f"data.manifest={manifest}", "data.split=",
+    return load_config(None, [*TINY_TRAIN, f"data.manifest={manifest}", "data.split=",
                               f"train.out_dir={out}", "train.ckpt_every=0", *extra])
 
 
@@ -418,6 +414,22 @@ def test_step_checkpoints_are_pruned_and_metrics_carry_run_id_and_data_wait(tiny
     r2.seed(3)
     np.random.seed(3)
     assert draws == [(r2.random(), float(np.random.rand()))]
+
+
+@pytest.mark.parametrize("steps", [2, 3])   # 3 steps is the tiny manifest's whole epoch
+def test_last_checkpoint_on_a_step_checkpoint_is_a_link_to_the_same_state(tiny_manifest, tmp_path, monkeypatch,
+                                                                           steps):
+    args = (f"train.max_steps={steps}", f"train.ckpt_every={steps}", "train.seed=1")
+    pretrain(_cfg(tiny_manifest, tmp_path / "linked", *args))
+    from mscl_stream.train import trainer
+    monkeypatch.setattr(trainer, "link_checkpoint", lambda src, path: False)      # the plain full write
+    pretrain(_cfg(tiny_manifest, tmp_path / "written", *args))
+    ck_dir = tmp_path / "linked" / "checkpoints"
+    assert (ck_dir / "last.pt").samefile(ck_dir / f"step_{steps:08d}.pt")
+    linked, written = (ck.load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("linked", "written"))
+    assert linked.pop("run_id") != written.pop("run_id")
+    linked["config"]["train"].pop("out_dir"), written["config"]["train"].pop("out_dir")
+    _same(linked, written, "last.pt")
 
 
 # ----------------------------------------------------------------------------- diverged weights

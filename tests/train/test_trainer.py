@@ -71,8 +71,7 @@ def test_nan_losses_stop_the_run_with_a_checkpoint(manifest, tmp_path, monkeypat
         return out
     monkeypatch.setattr(mscl.MSCL, "forward", poisoned)
     with pytest.raises(UserError, match="non-finite"):
-        pretrain(_cfg(manifest, tmp_path, "train.max_steps=10", "train.max_bad_steps=3",
-                      "model.rgb_width=8", "model.neck_channels=16", "model.feat_dim=16"))   # small: 3 backwards
+        pretrain(_cfg(manifest, tmp_path, "train.max_steps=10", "train.max_bad_steps=3"))
     assert load_checkpoint(tmp_path / "checkpoints" / "diverged.pt")["bad_total"] == 3
 
 
