@@ -53,8 +53,7 @@ def _cpu_seconds(loader=None) -> float:
     getrusage counts children only once they have exited)."""
     s = resource.getrusage(resource.RUSAGE_SELF)
     total = s.ru_utime + s.ru_stime
-    procs = getattr(loader, "_procs", None)
-    for pid in (list(procs._processes) if procs is not None else []):
+    for pid in (loader.worker_pids() if loader is not None else []):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -228,7 +227,7 @@ def main() -> None:
     ap.add_argument("--codec", default="h264", choices=["h264", "hevc", "vp9"])
     ap.add_argument("--videos", type=int, default=16)
     ap.add_argument("--clips-per-video", type=int, default=8, help="samples per video per epoch")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default 64 on cuda, 8 on cpu")
     ap.add_argument("--batches", type=int, default=0,
                     help="batches per variant (0: the whole epoch)")
     ap.add_argument("--warmup", type=int, default=2, help="batches at least left out of the steady-state timing")
@@ -250,6 +249,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.batch = a.batch or (64 if a.device == "cuda" else 8)
+    per_epoch = a.videos * a.clips_per_video // a.batch         # the loader drops a last partial batch
+    if per_epoch - max(a.warmup, per_epoch // 2) < 2:             # checked before making any data
+        ap.error(f"--videos {a.videos} x --clips-per-video {a.clips_per_video} at --batch {a.batch} is "
+                 f"{per_epoch} batches per epoch; the steady-state half after {a.warmup} warm-up batches "
+                 "needs at least 2")
     sys.path.insert(0, str(REPO))
     if a.one:                                       # child: one variant, one RESULT line
         print("RESULT " + json.dumps(run_one(a, a.one)), flush=True)

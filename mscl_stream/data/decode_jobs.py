@@ -161,6 +161,10 @@ class PyAVJobs:
         log.info("PyAV decodes in %d worker processes", self.data.decode_workers)
         return self._procs
 
+    def worker_pids(self) -> list[int]:
+        """The live PyAV worker processes (none with threads): for CPU accounting and tests."""
+        return list(self._procs._processes) if self._procs is not None else []
+
     def submit(self, w: Work) -> Future:
         if self.sampler.repeat > 1:
             return self._submit_group(w)

@@ -177,6 +177,10 @@ class ClipLoader:
         th.join()
         self._active = None
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the PyAV worker processes now running (empty with ``pyav_workers: threads``)."""
+        return self._pyav.worker_pids()
+
     def close(self) -> None:
         """Stop the prefetch thread and release DALI and the PyAV workers."""
         self._stop_active()
