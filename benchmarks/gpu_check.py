@@ -91,7 +91,7 @@ from mscl_stream.train.flops import mfu
 from mscl_stream.train.trainer import pretrain
 cfg = load_config('configs/bench.yaml', ['train.amp={amp}', 'train.channels_last={str(channels_last).lower()}',
     'flow.precision={'bf16' if amp == 'bf16' else 'fp32'}', 'data.batch_size={batch}', 'train.max_steps={steps}',
-    'train.out_dir=/tmp/gpu_check_step', 'train.ckpt_every=0', 'log.every=5'])
+    'train.out_dir=/tmp/gpu_check_step', 'train.overwrite=true', 'train.ckpt_every=0', 'log.every=5'])
 dev = 'cuda' if torch.cuda.is_available() else 'cpu'   # CPU only to check this script itself
 cfg.train.device = dev
 B, T, F, (H, W) = {batch}, 8, 4, cfg.data.frame_size

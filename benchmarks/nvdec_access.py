@@ -220,7 +220,8 @@ def _plot(path: Path, res: dict) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked before any data is made (exit 2 with one line when the epoch is too short)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--profile", default="k400", choices=["toy", "ucf101", "k400"])
@@ -248,13 +249,19 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("/tmp/mscl-nvdec-access"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     a.batch = a.batch or (64 if a.device == "cuda" else 8)
-    per_epoch = a.videos * a.clips_per_video // a.batch         # the loader drops a last partial batch
-    if per_epoch - max(a.warmup, per_epoch // 2) < 2:             # checked before making any data
-        ap.error(f"--videos {a.videos} x --clips-per-video {a.clips_per_video} at --batch {a.batch} is "
-                 f"{per_epoch} batches per epoch; the steady-state half after {a.warmup} warm-up batches "
-                 "needs at least 2")
+    # samples per epoch: clips_per_video groups of --repeat samples per video; a last partial batch is dropped
+    per_epoch = a.videos * a.clips_per_video * a.repeat // a.batch
+    if per_epoch - max(a.warmup, per_epoch // 2) < 2:
+        ap.error(f"--videos {a.videos} x --clips-per-video {a.clips_per_video} x --repeat {a.repeat} at --batch "
+                 f"{a.batch} is {per_epoch} batches per epoch; the steady-state half after {a.warmup} warm-up "
+                 "batches needs at least 2")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     sys.path.insert(0, str(REPO))
     if a.one:                                       # child: one variant, one RESULT line
         print("RESULT " + json.dumps(run_one(a, a.one)), flush=True)

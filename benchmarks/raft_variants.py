@@ -137,7 +137,8 @@ def save(out: Path, device: torch.device, row: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variant", nargs="+", default=["all"], help=f"names from {list(VARIANTS)} or all")
+    ap.add_argument("--variant", nargs="+", default=["all"], choices=[*VARIANTS, "all"], metavar="NAME",
+                    help=f"names from {list(VARIANTS)} or all")
     ap.add_argument("--size", type=int, nargs=2, default=[128, 176], metavar=("H", "W"))
     ap.add_argument("--batch", type=int, default=64, help="pairs per call (timing)")
     ap.add_argument("--iters", type=int, default=12)

@@ -1,0 +1,139 @@
+"""The prepared GPU run (benchmarks/gpu_check.py) is right before it meets a GPU.
+
+Device time is scarce (minutes per lease), so a mistyped option or a renamed test must fail here, on
+CPU: every command it runs parses with its script's own parser, every test it names exists, and every
+test that skips for want of CUDA is on one of its lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(script: Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gpu_check = _load(REPO / "benchmarks" / "gpu_check.py")
+
+
+def _plan(tmp_path: Path) -> dict[str, list[str]]:
+    plan = {**gpu_check.part_torch(tmp_path), **gpu_check.part_dali(tmp_path)}
+    return {name: (cmd() if callable(cmd) else cmd) for name, (cmd, _) in plan.items()}
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parse_only(script: Path, args: list[str], monkeypatch) -> argparse.Namespace:
+    """Run the script's main() up to its parse_args and stop there with the parsed namespace."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, a=None, namespace=None):
+        raise _Parsed(original(self, a, namespace))
+
+    mod = _load(script)
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    try:
+        with pytest.raises(_Parsed) as got:
+            mod.main()
+    finally:
+        monkeypatch.undo()
+    return got.value.args[0]
+
+
+def test_every_benchmark_command_parses(tmp_path, monkeypatch, capsys):
+    scripts = 0
+    for name, cmd in _plan(tmp_path).items():
+        assert cmd[0] == sys.executable, name
+        if cmd[1] == "-c":                     # inline step script: checked by running it below
+            continue
+        if cmd[1:3] == ["-m", "pytest"]:
+            continue                           # the test lists: checked below
+        if cmd[1:3] == ["-m", "mscl_stream.cli"]:
+            from mscl_stream.cli import build_parser
+            from mscl_stream.config import load_config
+            args, extra = build_parser().parse_known_args(cmd[3:])
+            assert args.cmd == "bench", name
+            # every override is a real key with a valid value; the manifest is made on the GPU host
+            stand_in = tmp_path / "manifest.jsonl"
+            stand_in.touch()
+            load_config(args.config, [f"data.manifest={stand_in}" if o.startswith("data.manifest=") else o
+                                      for o in list(args.overrides) + extra])
+            continue
+        script = REPO / cmd[1]
+        assert script.is_file() and script.parent.name == "benchmarks", (name, cmd[1])
+        try:
+            _parse_only(script, cmd[2:], monkeypatch)
+        except SystemExit as e:
+            pytest.fail(f"{name}: {cmd[1]} refuses its arguments: {capsys.readouterr().err.strip()} ({e})")
+        if script.name == "nvdec_access.py":    # its own check of the epoch length, past argparse
+            _load(script).parse_args(cmd[2:])
+        scripts += 1
+    assert scripts >= 20
+
+
+def test_the_parse_check_catches_a_bad_option(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit):
+        _parse_only(REPO / "benchmarks" / "raft_variants.py", ["--variant", "no_such_variant"], monkeypatch)
+    with pytest.raises(SystemExit):               # too few batches for a steady state: refused before any data
+        _load(REPO / "benchmarks" / "nvdec_access.py").parse_args(["--videos", "16", "--clips-per-video", "8"])
+
+
+def _listed() -> list[str]:
+    return gpu_check.TORCH_TESTS + gpu_check.DALI_TESTS
+
+
+def test_every_listed_test_exists():
+    for node in _listed():
+        path, _, func = node.partition("::")
+        assert (REPO / path).is_file(), node
+        if func:
+            assert f"def {func}(" in (REPO / path).read_text(), node
+
+
+PLUGIN = '''
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if mark.args and mark.args[0] is True and "CUDA" in mark.kwargs.get("reason", ""):
+                print("CUDA-SKIP", item.nodeid)
+                break
+'''
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="lists the tests that skip without CUDA")
+def test_every_cuda_only_test_is_on_a_gpu_check_list(tmp_path):
+    (tmp_path / "cuda_skips.py").write_text(PLUGIN)
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "cuda_skips",
+                          "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}, timeout=300)
+    skipping = [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("CUDA-SKIP ")]
+    assert len(skipping) >= 20, out.stdout[-2000:] + out.stderr[-2000:]
+    listed = _listed()
+    missing = [n for n in skipping if not any(n == x or n.startswith(x + "::") or n.startswith(x + "[")
+                                              or n.split("::")[0] == x for x in listed)]
+    assert missing == [], f"CUDA-only tests that benchmarks/gpu_check.py never runs: {missing}"
+
+
+@pytest.mark.slow
+def test_the_inline_train_step_script_runs_on_cpu():
+    # twice, as gpu_check runs it (bf16 then fp32) into the same run folder
+    for _ in range(2):
+        r = subprocess.run(gpu_check.train_step_cmd("fp32", False, steps=2, batch=2), cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert any(ln.startswith("RESULT ") for ln in r.stdout.splitlines()), r.stdout[-2000:]
