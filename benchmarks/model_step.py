@@ -18,7 +18,7 @@ and merges it into OUT/model_step_<device>.json.
 
     python benchmarks/model_step.py --device cuda --variant model_fused
     python benchmarks/model_step.py --device cpu --batch 2 --size 32 40 --crop 32 --rgb-width 8 --steps 2 \
-        --warmup 1 --variant ahead --set flow.estimator=dis_fast   # dry run
+        --warmup 1 --variant ahead --set flow.estimator=dis_fast flow.precision=auto flow.cuda_graph=false  # dry run
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    over = [f"data.batch_size={a.batch}", f"train.device={a.device}"]
+    over = [f"data.batch_size={a.batch}", f"train.device={a.device}", f"augment.out_size={a.crop}"]
     if a.size:
         over.append(f"data.frame_size=[{a.size[0]}, {a.size[1]}]")
     if a.rgb_width:

@@ -137,3 +137,25 @@ def test_the_inline_train_step_script_runs_on_cpu():
                            text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         assert any(ln.startswith("RESULT ") for ln in r.stdout.splitlines()), r.stdout[-2000:]
+
+
+# The torch-part measurements that carry the most logic of their own, at CPU dry-run sizes: each must
+# run to its RESULT line (a crash here would cost a GPU lease its number).
+DRY_RUNS = {
+    "model_step ahead": ["benchmarks/model_step.py", "--device", "cpu", "--batch", "2", "--size", "32", "40",
+                         "--crop", "32", "--rgb-width", "8", "--steps", "2", "--warmup", "1", "--variant", "ahead",
+                         "--set", "flow.estimator=dis_fast", "flow.precision=auto", "flow.cuda_graph=false"],
+    "raft_variants": ["benchmarks/raft_variants.py", "--device", "cpu", "--size", "128", "128", "--batch", "4",
+                      "--iters", "2", "--epe-chains", "1", "--min-time", "0.1", "--max-calls", "2",
+                      "--variant", "reference", "triton_warm_start_6"],
+    "augment_kernels": ["benchmarks/augment_kernels.py", "--device", "cpu", "--batch", "2", "--quick"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DRY_RUNS))
+def test_benchmark_dry_runs_on_cpu(name, tmp_path):
+    r = subprocess.run([sys.executable, *DRY_RUNS[name], "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert list(tmp_path.glob("*.json")), r.stdout[-2000:]
