@@ -1,4 +1,5 @@
-"""The docs and the configuration tree agree: every key is documented, no doc names a key that is gone.
+"""The docs and the configuration tree agree: every key is documented, no doc names a key that is gone,
+and every reference to a section of a Markdown file names a heading that exists.
 
 Keys come from walking the dataclasses of ``mscl_stream.config.Config`` (and the loss-term names of
 ``loss.weights``); docs are README.md and docs/*.md, where a key is written in backticks as
@@ -110,3 +111,50 @@ def test_the_checks_catch_what_they_should():
                                        "optim.lr.x"]
     reference = REFERENCE.read_text(encoding="utf-8").replace("`train.keep_checkpoints`", "keep_checkpoints")
     assert missing_keys(reference, keys) == ["train.keep_checkpoints"]
+
+
+# ----------------------------------------------------------------------------- section references
+
+SECTION_REF = re.compile(r'((?:[\w.-]+/)*[\w.-]+\.md)\)?,? \(?"([^"]+)"')
+
+
+def section_refs(text: str) -> list[tuple[str, str]]:
+    """(file, section) pairs of references such as ``benchmarks/README.md ("Decode variants")`` or
+    ``data.md, "Choosing the decoder"``, line breaks inside a reference allowed."""
+    return SECTION_REF.findall(re.sub(r"\s+", " ", text))
+
+
+def headings(path: Path) -> list[str]:
+    return [ln.lstrip("#").strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("#")]
+
+
+def broken_refs(source: Path) -> list[str]:
+    """References in ``source`` to a Markdown file or section that does not exist (a section may be named
+    by the start of its heading)."""
+    bad = []
+    for name, section in section_refs(source.read_text(encoding="utf-8")):
+        candidates = [ROOT / name, source.parent / name, ROOT / "docs" / name]
+        target = next((p for p in candidates if p.is_file()), None)
+        if target is None:
+            bad.append(f"{name} (no such file)")
+        elif not any(h.startswith(section) for h in headings(target)):
+            bad.append(f'{name}, "{section}"')
+    return bad
+
+
+def test_section_references_point_at_existing_headings():
+    sources = [*doc_files(), ROOT / "benchmarks" / "README.md", *sorted((ROOT / "mscl_stream").rglob("*.py")),
+               *sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "configs").glob("*.yaml"))]
+    refs = sum(len(section_refs(p.read_text(encoding="utf-8"))) for p in sources)
+    assert refs >= 10
+    found = {str(p.relative_to(ROOT)): b for p in sources if (b := broken_refs(p))}
+    assert not found, f"references to sections that do not exist: {found}"
+
+
+def test_the_reference_check_catches_a_missing_section(tmp_path):
+    doc = tmp_path / "a.md"
+    doc.write_text('# Top\n## Choosing things\nSee a.md, "Choosing things" and\nbenchmarks/README.md\n("No such '
+                   'heading"), a.md ("Top").\n')
+    assert section_refs(doc.read_text()) == [("a.md", "Choosing things"), ("benchmarks/README.md", "No such heading"),
+                                              ("a.md", "Top")]
+    assert broken_refs(doc) == ['benchmarks/README.md, "No such heading"']
