@@ -16,9 +16,10 @@ def _video_tools():
     return moving_texture_frames, write_video
 
 # Tiny training settings shared by the trainer, online-MDS and bench tests (CPU, seconds per run). The trunk
-# is narrow (the full-width R3D-18 is checked against torchvision in tests/models/test_r3d.py): a
-# full-width checkpoint with its optimizer state is over 400 MB, and CI's /tmp is small.
-TINY_TRAIN = ["model.rgb_width=8", "model.neck_channels=16", "model.feat_dim=16", "data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
+# is narrow (the full-width R3D-18 is checked against torchvision in tests/models/test_r3d.py): full-width
+# checkpoints with their optimizer state filled CI's small /tmp.
+TINY_TRAIN = ["model.rgb_width=8", "model.neck_channels=16", "model.feat_dim=16",
+              "data.frames_per_clip=8", "data.frame_stride=2", "data.flow_gap=2", "data.max_shift=4",
               "data.batch_size=2", "data.frame_size=[32, 40]", "data.decode_workers=1", "data.prefetch=1",
               "augment.out_size=32", "flow.estimator=dis_fast", "model.queue_size=8", "optim.lr=0.01",
               "optim.base_batch=2", "train.device=cpu", "train.amp=fp32", "train.deterministic=true",
