@@ -279,18 +279,27 @@ def _plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     runs = result["runs"]
     names = list(runs)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.barh(names, [runs[n]["clips_per_s"] for n in names])
-    ax1.set_xlabel("clips/s (steady state)")
-    stages = sorted({s for n in names for s in runs[n]["stage_share"]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1.6 + 0.55 * len(names)), sharey=True)
+    rates = [runs[n]["clips_per_s"] for n in names]
+    ax1.barh(names, rates, color="tab:blue")
+    for y, r in enumerate(rates):
+        ax1.text(r, y, f" {r:.1f}", va="center", fontsize=8)
+    ax1.set_xlim(0, 1.15 * max(rates))
+    ax1.set_xlabel("clips/s (steady state: the second half of the steps)")
+    order = ["data_wait", "flow", "motion_augment", "forward_backward", "optimizer", "gap"]   # pipeline order
+    present = {s for n in names for s in runs[n]["stage_share"]}
+    stages = [s for s in order if s in present] + sorted(present - set(order))
     left = np.zeros(len(names))
     for s in stages:
         vals = np.array([runs[n]["stage_share"].get(s, 0.0) for n in names])
         ax2.barh(names, vals, left=left, label=s)
         left += vals
-    ax2.set_xlabel("share of measured step time (after warm-up; gap = outside every stage)")
-    ax2.legend(fontsize=7)
-    fig.suptitle(f"mscl-stream bench on {result['machine']['gpu'] or result['machine']['cpu']}")
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("share of the step (after warm-up; gap: time outside every stage)")
+    ax2.legend(fontsize=8, ncol=len(stages), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    where = result["machine"]["gpu"] or result["machine"]["cpu"]
+    fig.suptitle(f"mscl-stream bench on {where}, profile {result.get('profile', '?')}, "
+                 f"{result['machine'].get('date', '')[:10]}", y=0.99)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
