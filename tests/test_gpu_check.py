@@ -93,6 +93,23 @@ def test_the_parse_check_catches_a_bad_option(tmp_path, monkeypatch):
         _load(REPO / "benchmarks" / "nvdec_access.py").parse_args(["--videos", "16", "--clips-per-video", "8"])
 
 
+def test_budget_cuts_time_limits_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    # three measurements of 30 s limits in a 12 s budget: the first ends in 1 s, the second is cut to the
+    # ~11 s left and killed there, the third has under MIN_RUN_S left and is skipped with a note
+    import json
+    sleep = lambda s: [sys.executable, "-c", f"import time; time.sleep({s})"]       # noqa: E731
+    plan = {"quick": (sleep(1), 30), "long": (sleep(60), 30), "late": (sleep(1), 30)}
+    monkeypatch.setattr(gpu_check, "part_torch", lambda results: plan)
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"stub": True})
+    monkeypatch.setattr(gpu_check, "MIN_RUN_S", 3)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--part", "torch", "--budget", "12", str(tmp_path)])
+    gpu_check.main()
+    runs = json.loads((tmp_path / "gpu_check_torch.json").read_text())["runs"]
+    assert runs["quick"]["status"] == "ok" and runs["quick"]["seconds"] < 8
+    assert runs["long"]["status"].startswith("timeout") and 7 < runs["long"]["seconds"] < 15
+    assert runs["late"]["status"] == "skipped: budget"
+
+
 def _listed() -> list[str]:
     return gpu_check.TORCH_TESTS + gpu_check.DALI_TESTS
 
