@@ -15,6 +15,7 @@
                                                       # per codec, the train step bf16 vs fp32, the
                                                       # input path (fused kernels vs kornia, step profile)
     python benchmarks/gpu_check.py --part dali --only dali_variants_k400 OUT   # the decode variants alone
+    python benchmarks/gpu_check.py --part torch --budget 270 OUT   # ends within 270 s, with its summary
 
 The parts follow the GPU host's staging (benchmarks/README.md, "Running the GPU check"): torch is there from the start,
 DALI/Kornia/PyAV only after the last of three transfers. Each measurement runs as its own subprocess
