@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 
 import av
 import numpy as np
@@ -175,6 +176,14 @@ def test_killed_pyav_worker_process_costs_no_data(dataset, caplog):
     loader.close()
 
 
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has SIGINT set to ignore (its SigIgn mask in /proc)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
+
+
 def test_pyav_worker_processes_ignore_ctrl_c(dataset, caplog):
     # a terminal's Ctrl-C reaches every process of the group; the workers must survive it (the trainer
     # alone decides what it means), so no batch pays for a pool restart
@@ -184,6 +193,12 @@ def test_pyav_worker_processes_ignore_ctrl_c(dataset, caplog):
     it = iter(loader)
     batches = [next(it)]
     procs = list(loader._pyav._procs._processes.values())
+    # Workers start on demand, and until their initializer has run a Ctrl-C still kills them (the pool
+    # then restarts and the sample is decoded again: test_killed_pyav_worker_process_costs_no_data).
+    # Signal them once they are up, as a Ctrl-C during training finds them.
+    deadline = time.monotonic() + 30
+    while not all(_ignores_sigint(p.pid) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for proc in procs:
         os.kill(proc.pid, signal.SIGINT)
     with caplog.at_level(logging.WARNING):
