@@ -149,8 +149,10 @@ class ClipLoader:
                 try:
                     item = q.get(timeout=0.2)
                 except queue.Empty:
-                    if stop.is_set():             # a newer iterator or set_epoch took over: end here
-                        return
+                    item = None
+                if stop.is_set():                 # a newer iterator or set_epoch took over: end here, and
+                    return                        # hand out nothing already queued (the new one decodes it)
+                if item is None:
                     continue
                 if item is _END:
                     return
@@ -167,7 +169,10 @@ class ClipLoader:
                 self._stats.add("samples", batch.batch_size // batch.candidates)
                 yield batch
         finally:
-            self._stop_active()
+            if self._active is not None and self._active[0] is stop:
+                self._stop_active()               # only its own producer: not one that took over since
+            else:
+                stop.set()
 
     def _stop_active(self) -> None:
         if self._active is None:

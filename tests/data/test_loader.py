@@ -327,12 +327,27 @@ def test_damaged_file_skipped_with_nvdec(dataset):
     assert len(got) == 8 and 3 not in got and loader.stats["skipped"] == 1
 
 
+def test_dropping_an_abandoned_iteration_leaves_the_new_one_running(dataset):
+    # the abandoned generator's cleanup (here: garbage collection) must not stop the iteration that took over
+    recs, _ = dataset
+    loader = build_loader(small(), recs, device=CPU)
+    loader.set_epoch(0)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    second = next(new)
+    del old
+    rest = list(new)
+    assert len(rest) == len(loader) - 2 and second.video_idx.shape == (2,)
+
+
 def test_new_iteration_ends_an_abandoned_one(dataset):
     recs, _ = dataset
     loader = build_loader(small(), recs, device=CPU)
     loader.set_epoch(0)
     old = iter(loader)
     first = next(old)
+    time.sleep(0.5)                               # the producer queues the next batch: it must not leak out
     rest = list(loader)                           # takes over from the batch after `first`
     assert len(rest) == len(loader) - 1
     assert list(old) == []                        # the abandoned iterator ends instead of hanging
