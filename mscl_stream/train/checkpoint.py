@@ -77,8 +77,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     path = Path(path)
     _check_plain(dict(state), "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The dot prefix keeps half-written files out of list_checkpoints' step_*.pt pattern.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(dict(state), f)
@@ -104,7 +103,7 @@ def link_checkpoint(src: str | os.PathLike, path: str | os.PathLike) -> bool:
     filesystem without hard links, or if ``src`` is gone, the caller writes the file instead.
     """
     src, path = Path(src), Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     try:
         tmp.unlink(missing_ok=True)
         os.link(src, tmp)
@@ -114,6 +113,12 @@ def link_checkpoint(src: str | os.PathLike, path: str | os.PathLike) -> bool:
         return False
     _fsync_dir(path.parent)
     return True
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where ``path`` is prepared before its atomic rename; the dot prefix keeps half-written files out of
+    list_checkpoints' step_*.pt pattern."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _free_gb(folder: Path) -> float:
