@@ -22,13 +22,16 @@ from mscl_stream.data.pyav_decode import decode_frames, frame_index, sweep_frame
 from mscl_stream.data.sampler import SampleSpec
 
 
-def _row(requested: int, wanted: int, decoded: int, seeks: int, cpu_s: float, wall_s: float) -> dict:
-    return {"requested": requested, "wanted": wanted, "decoded": decoded, "seeks": seeks,
+def _row(requested: int, wanted: int, decoded: int, seeks: int, cpu_s: float, wall_s: float,
+         skipped: int = 0) -> dict:
+    return {"requested": requested, "wanted": wanted, "decoded": decoded, "skipped": skipped, "seeks": seeks,
             "amplification": decoded / max(wanted, 1), "cpu_ms": 1e3 * cpu_s, "wall_ms": 1e3 * wall_s}
 
 
-def pyav_costs(records: list[VideoRecord], specs: list[SampleSpec], size: tuple[int, int]) -> list[dict]:
-    """Decode every spec with ``decode_frames`` (one thread) and return one cost row per sample.
+def pyav_costs(records: list[VideoRecord], specs: list[SampleSpec], size: tuple[int, int] | None,
+               skip_unreferenced: bool = True) -> list[dict]:
+    """Decode every spec with ``decode_frames`` (one thread) and return one cost row per sample
+    (``skip_unreferenced=False``: every frame of the sweep decoded, the plain forward decoder's cost).
 
     The process should run nothing else meanwhile: CPU time is the whole process's. Each file's packet
     index is read once before timing (the loader caches it too).
@@ -39,9 +42,9 @@ def pyav_costs(records: list[VideoRecord], specs: list[SampleSpec], size: tuple[
         frame_index(path)
         st: dict = {}
         c0, w0 = time.process_time(), time.perf_counter()
-        decode_frames(path, s.all_frames(), size, threads=1, stats=st)
+        decode_frames(path, s.all_frames(), size, threads=1, stats=st, skip_unreferenced=skip_unreferenced)
         rows.append(_row(st["requested"], st["wanted"], st["decoded"], st["seeks"], time.process_time() - c0,
-                         time.perf_counter() - w0))
+                         time.perf_counter() - w0, st["skipped"]))
     return rows
 
 
@@ -82,7 +85,8 @@ def summarize(rows: list[dict]) -> dict:
             "samples_per_cpu_s": 1e3 / med["cpu_ms"], "samples_per_s": 1e3 / med["wall_ms"]}
 
 
-def pyav_group_costs(records: list[VideoRecord], groups: list[list[SampleSpec]], size: tuple[int, int]) -> list[dict]:
+def pyav_group_costs(records: list[VideoRecord], groups: list[list[SampleSpec]], size: tuple[int, int],
+                     skip_unreferenced: bool = True) -> list[dict]:
     """Repeated sampling: each group (R samples of one video) decoded in one sweep over the union of its
     frames; one row per group with per-sample values (CPU and wall time divided by R, frames summed over
     the group's samples, so amplification = decoded / wanted of the whole group)."""
@@ -92,9 +96,10 @@ def pyav_group_costs(records: list[VideoRecord], groups: list[list[SampleSpec]],
         frame_index(path)
         st: dict = {}
         c0, w0 = time.process_time(), time.perf_counter()
-        decode_frames(path, np.concatenate([s.all_frames() for s in g]), size, threads=1, stats=st)
+        decode_frames(path, np.concatenate([s.all_frames() for s in g]), size, threads=1, stats=st,
+                      skip_unreferenced=skip_unreferenced)
         r = len(g)
         row = _row(st["requested"], st["wanted"], st["decoded"], st["seeks"], (time.process_time() - c0) / r,
-                   (time.perf_counter() - w0) / r)
+                   (time.perf_counter() - w0) / r, st["skipped"])
         rows.append({**row, "repeat": r})
     return rows

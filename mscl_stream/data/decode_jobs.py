@@ -90,7 +90,7 @@ class DecodeStats:
         self.counts = {"batches": 0, "samples": 0, "decode_seconds": 0.0, "skipped": 0, "skipped_files": [],
                        "dali_samples": 0, "pyav_samples": 0, "dali_rebuilds": 0,
                        "pyav_frames_requested": 0, "pyav_frames_wanted": 0, "pyav_frames_decoded": 0,
-                       "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
+                       "pyav_frames_skipped": 0, "pyav_seeks": 0, "pyav_cpu_seconds": 0.0, "dali_runs": 0,
                        "dali_max_in_flight": 0, "dali_reader_fallbacks": 0, "dali_frames_requested": 0}
         self.bad: dict[str, str] = {}        # path -> reason: files that decode with neither path
         self.dali_bad: set[str] = set()      # files DALI failed on (PyAV may still read them)
@@ -105,7 +105,7 @@ class DecodeStats:
 
     def add_pyav_cost(self, cost: dict) -> None:
         with self.lock:
-            for k in ("requested", "wanted", "decoded"):
+            for k in ("requested", "wanted", "decoded", "skipped"):
                 self.counts[f"pyav_frames_{k}"] += cost[k]
             self.counts["pyav_seeks"] += cost["seeks"]
             self.counts["pyav_cpu_seconds"] += cost["cpu_seconds"]

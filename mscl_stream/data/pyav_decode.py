@@ -9,7 +9,10 @@ To fetch frames, the decoder seeks to the keyframe at or before the first wanted
 forward; it seeks again only where the next wanted frame's keyframe lies ahead of the decoder.
 
 The decode cost of a sample is the frames the decoder produces to reach the wanted ones (from the
-keyframe before each jump on), not the frames wanted: ``decode_frames(..., stats=d)`` counts both,
+keyframe before each jump on), not the frames wanted. Frames that are neither wanted nor referenced by
+another frame (non-reference B-frames in H.264/HEVC/MPEG-4) are not decoded at all (FFmpeg's
+``skip_frame``, set per packet), which leaves every wanted pixel as a full decode gives it.
+``decode_frames(..., stats=d)`` counts frames wanted, decoded and skipped,
 and :func:`decode_frames_counted` also returns the decoding thread's CPU time (worker pools use it;
 docs/data.md explains the amplification). :func:`sweep_frames` gives the same count from the packet
 index alone, for decoders that cannot report it.
@@ -130,39 +133,91 @@ def _converter(size: tuple[int, int] | None):
     return convert
 
 
+class _Sweep:
+    """One forward decode from a seek point, packet by packet.
+
+    With ``skip`` (the display timestamps of the wanted frames), every packet whose frame is not wanted
+    goes to the decoder with ``skip_frame = NONREF``: a frame that no other frame references is then not
+    decoded at all, while reference frames still are, so the wanted frames come out pixel for pixel as
+    in a full decode. Which frames can be left out is the encoder's choice (B-frames that are not
+    references); on codecs or files without such frames nothing changes.
+    """
+
+    def __init__(self, c: av.container.InputContainer, st: av.video.stream.VideoStream,
+                 skip: frozenset[int] | None, count: dict) -> None:
+        self.c, self.st, self.skip, self.count = c, st, skip, count
+        self.fed_skippable: list[int] = []     # timestamps sent as skippable, in decode order
+        self.produced: set[int] = set()
+        self.first: int | None = None           # timestamp of the first frame the decoder gave
+        self.last: int | None = None            # timestamp of the last frame the decoder gave
+        self.frames = self._frames()
+
+    def _frames(self):
+        cc = self.st.codec_context
+        for pkt in self.c.demux(self.st):
+            if self.skip is not None:
+                skippable = pkt.size > 0 and pkt.pts is not None and pkt.pts not in self.skip
+                cc.skip_frame = "NONREF" if skippable else "DEFAULT"
+                if skippable:
+                    self.fed_skippable.append(int(pkt.pts))
+            for frame in cc.decode(pkt):
+                self.count["decoded"] += 1
+                if frame.pts is not None:
+                    self.produced.add(int(frame.pts))
+                    self.first = int(frame.pts) if self.first is None else self.first
+                yield frame
+
+    def close(self) -> None:
+        """Count the frames sent as skippable that never came out although frames on both sides did.
+        Frames still inside the decoder's reordering delay, and leading frames of an open GOP that a
+        decoder drops after a seek anyway, are counted neither way."""
+        if self.last is not None and self.first is not None:
+            self.count["skipped"] += sum(1 for p in self.fed_skippable
+                                         if self.first <= p <= self.last and p not in self.produced)
+        self.fed_skippable = []
+
+
 def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStream, index: FrameIndex,
-                   want: np.ndarray, convert, path: str, count: dict) -> list[np.ndarray]:
+                   want: np.ndarray, convert, path: str, count: dict, skip: bool) -> list[np.ndarray]:
     """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks;
-    adds the frames the decoder produced to ``count["decoded"]`` and the seeks to ``count["seeks"]``."""
+    adds the frames the decoder produced to ``count["decoded"]``, the frames it was allowed to leave out
+    and did to ``count["skipped"]`` and the seeks to ``count["seeks"]``."""
+    wanted_pts = frozenset(int(index.pts[i]) for i in want) if skip else None
     out: list[np.ndarray] = []
-    gen, last = None, None            # decoder generator and timestamp of the last frame it gave
-    for i in want:
-        p = int(index.pts[i])
-        for back in range(3):         # an open GOP can hide frames behind a keyframe: try earlier ones
-            key = index.keyframe_before(p, back)
-            if gen is not None and last is not None and last < p and (key is None or key <= last):
-                pass                  # keep decoding forward: the keyframe is behind us
-            else:
-                c.seek(int(key if key is not None else index.key_pts[0]), stream=st, backward=True,
-                       any_frame=False)
-                gen, last = c.decode(st), None
-                count["seeks"] += 1
-            frame = None
-            for frame in gen:
-                count["decoded"] += 1
-                if frame.pts is None:
-                    raise DecodeError(f"{path}: decoded frame without a timestamp")
-                last = frame.pts
-                if last >= p:
+    sweep: _Sweep | None = None
+    try:
+        for i in want:
+            p = int(index.pts[i])
+            for back in range(3):         # an open GOP can hide frames behind a keyframe: try earlier ones
+                key = index.keyframe_before(p, back)
+                if sweep is not None and sweep.last is not None and sweep.last < p and (key is None or key <= sweep.last):
+                    pass                  # keep decoding forward: the keyframe is behind us
+                else:
+                    if sweep is not None:
+                        sweep.close()
+                    c.seek(int(key if key is not None else index.key_pts[0]), stream=st, backward=True,
+                           any_frame=False)
+                    sweep = _Sweep(c, st, wanted_pts, count)
+                    count["seeks"] += 1
+                frame = None
+                for frame in sweep.frames:
+                    if frame.pts is None:
+                        raise DecodeError(f"{path}: decoded frame without a timestamp")
+                    sweep.last = frame.pts
+                    if sweep.last >= p:
+                        break
+                if frame is None or sweep.last is None or sweep.last < p:
+                    raise DecodeError(f"{path}: stream ended before frame {i}")
+                if sweep.last == p:
+                    out.append(convert(frame))
                     break
-            if frame is None or last is None or last < p:
-                raise DecodeError(f"{path}: stream ended before frame {i}")
-            if last == p:
-                out.append(convert(frame))
-                break
-            gen = None                # overshot right after a seek: start from an earlier keyframe
-        else:
-            raise DecodeError(f"{path}: frame {i} (pts {p}) is never produced by the decoder")
+                sweep.close()
+                sweep = None              # overshot right after a seek: start from an earlier keyframe
+            else:
+                raise DecodeError(f"{path}: frame {i} (pts {p}) is never produced by the decoder")
+    finally:
+        if sweep is not None:
+            sweep.close()
     return out
 
 
@@ -189,7 +244,8 @@ def sweep_frames(index: FrameIndex, want: np.ndarray) -> tuple[int, int]:
 
 
 def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
-                  size: tuple[int, int] | None, threads: int = 0, stats: dict | None = None) -> np.ndarray:
+                  size: tuple[int, int] | None, threads: int = 0, stats: dict | None = None,
+                  skip_unreferenced: bool = True) -> np.ndarray:
     """Decode raw frames of one video with PyAV.
 
     Args:
@@ -199,7 +255,10 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
             native size.
         threads: FFmpeg decoder threads (0: FFmpeg's choice; the loader's worker pool passes 1).
         stats: if given, gets "requested" (len(indices)), "wanted" (unique frames), "decoded" (frames the
-            decoder produced, wanted or not) and "seeks" added to it.
+            decoder produced, wanted or not), "skipped" (frames it left undecoded because nothing
+            references them) and "seeks" added to it.
+        skip_unreferenced: leave frames that are neither wanted nor referenced undecoded (the same
+            pixels; False decodes every frame of the sweep, the cost a plain forward decoder pays).
 
     Returns:
         (len(indices), H, W, 3) uint8 RGB, frame k = raw frame ``indices[k]``.
@@ -216,19 +275,19 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
         raise DecodeError(f"{path}: frame {int(idx.max()) if idx.max() >= len(index) else int(idx.min())} "
                           f"requested, the file has frames 0..{len(index) - 1}")
     want = np.unique(idx)
-    count = {"decoded": 0, "seeks": 0}
+    count = {"decoded": 0, "skipped": 0, "seeks": 0}
     try:
         with av.open(str(path)) as c:
             st = c.streams.video[0]
             st.thread_type = "AUTO" if threads != 1 else "NONE"
             if threads > 0:
                 st.codec_context.thread_count = threads
-            frames = _decode_sorted(c, st, index, want, _converter(size), str(path), count)
+            frames = _decode_sorted(c, st, index, want, _converter(size), str(path), count, skip_unreferenced)
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
         raise DecodeError(f"{path}: decode failed ({type(e).__name__}: {e})") from None
     if stats is not None:
         for k, v in (("requested", idx.size), ("wanted", want.size), ("decoded", count["decoded"]),
-                     ("seeks", count["seeks"])):
+                     ("skipped", count["skipped"]), ("seeks", count["seeks"])):
             stats[k] = stats.get(k, 0) + int(v)
     stacked = np.stack(frames)
     return stacked[np.searchsorted(want, idx)]

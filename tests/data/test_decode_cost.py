@@ -18,24 +18,27 @@ def test_counts_on_short_gop(h264_video):
     # 16..21 (6 frames); frame 40: its keyframe 32 lies ahead of 21, so seek again and decode 32..40 (9).
     st: dict = {}
     got = decode_frames(h264_video, [21, 20, 40, 20], None, threads=1, stats=st)
-    assert st == {"requested": 4, "wanted": 3, "decoded": 15, "seeks": 2}
+    assert st == {"requested": 4, "wanted": 3, "decoded": 15, "skipped": 0, "seeks": 2}   # no B-frames
     assert sweep_frames(frame_index(h264_video), np.array([20, 21, 40])) == (15, 2)
     frames, st2 = decode_frames_counted(h264_video, [21, 20, 40, 20], None)
     assert np.array_equal(frames, got) and st2["decoded"] == 15 and st2["cpu_seconds"] > 0
 
 
 def test_long_gop_with_b_frames_amplifies(tmp_path):
-    # x264 medium (B-frames), one keyframe in 120 frames: frame 100 costs 101 decoded frames; frames
-    # 10, 50, 90 in one forward sweep cost 91 and one seek
+    # x264 medium (B-frames), one keyframe in 120 frames: frame 100 costs a plain decoder 101 frames;
+    # frames 10, 50, 90 in one forward sweep cost 91 and one seek. Skipping leaves out part of them.
     path = write_video(tmp_path / "v.mp4", moving_texture_frames(120, 48, 64, (1.5, 0.5), seed=1), "h264",
                        gop=250, encoding="medium")
     index = frame_index(path)
     assert list(index.key_pts) == [index.pts[0]]
     for want, expect in (([100], (101, 1)), ([10, 50, 90], (91, 1))):
         st: dict = {}
-        decode_frames(path, want, (32, 32), threads=1, stats=st)
-        assert (st["decoded"], st["seeks"]) == expect
+        decode_frames(path, want, (32, 32), threads=1, stats=st, skip_unreferenced=False)
+        assert (st["decoded"], st["seeks"]) == expect and st["skipped"] == 0
         assert sweep_frames(index, np.array(want)) == expect
+        sk: dict = {}
+        decode_frames(path, want, (32, 32), threads=1, stats=sk)
+        assert sk["decoded"] + sk["skipped"] == expect[0] and 0 < sk["skipped"] < expect[0] - len(want)
 
 
 def _spec(frames: list[int]) -> SampleSpec:
