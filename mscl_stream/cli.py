@@ -102,11 +102,7 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mscl-stream", description=__doc__.splitlines()[0])
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_make_sample_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-sample-data", help="write a small labelled synthetic video dataset")
     p.add_argument("out")
     p.add_argument("--videos", type=int, default=24, help="number of videos (default 24)")
@@ -122,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_make_sample_data)
 
+
+def _add_transcode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transcode", help="re-encode a dataset to the working size and keyframe interval "
                        "(parallel, resumable; stores video, never frames or flow)")
     p.add_argument("src", help="dataset folder (any layout; copied below DST)")
@@ -132,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="files transcoded at once (0 = all cores)")
     p.set_defaults(fn=_cmd_transcode)
 
+
+def _add_index_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="probe videos and write a manifest (+ exclusion report)")
     p.add_argument("src", help="folder with class subfolders (optionally split folders) or a CSV")
     p.add_argument("-o", "--output", required=True, help="manifest.jsonl to write")
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_cmd_index)
 
+
+def _add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="MSCL pretraining (use torchrun for several GPUs)")
     p.add_argument("--resume", help="checkpoint path or 'auto' (this folder's run, newest loadable checkpoint)")
     p.add_argument("--overwrite", action="store_true",
@@ -148,11 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_cmd_pretrain)
 
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="one PNG of a run's metrics.jsonl: loss terms, clips/s, data wait, lr, stages")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a pretrain run folder (train.out_dir)")
     p.add_argument("-o", "--output", help="PNG to write (default RUN_DIR/metrics.png)")
     p.set_defaults(fn=_cmd_plot)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="retrieval, linear probe or fine-tune of a checkpoint")
     p.add_argument("kind", choices=["retrieval", "linear", "finetune"])
     p.add_argument("--checkpoint", help="pretrain checkpoint (omit for a random-init baseline)")
@@ -160,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_cmd_eval)
 
+
+def _add_flow_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flow-check", help="run a flow estimator on a video's frame pairs, write PNGs")
     p.add_argument("video")
     p.add_argument("--estimator", default="raft_small")
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=_cmd_flow_check)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="end-to-end and per-stage throughput against baselines")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--steps", type=int, default=20)
@@ -192,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_cmd_bench)
 
+
+def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="pretrain + retrieval + linear probe per variant and seed (resumable study)")
     p.add_argument("--out", default="runs/ablate", help="study folder (rerun to continue a study)")
     p.add_argument("--variants", nargs="*", default=[], metavar="NAME",
@@ -212,10 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_cmd_ablate)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="sample data -> index -> pretrain -> eval vs random init, on CPU")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(fn=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mscl-stream", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    # In the order `mscl-stream --help` lists them.
+    for add_subcommand in (_add_make_sample_data_parser, _add_transcode_parser, _add_index_parser,
+                           _add_pretrain_parser, _add_plot_parser, _add_eval_parser, _add_flow_check_parser,
+                           _add_bench_parser, _add_ablate_parser, _add_demo_parser):
+        add_subcommand(sub)
     return ap
 
 
