@@ -71,73 +71,97 @@ def finetune(checkpoint: str | None, train_records: Sequence[VideoRecord], test_
         "train_loss": its mean loss, "steps": SGD steps, "epochs": epochs run, "encoder": description}``.
     """
     device = torch.device(device)
-    d, out_size = cfg.data, cfg.augment.out_size
-    h, w = d.frame_size
     k = int(max(r.label for r in train_records)) + 1
     model, desc = build_r3d(checkpoint, prefix, seed=seed, num_classes=k, width=cfg.model.rgb_width)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sgd = _SGDSteps(model, device, lr=lr, momentum=momentum, weight_decay=weight_decay, clip_grad=clip_grad)
     rng = np.random.default_rng(seed)
-    use_bf16 = device.type == "cuda"
-    step, epochs_run, train_acc, train_loss = 0, 0, float("nan"), float("nan")
+    epochs_run, train_acc, train_loss = 0, float("nan"), float("nan")
     t0 = time.perf_counter()
-
     for epoch in range(epochs):
-        if max_steps and step >= max_steps:
+        if max_steps and sgd.steps >= max_steps:
             break
-        for g in opt.param_groups:
-            g["lr"] = multistep_lr(lr, epoch, milestones, gamma)
-        order = [train_records[i] for i in rng.permutation(len(train_records))]
-        # crop position and flip per video, drawn before decoding so the thread pool cannot reorder them
-        ys = rng.integers(0, h - out_size + 1, len(order))
-        xs = rng.integers(0, w - out_size + 1, len(order))
-        flips = rng.random(len(order)) < 0.5
-        index_fn = lambda r: random_indices(r, d.frames_per_clip, d.frame_stride, rng)  # noqa: E731
-        model.train()
-        clips, labels = [], []
-        correct, seen, loss_sum = 0, 0, 0.0
-
-        def sgd_step() -> None:
-            nonlocal step, correct, seen, loss_sum
-            x = torch.stack(clips).to(device, non_blocking=True)
-            y = torch.tensor(labels, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            step += 1
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(labels)
-            loss_sum += float(loss.detach()) * len(labels)
-            clips.clear()
-            labels.clear()
-
-        for row, frames in iter_decoded(order, index_fn, (h, w), d.decode_workers, lookahead=2 * batch_size):
-            if frames is None:
-                continue
-            clips.append(_train_view(frames[0], out_size, int(ys[row]), int(xs[row]), bool(flips[row])))
-            labels.append(order[row].label)
-            if len(clips) == batch_size:
-                sgd_step()
-                if max_steps and step >= max_steps:
-                    break
-        if clips and not (max_steps and step >= max_steps):
-            sgd_step()
-        if seen == 0:
-            raise UserError(f"fine-tune: none of {len(order)} training videos could be decoded")
+        sgd.set_lr(multistep_lr(lr, epoch, milestones, gamma))
+        train_acc, train_loss = _train_epoch(sgd, train_records, cfg, rng, batch_size, max_steps)
         epochs_run += 1
-        train_acc, train_loss = correct / seen, loss_sum / seen
         log.info("finetune epoch %d/%d: loss %.4f, train top-1 %.3f, lr %.4g, %d steps, %.0f s", epoch + 1,
-                 epochs, train_loss, train_acc, opt.param_groups[0]["lr"], step, time.perf_counter() - t0)
+                 epochs, train_loss, train_acc, sgd.lr, sgd.steps, time.perf_counter() - t0)
 
     model.eval()
     logits, test_labels = extract_features(model, test_records, cfg, device, clips=test_clips,
                                            batch_size=batch_size)
     top1 = float((logits.argmax(1) == test_labels).double().mean())
-    return {"top1": top1, "train_top1": train_acc, "train_loss": train_loss, "steps": step,
+    return {"top1": top1, "train_top1": train_acc, "train_loss": train_loss, "steps": sgd.steps,
             "epochs": epochs_run, "encoder": desc}
+
+
+class _SGDSteps:
+    """The model, its SGD optimizer and the step count: one call of :meth:`step` is one SGD step."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, lr: float, momentum: float,
+                 weight_decay: float, clip_grad: float):
+        self.model, self.device, self.clip_grad = model, device, clip_grad
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.use_bf16 = device.type == "cuda"
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def step(self, clips: list[torch.Tensor], labels: list[int]) -> tuple[int, float]:
+        """One step on a batch; returns (correct predictions, summed loss) of the batch."""
+        x = torch.stack(clips).to(self.device, non_blocking=True)
+        y = torch.tensor(labels, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.opt.step()
+        self.steps += 1
+        return int((logits.argmax(1) == y).sum()), float(loss.detach()) * len(labels)
+
+
+def _train_epoch(sgd: _SGDSteps, records: Sequence[VideoRecord], cfg: Config, rng: np.random.Generator,
+                 batch_size: int, max_steps: int) -> tuple[float, float]:
+    """One pass over ``records`` in random order, one random view each; returns (train top-1, mean loss)."""
+    d, out_size = cfg.data, cfg.augment.out_size
+    h, w = d.frame_size
+    order = [records[i] for i in rng.permutation(len(records))]
+    # crop position and flip per video, drawn before decoding so the thread pool cannot reorder them
+    ys = rng.integers(0, h - out_size + 1, len(order))
+    xs = rng.integers(0, w - out_size + 1, len(order))
+    flips = rng.random(len(order)) < 0.5
+    index_fn = lambda r: random_indices(r, d.frames_per_clip, d.frame_stride, rng)  # noqa: E731
+    sgd.model.train()
+    clips, labels = [], []
+    correct, seen, loss_sum = 0, 0, 0.0
+
+    def step() -> None:
+        nonlocal correct, seen, loss_sum, clips, labels
+        right, loss = sgd.step(clips, labels)
+        correct, seen, loss_sum = correct + right, seen + len(labels), loss_sum + loss
+        clips, labels = [], []
+
+    for row, frames in iter_decoded(order, index_fn, (h, w), d.decode_workers, lookahead=2 * batch_size):
+        if frames is None:
+            continue
+        clips.append(_train_view(frames[0], out_size, int(ys[row]), int(xs[row]), bool(flips[row])))
+        labels.append(order[row].label)
+        if len(clips) == batch_size:
+            step()
+            if max_steps and sgd.steps >= max_steps:
+                break
+    if clips and not (max_steps and sgd.steps >= max_steps):
+        step()
+    if seen == 0:
+        raise UserError(f"fine-tune: none of {len(order)} training videos could be decoded")
+    return correct / seen, loss_sum / seen
