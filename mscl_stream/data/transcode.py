@@ -45,6 +45,24 @@ _ENCODERS = {
 }
 
 
+# encoding -> encoder parameters added per codec. "sparse": the B-frames are never references (no
+# B-pyramid) and always placed (no adaptive choice), so a decoder that skips unreferenced frames decodes
+# only the I/P chain up to a wanted frame (docs/data.md, "Encoding for sparse access"); "medium": the
+# encoder's own B-frame decisions, as datasets are usually stored. VP9 has no such frames: both equal.
+ENCODINGS = ("sparse", "medium")
+_SPARSE_PARAMS = {"h264": ("x264-params", "b-pyramid=none:b-adapt=0:bframes=7"),
+                  "hevc": ("x265-params", "b-pyramid=0:b-adapt=0:bframes=7")}
+
+
+def encoder_options(codec: str, encoding: str = "sparse") -> dict[str, str]:
+    """FFmpeg encoder options for ``codec`` stored with ``encoding`` (one of :data:`ENCODINGS`)."""
+    options = dict(_ENCODERS[codec][2])
+    if encoding == "sparse" and codec in _SPARSE_PARAMS:
+        key, value = _SPARSE_PARAMS[codec]
+        options[key] = f"{options[key]}:{value}" if key in options else value
+    return options
+
+
 def output_size(h: int, w: int, short_side: int) -> tuple[int, int]:
     """(H, W) with the short side ``short_side`` (never larger than the source), aspect kept, both even."""
     s = min(1.0, short_side / min(h, w))
@@ -52,14 +70,14 @@ def output_size(h: int, w: int, short_side: int) -> tuple[int, int]:
 
 
 def transcode_file(src: str, dst: str, short_side: int, gop: int, codec: str = "h264",
-                   encoder_threads: int = 0) -> dict:
+                   encoder_threads: int = 0, encoding: str = "sparse") -> dict:
     """Transcode one file (worker). Returns {"path", "ok", "reason", "frames", "size", "seconds"}; the
     output appears at ``dst`` only when complete."""
     import av
 
     t0 = time.perf_counter()
-    encoder, _, options = _ENCODERS[codec]
-    options = dict(options)
+    encoder = _ENCODERS[codec][0]
+    options = encoder_options(codec, encoding)
     if encoder_threads and codec == "h264":
         options["threads"] = str(encoder_threads)
     dst_p = Path(dst)
@@ -86,6 +104,7 @@ def transcode_file(src: str, dst: str, short_side: int, gop: int, codec: str = "
                     f = frame.reformat(width=w, height=h, format="yuv420p",
                                        interpolation="AREA" if h < frame.height else "BILINEAR")
                     f.pts, f.time_base = n, ost.codec_context.time_base
+                    f.pict_type = 0     # unset: the encoder would otherwise copy the source's I/P/B types
                     for pkt in ost.encode(f):
                         out.mux(pkt)
                     n += 1
@@ -104,7 +123,7 @@ def transcode_file(src: str, dst: str, short_side: int, gop: int, codec: str = "
 
 
 def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side: int, gop: int,
-                      workers: int = 0, codec: str = "h264") -> dict:
+                      workers: int = 0, codec: str = "h264", encoding: str = "sparse") -> dict:
     """Transcode every video below ``src`` into ``dst`` (see the module docstring); returns the report."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
@@ -117,9 +136,12 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
         raise UserError(f"--gop {gop}: need a keyframe interval >= 1")
     if codec not in _ENCODERS:
         raise UserError(f"--codec {codec}: choose one of {', '.join(_ENCODERS)}")
+    if encoding not in ENCODINGS:
+        raise UserError(f"--encoding {encoding}: choose one of {', '.join(ENCODINGS)}")
     workers = workers or os.cpu_count() or 1
     suffix = _ENCODERS[codec][1]
     report = {"src": str(src), "dst": str(dst), "short_side": short_side, "gop": gop, "codec": codec,
+              "encoding": encoding,
               "transcoded": [], "existing": [], "failed": [], "skipped": []}
     jobs, targets = [], {}
     for root, dirs, names in os.walk(src):
@@ -148,7 +170,7 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
             retry = []
             with ProcessPoolExecutor(min(workers, len(jobs)),
                                      mp_context=multiprocessing.get_context("forkserver")) as pool:
-                futs = [(j, pool.submit(transcode_file, *j, short_side, gop, codec, threads)) for j in jobs]
+                futs = [(j, pool.submit(transcode_file, *j, short_side, gop, codec, threads, encoding)) for j in jobs]
                 for job, fut in futs:
                     try:
                         r = fut.result()
@@ -171,7 +193,7 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
     _write_report(report, dst / "transcode.report.json")
     ok, old, bad = len(report["transcoded"]), len(report["existing"]), report["failed"]
     print(f"{dst}: {ok} transcoded, {old} already there, {len(bad)} failed, {len(report['skipped'])} other "
-          f"files skipped; short side {short_side}, GOP {gop}, {codec}; {report['seconds']:.1f} s")
+          f"files skipped; short side {short_side}, GOP {gop}, {codec} ({encoding}); {report['seconds']:.1f} s")
     for f in bad[:10]:
         print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
     if len(bad) > 10:

@@ -92,3 +92,32 @@ def test_cli_exit_codes(dataset, tmp_path, capsys):
     assert main(["transcode", str(src), str(tmp_path / "x"), "--short-side", "32", "--gop", "0"]) == 2
     with pytest.raises(UserError):
         transcode_dataset(tmp_path / "missing", tmp_path / "y", 32, 4)
+
+
+def _frame_types(path) -> tuple[int, int, int]:
+    """(frames, B-frames, frames left when the decoder drops every frame nothing references), read with
+    av's own decoder: once plainly, once with skip_frame=NONREF on every packet."""
+    counts = []
+    for skip in (False, True):
+        with av.open(str(path)) as c:
+            st = c.streams.video[0]
+            st.thread_type = "NONE"
+            if skip:
+                st.codec_context.skip_frame = "NONREF"
+            counts.append([int(f.pict_type) for f in c.decode(st)])   # AV_PICTURE_TYPE_B = 3
+    full, kept = counts
+    return len(full), full.count(3), len(kept)
+
+
+def test_sparse_encoding_makes_every_b_frame_skippable(tmp_path):
+    src = tmp_path / "src"
+    write_video(src / "a.mp4", moving_texture_frames(96, 64, 96, (2.5, 1.0), seed=3), "h264", gop=96,
+                encoding="medium")
+    for encoding in ("sparse", "medium"):
+        transcode_dataset(src, tmp_path / encoding, short_side=64, gop=96, workers=1, encoding=encoding)
+    n, b, kept = _frame_types(tmp_path / "sparse" / "a.mp4")
+    assert n == 96 and b >= 96 * 3 // 4 and kept == n - b      # 7 B-frames per P, none of them referenced
+    n, b, kept = _frame_types(tmp_path / "medium" / "a.mp4")
+    assert n == 96 and b > 0 and kept > n - b                  # B-pyramid: some B-frames are references
+    with pytest.raises(UserError, match="--encoding"):
+        transcode_dataset(src, tmp_path / "x", short_side=64, gop=96, encoding="fast")
