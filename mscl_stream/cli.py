@@ -30,7 +30,8 @@ def _cmd_make_sample_data(a: argparse.Namespace) -> int:
 
 def _cmd_transcode(a: argparse.Namespace) -> int:
     from mscl_stream.data.transcode import transcode_dataset
-    transcode_dataset(a.src, a.dst, short_side=a.short_side, gop=a.gop, workers=a.workers, codec=a.codec)
+    transcode_dataset(a.src, a.dst, short_side=a.short_side, gop=a.gop, workers=a.workers, codec=a.codec,
+                      encoding=a.encoding)
     return 0
 
 
@@ -127,6 +128,10 @@ def _add_transcode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--short-side", type=int, required=True, help="short side in pixels (never upscaled)")
     p.add_argument("--gop", type=int, required=True, help="keyframe interval in frames")
     p.add_argument("--codec", choices=["h264", "hevc", "vp9"], default="h264")
+    p.add_argument("--encoding", choices=["sparse", "medium"], default="sparse",
+                   help="sparse (default): B-frames that no frame references, cheap to skip when a sample "
+                        "wants a few frames of a long stretch; medium: the encoder's own B-frame choices "
+                        "(docs/data.md, 'Encoding for sparse access')")
     p.add_argument("--workers", type=int, default=0, help="files transcoded at once (0 = all cores)")
     p.set_defaults(fn=_cmd_transcode)
 
