@@ -134,85 +134,145 @@ def probe_video(path: str | os.PathLike, cuda: bool = False) -> Probe:
         A :class:`Probe`.
     """
     p = Probe(path=str(path))
-    try:
-        if os.path.getsize(path) == 0:
-            p.reason, p.detail = "empty", "zero bytes"
-            return p
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as e:
-        p.reason, p.detail = "unreadable", f"{type(e).__name__}: {e}"
+    container = _open(path, p)
+    if container is None:
         return p
     with container:
-        if not container.streams.video:
-            p.reason, p.detail = "no_video_stream", f"streams: {[s.type for s in container.streams]}"
+        st = _video_stream(container, p, cuda)
+        if st is None:
             return p
-        st = container.streams.video[0]
-        ctx = st.codec_context
-        # the codec's own name ("av1"), not the decoder's ("libdav1d")
-        p.codec = ctx.codec.canonical_name if ctx is not None and ctx.codec is not None else "unknown"
-        p.width, p.height, p.fps = ctx.width, ctx.height, _rate(st)
-        p.decoders = decode_paths(p.codec, cuda)
-        if not p.decoders:
-            p.reason, p.detail = "unsupported_codec", f"codec {p.codec!r}: no PyAV decoder, not DALI-decodable"
+        count = _usable_frames(container, st, p)
+        if p.reason is not None:
             return p
-        can_pyav = "pyav" in p.decoders
-        if can_pyav:
-            ctx.thread_count = 1          # probing runs one file per process; frame threads only add delay
-        first, first_err = None, ""
-        count, pts, keys = 0, [], []       # packets, their timestamps, indices of keyframe packets
-        gops: list[list[av.Packet]] = []   # packets of the last two GOPs (decoder warm-up + tail)
-        gop_bytes = [0]
-        try:
-            for pkt in container.demux(st):
-                if pkt.size == 0:            # the demuxer's end-of-stream flush packet
-                    continue
-                if pkt.is_corrupt:
-                    p.notes.append(f"corrupt packet at frame {count}: frames from there on dropped")
-                    break
-                if can_pyav and first is None:
-                    try:
-                        out = ctx.decode(pkt)
-                        first = out[0] if out else None
-                    except av.FFmpegError as e:
-                        first_err = f"{type(e).__name__}: {e}"
-                if pkt.is_keyframe or not gops:
-                    keys.append(count)
-                    gops, gop_bytes = gops[-1:] + [[]], gop_bytes[-1:] + [0]
-                if sum(gop_bytes) <= _TAIL_BYTES_CAP:
-                    gops[-1].append(pkt)
-                gop_bytes[-1] += pkt.size
-                pts.append(pkt.pts)
-                count += 1
-        except av.FFmpegError as e:   # truncated/damaged container: keep what demuxed cleanly
-            p.notes.append(f"demux stopped after {count} frames ({type(e).__name__}: {e})")
-        if can_pyav:
-            if first is None:
-                try:                     # a decoder with output delay: drain it
-                    out = ctx.decode(None)
-                    first = out[0] if out else None
-                except av.FFmpegError as e:
-                    first_err = first_err or f"{type(e).__name__}: {e}"
-            if first is None:
-                p.reason = "no_decodable_frame"
-                p.detail = first_err or f"{count} packets, no frame decoded"
-                return p
-            p.width, p.height = first.width, first.height
-            if sum(gop_bytes) > _TAIL_BYTES_CAP:
-                p.notes.append("last GOPs too large to re-decode: tail not verified")
-            elif count:
-                count = _check_tail(ctx, gops, pts, keys[-len(gops)], keys[-1], p.notes)
-        else:
-            p.notes.append(f"codec {p.codec!r} not decodable by PyAV: first frame not verified "
-                           f"(decodes with {', '.join(p.decoders)})")
-        if count == 0:
-            p.reason, p.detail = "no_decodable_frame", "no video packets"
-            return p
-        expected = _header_frames(container, st, p.fps)
-        if expected and count < expected - max(2, 0.02 * expected):
-            p.notes.append(f"shorter than its header says: {count} frames found, the header implies about "
-                           f"{expected} (file cut or damaged?); kept with {count} frames")
+        _note_header_mismatch(container, st, p, count)
     p.num_frames = count
     p.duration = count / p.fps if p.fps > 0 else 0.0
     if p.fps <= 0:
         p.notes.append("no frame rate in the stream: fps 0, duration unknown")
     return p
+
+
+def _open(path: str | os.PathLike, p: Probe) -> av.container.InputContainer | None:
+    """The opened container, or None with ``p.reason`` set (empty or unreadable file)."""
+    try:
+        if os.path.getsize(path) == 0:
+            p.reason, p.detail = "empty", "zero bytes"
+            return None
+        return av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        p.reason, p.detail = "unreadable", f"{type(e).__name__}: {e}"
+        return None
+
+
+def _video_stream(container: av.container.InputContainer, p: Probe,
+                  cuda: bool) -> av.video.stream.VideoStream | None:
+    """The first video stream with codec, size, fps and decoders filled into ``p``; None with ``p.reason``
+    set when there is no video stream or nothing can decode it."""
+    if not container.streams.video:
+        p.reason, p.detail = "no_video_stream", f"streams: {[s.type for s in container.streams]}"
+        return None
+    st = container.streams.video[0]
+    ctx = st.codec_context
+    # the codec's own name ("av1"), not the decoder's ("libdav1d")
+    p.codec = ctx.codec.canonical_name if ctx is not None and ctx.codec is not None else "unknown"
+    p.width, p.height, p.fps = ctx.width, ctx.height, _rate(st)
+    p.decoders = decode_paths(p.codec, cuda)
+    if not p.decoders:
+        p.reason, p.detail = "unsupported_codec", f"codec {p.codec!r}: no PyAV decoder, not DALI-decodable"
+        return None
+    return st
+
+
+def _usable_frames(container: av.container.InputContainer, st: av.video.stream.VideoStream, p: Probe) -> int:
+    """Frames that demux cleanly and, where PyAV decodes the codec, decode (first frame and tail);
+    sets ``p.reason`` when there are none."""
+    ctx = st.codec_context
+    can_pyav = "pyav" in p.decoders
+    if can_pyav:
+        ctx.thread_count = 1          # probing runs one file per process; frame threads only add delay
+    packets = _demux(container, st, ctx if can_pyav else None, p.notes)
+    if can_pyav:
+        count = _verify_decode(ctx, packets, p)
+    else:
+        count = packets.count
+        p.notes.append(f"codec {p.codec!r} not decodable by PyAV: first frame not verified "
+                       f"(decodes with {', '.join(p.decoders)})")
+    if count == 0 and p.reason is None:
+        p.reason, p.detail = "no_decodable_frame", "no video packets"
+    return count
+
+
+@dataclass
+class _Packets:
+    """What one demuxing pass over a video stream found."""
+
+    count: int = 0                                        # packets up to the first corrupt one
+    pts: list = field(default_factory=list)               # their timestamps
+    keys: list[int] = field(default_factory=list)         # indices of keyframe packets
+    gops: list[list[av.Packet]] = field(default_factory=list)   # last two GOPs (decoder warm-up + tail)
+    gop_bytes: list[int] = field(default_factory=lambda: [0])
+    first: av.VideoFrame | None = None                    # the first decoded frame (PyAV codecs)
+    first_err: str = ""                                   # why decoding it failed
+
+
+def _demux(container: av.container.InputContainer, st: av.video.stream.VideoStream, ctx: av.CodecContext | None,
+           notes: list[str]) -> _Packets:
+    """Count the stream's packets and keep its last two GOPs; with ``ctx``, decode packets until the first
+    frame comes out."""
+    d = _Packets()
+    try:
+        for pkt in container.demux(st):
+            if pkt.size == 0:            # the demuxer's end-of-stream flush packet
+                continue
+            if pkt.is_corrupt:
+                notes.append(f"corrupt packet at frame {d.count}: frames from there on dropped")
+                break
+            if ctx is not None and d.first is None:
+                try:
+                    out = ctx.decode(pkt)
+                    d.first = out[0] if out else None
+                except av.FFmpegError as e:
+                    d.first_err = f"{type(e).__name__}: {e}"
+            if pkt.is_keyframe or not d.gops:
+                d.keys.append(d.count)
+                d.gops, d.gop_bytes = d.gops[-1:] + [[]], d.gop_bytes[-1:] + [0]
+            if sum(d.gop_bytes) <= _TAIL_BYTES_CAP:
+                d.gops[-1].append(pkt)
+            d.gop_bytes[-1] += pkt.size
+            d.pts.append(pkt.pts)
+            d.count += 1
+    except av.FFmpegError as e:   # truncated/damaged container: keep what demuxed cleanly
+        notes.append(f"demux stopped after {d.count} frames ({type(e).__name__}: {e})")
+    return d
+
+
+def _verify_decode(ctx: av.CodecContext, d: _Packets, p: Probe) -> int:
+    """Frames that decode with PyAV: 0 with ``p.reason`` set when not even the first one does, else the
+    count after the tail check; the first frame's size goes into ``p``."""
+    first, first_err = d.first, d.first_err
+    if first is None:
+        try:                     # a decoder with output delay: drain it
+            out = ctx.decode(None)
+            first = out[0] if out else None
+        except av.FFmpegError as e:
+            first_err = first_err or f"{type(e).__name__}: {e}"
+    if first is None:
+        p.reason = "no_decodable_frame"
+        p.detail = first_err or f"{d.count} packets, no frame decoded"
+        return 0
+    p.width, p.height = first.width, first.height
+    if sum(d.gop_bytes) > _TAIL_BYTES_CAP:
+        p.notes.append("last GOPs too large to re-decode: tail not verified")
+        return d.count
+    if not d.count:
+        return 0
+    return _check_tail(ctx, d.gops, d.pts, d.keys[-len(d.gops)], d.keys[-1], p.notes)
+
+
+def _note_header_mismatch(container: av.container.InputContainer, st: av.video.stream.VideoStream, p: Probe,
+                          count: int) -> None:
+    """Note a file shorter than its header says (it stays usable, with the frames found)."""
+    expected = _header_frames(container, st, p.fps)
+    if expected and count < expected - max(2, 0.02 * expected):
+        p.notes.append(f"shorter than its header says: {count} frames found, the header implies about "
+                       f"{expected} (file cut or damaged?); kept with {count} frames")
