@@ -125,7 +125,7 @@ def run_one(a, variant: str) -> dict:
 
     from mscl_stream.data.loader import build_loader
     from mscl_stream.data.manifest import read_manifest
-    from mscl_stream.data.dali_decoder import DaliDecoder
+    from mscl_stream.data.dali.decoder import DaliDecoder
 
     records = read_manifest(_data(a), "")
     cfg = _config(a, variant)

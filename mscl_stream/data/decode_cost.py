@@ -56,7 +56,7 @@ def dali_cpu_costs(records: list[VideoRecord], specs: list[SampleSpec], size: tu
     """
     import torch
 
-    from mscl_stream.data.dali_decoder import DaliDecoder
+    from mscl_stream.data.dali.decoder import DaliDecoder
 
     dec = DaliDecoder(1, tuple(size), 1, torch.device("cpu"))
     rows = []

@@ -5,7 +5,7 @@ look-ahead of one iteration, and the counters and failed files they share (:clas
 assembles batches; the classes here run the decodes. PyAV work is submitted one batch ahead to a pool
 of threads (PyAV releases the GIL while decoding) or processes (``data.pyav_workers``); a repeated-
 sampling group is one PyAV sweep shared by its members. DALI work is submitted by epoch position
-through :mod:`mscl_stream.data.dali_source`; a sample whose DALI run failed is decoded again alone,
+through :mod:`mscl_stream.data.dali.source`; a sample whose DALI run failed is decoded again alone,
 then with PyAV, and a sample neither decodes is skipped and its file not tried again.
 """
 
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from mscl_stream.config import DataConfig
-from mscl_stream.data.dali_decoder import DaliDecodeError, DaliDecoder
-from mscl_stream.data.dali_reader import DaliFrameReader
-from mscl_stream.data.dali_source import DecoderSource, ReaderSource, window_jobs
+from mscl_stream.data.dali.decoder import DaliDecodeError, DaliDecoder
+from mscl_stream.data.dali.reader import DaliFrameReader
+from mscl_stream.data.dali.source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mscl_stream.data.dali_reader import DaliFrameReader, FrameJob
+from mscl_stream.data.dali.reader import DaliFrameReader, FrameJob
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.sampler import ClipSampler
 from mscl_stream.errors import UserError
@@ -115,7 +115,7 @@ def test_reader_reports_dropped_files_and_keeps_the_rest(vp9_video, tmp_path):
 def test_window_job_maps_wanted_frames_into_its_sequences():
     """A legacy-reader job: each window is one sequence on its stride grid; rows point every wanted
     frame at its place in the concatenated sequences; a wrapped or off-grid window is not expressible."""
-    from mscl_stream.data.dali_reader import window_job
+    from mscl_stream.data.dali.reader import window_job
     a = np.array([10, 18, 34])                    # on the stride-8 grid from 10, within 4 frames
     b = np.array([3, 11, 27])
     frames = np.unique(np.concatenate([a, b]))
@@ -163,17 +163,17 @@ def test_nvdec_modes_frames_equal_reference(h264_video, mode, wrap):
 
 
 def test_auto_rule_picks_dali_only_on_a_gpu_with_a_measured_entry(monkeypatch):
-    from mscl_stream.data import dali_decoder
-    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
-    monkeypatch.setattr(dali_decoder, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
-    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
-    assert dali_decoder.auto_dali_mode_on_gpu("NVIDIA H200") is None
+    from mscl_stream.data.dali import decoder
+    assert decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
+    monkeypatch.setattr(decoder, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
+    assert decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
+    assert decoder.auto_dali_mode_on_gpu("NVIDIA H200") is None
 
 
 def test_failed_run_fails_only_its_batch_and_later_runs_are_resubmitted(vp9_video, tmp_path):
     """Three batches in flight, the middle one holds a file that cannot be decoded: the failing run
     takes the pipeline down, only its batch raises, the batch after it is decoded by a fresh pipeline."""
-    from mscl_stream.data.dali_decoder import DaliDecodeError, DaliDecoder
+    from mscl_stream.data.dali.decoder import DaliDecodeError, DaliDecoder
     ref = reference(vp9_video)
     enc = np.fromfile(vp9_video, dtype=np.uint8)
     bad = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
@@ -213,8 +213,8 @@ def test_repeated_sampling_group_is_one_dali_sample(dataset, mode):
 def test_reader_hands_refused_groups_to_the_fallback(dataset):
     """The legacy reader's composition, on CPU: groups the reader refuses (here every third) are decoded
     by fn.decoders.video alongside, the rest by the reader; every sample gets its own frames."""
-    from mscl_stream.data.dali_source import DecoderSource, ReaderSource, frame_job
-    from mscl_stream.data.dali_decoder import DaliDecoder
+    from mscl_stream.data.dali.source import DecoderSource, ReaderSource, frame_job
+    from mscl_stream.data.dali.decoder import DaliDecoder
     recs, refs = dataset
     loader = build_loader(small(decoder="dali", dali_mode="reader"), recs, device=CPU)
     loader.set_epoch(0)

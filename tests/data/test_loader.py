@@ -19,7 +19,7 @@ from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.dali_decoder import DaliDecoder
+from mscl_stream.data.dali.decoder import DaliDecoder
 from mscl_stream.data.sampler import ClipSampler
 from mscl_stream.errors import UserError
 

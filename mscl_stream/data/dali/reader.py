@@ -3,14 +3,14 @@
 Two readers, both given lists of ``path slot start end`` lines (frame numbers):
 
 * ``fn.experimental.readers.video`` (``op="experimental"``, CPU or GPU), one line per wanted frame
-  (sequence length 1). See :mod:`mscl_stream.data.dali_decoder` for why: it keeps one decoder open across
+  (sequence length 1). See :mod:`mscl_stream.data.dali.decoder` for why: it keeps one decoder open across
   consecutive lines of a file and caches frame indexes, so each sample (its sorted frames) is one
   forward sweep of one decoder, and only wanted frames are converted and resized.
 * ``fn.readers.video`` (``op="legacy"``, GPU only), one line per window: a fixed-length sequence at a
   fixed stride (every wanted frame of an MSCL window lies on the stride-``gcd(frame_stride, flow_gap)``
   grid from its start). It keeps files open but seeks and flushes NVDEC for every sequence, and cannot
   express a window that wraps around the video's end (those samples go elsewhere, see
-  :mod:`mscl_stream.data.dali_source`).
+  :mod:`mscl_stream.data.dali.source`).
 
 Samples are dealt round-robin to P readers (each decodes in its own background thread; consecutive
 samples of one file stay on one reader, which keeps its decoder open); the pipeline's
@@ -35,7 +35,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
-from mscl_stream.data.dali_decoder import (DALI_ERRORS, DaliDecodeError, device_id_of, error_line, gpu_resize,
+from mscl_stream.data.dali.decoder import (DALI_ERRORS, DaliDecodeError, device_id_of, error_line, gpu_resize,
                                        resize_owned)
 
 

@@ -10,9 +10,9 @@ one sweep; each member gets its rows of it. :meth:`take` returns a sample's deco
 asks for positions in increasing order (refills after a skipped sample ask for later ones).
 
 * :class:`DecoderSource` (``data.dali_mode=decoder``): batches of ``batch_size`` groups through
-  :class:`~mscl_stream.data.dali_decoder.DaliDecoder`, its ``depth`` batches in flight.
+  :class:`~mscl_stream.data.dali.decoder.DaliDecoder`, its ``depth`` batches in flight.
 * :class:`ReaderSource` (``data.dali_mode=reader`` / ``legacy``): chunks of ``chunk`` positions through
-  :class:`~mscl_stream.data.dali_reader.DaliFrameReader`; the next chunk's lists and pipeline are built
+  :class:`~mscl_stream.data.dali.reader.DaliFrameReader`; the next chunk's lists and pipeline are built
   in a background thread while the current one is consumed, so its readers start decoding before the
   loader gets there. Groups the reader cannot express (``to_job`` gives None: a window of the legacy
   reader that wraps around the video's end) go to a ``fallback`` source, in flight at the same time.
@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mscl_stream.data.dali_reader import DaliFrameReader, FrameJob, window_job
-from mscl_stream.data.dali_decoder import DaliBatch, DaliDecodeError, DaliDecoder
+from mscl_stream.data.dali.reader import DaliFrameReader, FrameJob, window_job
+from mscl_stream.data.dali.decoder import DaliBatch, DaliDecodeError, DaliDecoder
 
 
 def _single(pos: int) -> range:

@@ -1,0 +1,1 @@
+"""DALI decode engines (placeholder docstring, completed in the next commit)."""
