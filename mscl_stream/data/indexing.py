@@ -140,8 +140,18 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
     cuda = _cuda_available()
     need = min_raw_frames(data)
     results = _probe_all(entries, workers, cuda, need, mds_scorer)
-
     n_files = len(entries) + len(excluded)          # pre-probe exclusions are files too
+    usable, notes = _sort_results(results, excluded)
+    records = _records(usable)
+    report = _report(src, output, t0=t0, need=need, n_files=n_files, entries=entries, usable=usable,
+                     records=records, excluded=excluded, notes=notes, cuda=cuda, mds_scorer=mds_scorer)
+    _write_outputs(src, output, records, report)
+    return report
+
+
+def _sort_results(results: list[tuple[Entry, Probe]],
+                  excluded: list[dict]) -> tuple[list[tuple[Entry, Probe]], list[dict]]:
+    """The usable (entry, probe) pairs and the probes' notes; exclusions are appended to ``excluded``."""
     usable: list[tuple[Entry, Probe]] = []
     notes = []
     for e, p in results:
@@ -151,7 +161,11 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
             usable.append((e, p))
         else:
             excluded.append({"path": e.path, "reason": p.reason, "detail": p.detail})
-    all_classes = sorted({e.label_name for e in entries})
+    return usable, notes
+
+
+def _records(usable: list[tuple[Entry, Probe]]) -> list[VideoRecord]:
+    """Manifest rows sorted by (split, label, path); labels number the sorted class names."""
     classes = sorted({e.label_name for e, _ in usable})
     label_of = {c: i for i, c in enumerate(classes)}
     records = [VideoRecord(path=e.path, label=label_of[e.label_name], label_name=e.label_name, split=e.split,
@@ -159,9 +173,16 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
                            duration=p.duration, start=e.start, end=e.end, mds_starts=p.mds_starts)
                for e, p in usable]
     records.sort(key=lambda r: (r.split, r.label, r.path))
+    return records
 
-    by_reason = dict(sorted(Counter(x["reason"] for x in excluded).items()))
-    report = {
+
+def _report(src: str | os.PathLike, output: Path, *, t0: float, need: int, n_files: int, entries: list[Entry],
+            usable: list[tuple[Entry, Probe]], records: list[VideoRecord], excluded: list[dict],
+            notes: list[dict], cuda: bool, mds_scorer: VideoScorer | None) -> dict:
+    """The index report: counts, classes, codecs, every exclusion with its reason, notes, MDS coverage."""
+    all_classes = sorted({e.label_name for e in entries})
+    classes = sorted({r.label_name for r in records})
+    return {
         "src": str(Path(src).resolve()),
         "manifest": str(output.resolve()),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -175,22 +196,26 @@ def build_manifest(src: str | os.PathLike, output: str | os.PathLike, *, data: D
         "codecs": dict(sorted(Counter(r.codec for r in records).items())),
         "decoders": {p.codec: p.decoders for _, p in usable},
         "cuda": cuda,
-        "excluded_by_reason": by_reason,
+        "excluded_by_reason": dict(sorted(Counter(x["reason"] for x in excluded).items())),
         "excluded": sorted(excluded, key=lambda x: (x["reason"], x["path"])),
         "notes": notes,
         "mds": {"estimator": mds_scorer.name, "videos": sum(r.mds_starts is not None for r in records),
                 "without_starts": [r.path for r in records if r.mds_starts is None]} if mds_scorer else None,
         "seconds": round(time.monotonic() - t0, 3),
     }
+
+
+def _write_outputs(src: str | os.PathLike, output: Path, records: list[VideoRecord], report: dict) -> None:
+    """Write the manifest and the report and print a summary; with no usable video, only the report
+    (then a UserError naming the exclusion reasons)."""
     if not records:
         _write_json_atomic(report, _report_path(output))
-        why = ", ".join(f"{k}: {v}" for k, v in by_reason.items()) or "no files"
+        why = ", ".join(f"{k}: {v}" for k, v in report["excluded_by_reason"].items()) or "no files"
         raise UserError(f"{src}: no usable videos ({why}); see {_report_path(output)}")
     output.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(records, output)
     _write_json_atomic(report, _report_path(output))
     _print_summary(report, output)
-    return report
 
 
 def check_output(output: Path) -> None:
