@@ -4,7 +4,7 @@ A background thread decodes the next batches (at most ``data.prefetch`` finished
 queue, plus the one being built) while the training loop consumes the current one. DALI work is
 submitted by position ahead of that (:mod:`mscl_stream.data.dali.source`): ``max(2, data.prefetch)``
 pipeline runs in flight, with ``data.dali_mode`` choosing ``fn.decoders.video`` or per-frame reader
-lists (:mod:`mscl_stream.data.dali.decoder`); PyAV work is submitted one batch ahead. Each file goes to
+lists (:mod:`mscl_stream.data.dali`); PyAV work is submitted one batch ahead. Each file goes to
 DALI where DALI decodes its codec on the current device (CPU: VP8/VP9/MJPEG; CUDA: also H.264, HEVC,
 AV1, MPEG-4), else to a pool of PyAV worker threads (PyAV releases the GIL while decoding); both run
 at the same time for a mixed batch. ``data.decoder`` = "dali" / "pyav" forces one path. On CUDA,
@@ -40,7 +40,7 @@ import torch
 
 from mscl_stream.config import Config, DataConfig
 from mscl_stream.data.batch import ClipBatch
-from mscl_stream.data.dali.decoder import auto_dali_mode_on_gpu, canonical_codec, dali_available, dali_can_decode
+from mscl_stream.data.dali import auto_dali_mode_on_gpu, canonical_codec, dali_available, dali_can_decode
 from mscl_stream.data.decode_jobs import DaliJobs, DecodeStats, PyAVJobs, Work, one_torch_thread
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.pyav_decode import DecodeError
@@ -254,7 +254,7 @@ class ClipLoader:
             return "pyav"
         if self.data.decoder == "auto" and self.device.type == "cuda" and self._auto_gpu_mode is None:
             # The rule (docs/data.md, "Choosing the decoder"): PyAV in worker processes unless this GPU
-            # has a measured DALI variant faster than PyAV (dali.decoder.AUTO_DALI_ON_GPU); the old
+            # has a measured DALI variant faster than PyAV (AUTO_DALI_ON_GPU in data/dali); the old
             # synchronous NVDEC path lost to PyAV. data.decoder=dali still forces NVDEC.
             if "auto-cuda" not in self._routes_logged:
                 self._routes_logged.add("auto-cuda")

@@ -163,11 +163,11 @@ def test_nvdec_modes_frames_equal_reference(h264_video, mode, wrap):
 
 
 def test_auto_rule_picks_dali_only_on_a_gpu_with_a_measured_entry(monkeypatch):
-    from mscl_stream.data.dali import decoder
-    assert decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
-    monkeypatch.setattr(decoder, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
-    assert decoder.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
-    assert decoder.auto_dali_mode_on_gpu("NVIDIA H200") is None
+    from mscl_stream.data import dali
+    assert dali.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") is None     # nothing measured yet
+    monkeypatch.setattr(dali, "AUTO_DALI_ON_GPU", {"NVIDIA H100": "reader"})
+    assert dali.auto_dali_mode_on_gpu("NVIDIA H100 80GB HBM3") == "reader"
+    assert dali.auto_dali_mode_on_gpu("NVIDIA H200") is None
 
 
 def test_failed_run_fails_only_its_batch_and_later_runs_are_resubmitted(vp9_video, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from mscl_stream.data.decode_cost import dali_cpu_costs, pyav_costs, summarize
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.dali.decoder import dali_available
+from mscl_stream.data.dali import dali_available
 from mscl_stream.data.pyav_decode import decode_frames, decode_frames_counted, frame_index, sweep_frames
 from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.data.sampler import SampleSpec

@@ -2,19 +2,21 @@
 
 Two readers, both given lists of ``path slot start end`` lines (frame numbers):
 
-* ``fn.experimental.readers.video`` (``op="experimental"``, CPU or GPU), one line per wanted frame
-  (sequence length 1). See :mod:`mscl_stream.data.dali.decoder` for why: it keeps one decoder open across
-  consecutive lines of a file and caches frame indexes, so each sample (its sorted frames) is one
-  forward sweep of one decoder, and only wanted frames are converted and resized.
-* ``fn.readers.video`` (``op="legacy"``, GPU only), one line per window: a fixed-length sequence at a
-  fixed stride (every wanted frame of an MSCL window lies on the stride-``gcd(frame_stride, flow_gap)``
-  grid from its start). It keeps files open but seeks and flushes NVDEC for every sequence, and cannot
-  express a window that wraps around the video's end (those samples go elsewhere, see
-  :mod:`mscl_stream.data.dali.source`).
+* ``fn.experimental.readers.video`` (``op="experimental"``, CPU or GPU; ``data.dali_mode=reader``),
+  one line per wanted frame (``file_list_format="frames"``, sequence length 1). A reader keeps its
+  decoder open while consecutive lines name the same file and caches every file's frame index for the
+  process, so each sample (its sorted frames) is one forward sweep of one decoder, and only wanted
+  frames are converted and resized.
+* ``fn.readers.video`` (``op="legacy"``, GPU only; ``data.dali_mode=legacy``), one line per window:
+  a fixed-length sequence at a fixed stride (every wanted frame of an MSCL window lies on the
+  stride-``gcd(frame_stride, flow_gap)`` grid from its start). It keeps files open but seeks and
+  flushes NVDEC for every sequence, and cannot express a window that wraps around the video's end
+  (those samples go elsewhere, see :mod:`mscl_stream.data.dali.source`).
 
 Samples are dealt round-robin to P readers (each decodes in its own background thread; consecutive
 samples of one file stay on one reader, which keeps its decoder open); the pipeline's
-batch is ``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead.
+batch is ``frames_per_run`` lines of every reader, and ``depth`` runs are scheduled ahead
+(:mod:`mscl_stream.data.dali.pipeline`: the scheduling and the geometry shared with the decoder).
 
 A line's label is its slot: the reader's position in its list. Readers deliver their lines in list
 order, so a slot that jumps ahead means the reader dropped lines at build time (it drops files it
@@ -35,8 +37,8 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
-from mscl_stream.data.dali.decoder import (DALI_ERRORS, DaliDecodeError, device_id_of, error_line, gpu_resize,
-                                       resize_owned)
+from mscl_stream.data.dali.pipeline import (DALI_ERRORS, DaliDecodeError, RunCounts, build_pipeline, error_line,
+                                            fit_in_graph, resize_owned, to_torch_cuda)
 
 
 def _host(tensor_list):
@@ -78,7 +80,7 @@ def window_job(key: Hashable, path: str, frames: np.ndarray, windows: Sequence[n
     return FrameJob(key, path, np.asarray(frames), np.asarray(starts), rows)
 
 
-class DaliFrameReader:
+class DaliFrameReader(RunCounts):
     """Decode ``jobs`` (in order) with P ``fn.experimental.readers.video`` readers, pipelined.
 
     Args:
@@ -99,6 +101,7 @@ class DaliFrameReader:
                  seed: int = 0, op: str = "experimental", seq: tuple[int, int] = (1, 1)) -> None:
         if op not in ("experimental", "legacy") or (op == "legacy" and torch.device(device).type != "cuda"):
             raise ValueError(f"DaliFrameReader: op {op!r} on {device}: legacy needs CUDA")
+        super().__init__()
         self.op, self.seq = op, (1, 1) if op == "experimental" else tuple(seq)
         self.frame_size, self.device = tuple(frame_size), torch.device(device)
         self.readers, self.frames_per_run = max(1, int(readers)), max(1, int(frames_per_run))
@@ -112,9 +115,6 @@ class DaliFrameReader:
         self._order = {k: i for i, k in enumerate(self.jobs)}
         self.failed: dict[Hashable, str] = {}
         self.done: set[Hashable] = set()
-        self.rebuilds = 0
-        self.runs = 0
-        self.max_in_flight = 0
         self.lines = 0                            # lines written to lists (decoded frames requested)
         self._tmp = tempfile.TemporaryDirectory(prefix="mscl-dali-lists-")
         self._start([j.key for j in jobs])
@@ -161,15 +161,9 @@ class DaliFrameReader:
             self._schedule()
 
     def _build(self, files: list[str]):
-        from nvidia.dali import fn, pipeline_def
-
-        gpu = self.device.type == "cuda"
-
-        @pipeline_def(batch_size=self.frames_per_run, num_threads=self.num_threads,
-                      device_id=device_id_of(self.device), seed=self.seed, prefetch_queue_depth=self.depth,
-                      exec_dynamic=True,
-                      exec_pipelined=False)
-        def frame_lists():
+        """A pipeline with one reader per list file; per reader its outputs (frames, slots, frame numbers)."""
+        def graph():
+            from nvidia.dali import fn
             outs = []
             for r, path in enumerate(files):
                 if self.op == "legacy":
@@ -179,21 +173,18 @@ class DaliFrameReader:
                         name=f"windows{r}")
                 else:
                     video, slot, frame = fn.experimental.readers.video(
-                        device="gpu" if gpu else "cpu", file_list=path, file_list_format="frames",
-                        file_list_include_end=False, sequence_length=1, stride=1, step=1, random_shuffle=False,
-                        pad_mode="none", enable_frame_num=True, name=f"frames{r}")
-                outs += [gpu_resize(video, self.frame_size) if gpu else video, slot, frame]
+                        device="gpu" if self.device.type == "cuda" else "cpu", file_list=path,
+                        file_list_format="frames", file_list_include_end=False, sequence_length=1, stride=1,
+                        step=1, random_shuffle=False, pad_mode="none", enable_frame_num=True, name=f"frames{r}")
+                outs += [fit_in_graph(video, self.frame_size, self.device), slot, frame]
             return tuple(outs)
 
-        pipe = frame_lists()
-        pipe.build()
-        return pipe
+        return build_pipeline(graph, self.frames_per_run, self.num_threads, self.device, self.seed, self.depth)
 
     def _schedule(self) -> None:
         self._pipe.schedule_run()
         self._scheduled += 1
-        self.runs += 1
-        self.max_in_flight = max(self.max_in_flight, self._scheduled - self._consumed)
+        self.count_run(self._scheduled - self._consumed)
 
     # ------------------------------------------------------------------ results
     def result(self, key: Hashable) -> torch.Tensor:
@@ -214,7 +205,7 @@ class DaliFrameReader:
                 frames = frames[torch.from_numpy(job.rows).to(frames.device)]
         else:
             full = np.concatenate(job.got)
-            frames = resize_owned(torch.from_numpy(full if job.rows is None else full[job.rows]), self.frame_size)
+            frames = resize_owned(full if job.rows is None else full[job.rows], self.frame_size)
         job.got = []
         return frames
 
@@ -235,10 +226,7 @@ class DaliFrameReader:
         for r in range(len(self._lists)):
             video, slots, frames = outs[3 * r:3 * r + 3]
             if self.device.type == "cuda":
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-                dense = video.as_tensor()
-                batch = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=self.device)
-                feed_ndarray(dense, batch, cuda_stream=torch.cuda.current_stream(self.device))
+                batch = to_torch_cuda(video.as_tensor(), self.device)
                 rows = [batch[i] for i in range(len(slots))]
             else:
                 rows = [np.array(video[i]) for i in range(len(slots))]       # (frames, h, w, 3) copies

@@ -26,8 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mscl_stream.data.dali.decoder import DaliBatch, DaliDecoder
+from mscl_stream.data.dali.pipeline import DaliDecodeError
 from mscl_stream.data.dali.reader import DaliFrameReader, FrameJob, window_job
-from mscl_stream.data.dali.decoder import DaliBatch, DaliDecodeError, DaliDecoder
 
 
 def _single(pos: int) -> range:
