@@ -37,6 +37,10 @@ class DataConfig:
     # PyAV decode workers. auto: processes on CUDA (decode threads contend for the GIL with the training
     # thread, which launches many small kernels; benchmarks/README.md), threads on CPU. data.decode_workers of them.
     pyav_workers: Literal["auto", "threads", "processes"] = "auto"
+    # what PyAV workers hand over (docs/data.md, "Where colour conversion happens"): rgb = converted and
+    # resized on the CPU by swscale; yuv = the decoder's 4:2:0 planes, converted and resized on the training
+    # device by torch (files of other pixel formats still come as rgb). auto: yuv on CUDA, rgb on CPU
+    pyav_output: Literal["auto", "rgb", "yuv"] = "auto"
     decode_workers: int = 2             # DALI threads, or PyAV worker threads / processes
     prefetch: int = 2                   # batches decoded ahead
     mds: Literal["off", "index", "online"] = "off"   # index: starts stored by `mscl-stream index --mds`

@@ -30,8 +30,10 @@ from mscl_stream.data.dali.decoder import DaliDecodeError, DaliDecoder
 from mscl_stream.data.dali.reader import DaliFrameReader
 from mscl_stream.data.dali.source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
+from mscl_stream.data.pyav_decode import (DecodeError, YuvFrames, decode_frames_counted, decode_group_counted,
+                                          ignore_sigint)
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span
+from mscl_stream.data.yuv import yuv420_to_rgb_cover_crop
 
 log = logging.getLogger("mscl_stream.data.loader")   # the loader's messages, under the one name users filter on
 # data.dali_mode=reader: lines each reader decodes per pipeline run, and batches per chunk of file lists
@@ -126,12 +128,15 @@ class PyAVJobs:
     """PyAV decodes of loader samples in the loader's threads or in worker processes (``data.pyav_workers``).
 
     ``ahead`` maps positions to decodes already submitted (by the producer thread, a batch early);
-    ``work_of(position)`` gives the sample at a position.
+    ``work_of(position)`` gives the sample at a position. ``output`` is what the decodes hand over
+    (``data.pyav_output``): "rgb" frames at the working size, or "yuv" planes that :meth:`to_device`
+    converts and resizes on the device.
     """
 
     def __init__(self, data: DataConfig, device: torch.device, sampler: ClipSampler,
                  work_of: Callable[[int], Work], stats: DecodeStats) -> None:
         self.data, self.device, self.sampler, self.work_of, self.stats = data, device, sampler, work_of, stats
+        self.output = data.pyav_output if data.pyav_output != "auto" else ("yuv" if device.type == "cuda" else "rgb")
         self.ahead: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._procs: ProcessPoolExecutor | None = None
@@ -170,10 +175,10 @@ class PyAVJobs:
             return self._submit_group(w)
         args = self._args(w)
         try:
-            return self.pool().submit(decode_frames_counted, *args, threads=1)
+            return self.pool().submit(decode_frames_counted, *args, threads=1, output=self.output)
         except BrokenProcessPool:             # a worker died since the last batch
             self._restart()
-            return self.pool().submit(decode_frames_counted, *args, threads=1)
+            return self.pool().submit(decode_frames_counted, *args, threads=1, output=self.output)
 
     def _submit_group(self, w: Work) -> Future:
         """Repeated sampling (data.repeat_samples): one PyAV sweep over the union of the frames of the
@@ -184,16 +189,16 @@ class PyAVJobs:
         if fut is None or fut.cancelled():
             args = (w.record.path, [self.work_of(p).all_frames() for p in g], tuple(self.data.frame_size))
             try:
-                fut = self.pool().submit(decode_group_counted, *args, threads=1)
+                fut = self.pool().submit(decode_group_counted, *args, threads=1, output=self.output)
             except BrokenProcessPool:         # a worker died since the last batch
                 self._restart()
-                fut = self.pool().submit(decode_group_counted, *args, threads=1)
+                fut = self.pool().submit(decode_group_counted, *args, threads=1, output=self.output)
             self._groups[g.start] = fut
             while len(self._groups) > 4 * self.data.batch_size:   # oldest first: long consumed
                 self._groups.pop(next(iter(self._groups)))
         return fut
 
-    def result(self, w: Work, fut: Future) -> np.ndarray:
+    def result(self, w: Work, fut: Future) -> np.ndarray | YuvFrames:
         try:
             frames, cost = fut.result()
             if isinstance(frames, list):      # a repeated-sampling group: its cost once, this member's part
@@ -217,18 +222,24 @@ class PyAVJobs:
     def _args(self, w: Work) -> tuple:
         return w.record.path, w.all_frames(), tuple(self.data.frame_size)
 
-    def decode_here(self, w: Work) -> np.ndarray:
+    def decode_here(self, w: Work) -> np.ndarray | YuvFrames:
         """Decode ``w`` in this process (fallbacks; the batch path goes through :meth:`submit`)."""
-        frames, cost = decode_frames_counted(*self._args(w), threads=1)
+        frames, cost = decode_frames_counted(*self._args(w), threads=1, output=self.output)
         self.stats.add_pyav_cost(cost)
         return frames
 
-    def to_device(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """PyAV output (already in ``all_frames()`` order) -> (frames on the device, identity rows)."""
-        t = torch.from_numpy(frames)
+    def to_device(self, frames: np.ndarray | YuvFrames) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyAV output (already in ``all_frames()`` order) -> (frames on the device, identity rows):
+        RGB is uploaded as it is; YUV planes are uploaded, then resized and converted there (queued on
+        the current stream, no host sync)."""
+        yuv = isinstance(frames, YuvFrames)
+        ts = [torch.from_numpy(frames.y), torch.from_numpy(frames.uv)] if yuv else [torch.from_numpy(frames)]
         if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t, torch.arange(len(frames), device=self.device)
+            ts = [t.pin_memory().to(self.device, non_blocking=True) for t in ts]
+        if yuv:
+            ts = [yuv420_to_rgb_cover_crop(*ts, tuple(self.data.frame_size), frames.matrix, frames.full_range,
+                                           frames.chroma_left)]
+        return ts[0], torch.arange(len(frames), device=self.device)
 
     def cancel_ahead(self) -> None:
         for fut in self.ahead.values():

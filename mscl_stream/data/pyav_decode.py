@@ -37,7 +37,7 @@ from typing import Sequence
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation
+from av.video.reformatter import Interpolation, VideoReformatter
 
 # bilinear scaling, chroma interpolated at full resolution, accurate rounding: equals DALI's CPU colours
 _SWS_FLAGS = (Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
@@ -121,16 +121,113 @@ def frame_index(path: str | os.PathLike) -> FrameIndex:
     return index
 
 
-def _converter(size: tuple[int, int] | None):
-    """frame -> (H, W, 3) uint8 RGB at ``size`` (None: the native size)."""
-    def convert(frame: av.VideoFrame) -> np.ndarray:
-        if size is None:
-            return frame.reformat(format="rgb24", interpolation=_SWS_FLAGS).to_ndarray()
-        h, w = size
+class YuvFrames:
+    """Frames as 8-bit 4:2:0 planes at their native size: the hand-off of ``decode_frames(output="yuv")``
+    (picklable; :func:`mscl_stream.data.yuv.yuv420_to_rgb_cover_crop` converts them on the device).
+
+    Attributes:
+        y: (N, H, W) uint8 luma.
+        uv: (N, 2, ceil(H / 2), ceil(W / 2)) uint8 chroma, U then V.
+        matrix: "bt601" or "bt709", as the file is tagged (untagged: BT.601, as swscale and DALI assume).
+        full_range: JPEG range (yuvj420p, or tagged full range) rather than limited.
+        chroma_left: chroma sited on the even luma columns (:data:`LEFT_SITED_CODECS`), else centred.
+    """
+
+    __slots__ = ("y", "uv", "matrix", "full_range", "chroma_left")
+
+    def __init__(self, y: np.ndarray, uv: np.ndarray, matrix: str = "bt601", full_range: bool = False,
+                 chroma_left: bool = False) -> None:
+        self.y, self.uv, self.matrix, self.full_range, self.chroma_left = y, uv, matrix, full_range, chroma_left
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getstate__(self):
+        return self.y, self.uv, self.matrix, self.full_range, self.chroma_left
+
+    def __setstate__(self, state) -> None:
+        self.y, self.uv, self.matrix, self.full_range, self.chroma_left = state
+
+    @property
+    def nbytes(self) -> int:
+        return self.y.nbytes + self.uv.nbytes
+
+    def split(self, sections) -> list["YuvFrames"]:
+        """``np.split`` along the frames."""
+        return [YuvFrames(y, uv, self.matrix, self.full_range, self.chroma_left)
+                for y, uv in zip(np.split(self.y, sections), np.split(self.uv, sections))]
+
+
+# Decoders that site 4:2:0 chroma on the even luma columns when the bitstream does not say otherwise
+# (swscale follows the frame's siting; PyAV does not expose it, so a siting signalled in the bitstream,
+# e.g. H.264's chroma_loc_type, is not seen: such files differ from the RGB path by about 1/255)
+LEFT_SITED_CODECS = frozenset({"h264", "hevc", "mpeg2video", "mpeg4"})
+# AVColorSpace values swscale converts with BT.601 (unspecified, BT.470BG, SMPTE 170M) or BT.709 (1)
+_MATRIX_OF = {2: "bt601", 5: "bt601", 6: "bt601", 1: "bt709"}
+
+
+def _yuv_tag(frame: av.VideoFrame) -> tuple[str, bool] | None:
+    """(matrix, full range) of an 8-bit 4:2:0 frame whose colours the device conversion reproduces as the
+    RGB path gives them (swscale honours the frame's tags); None for any other frame."""
+    fmt = frame.format.name
+    if fmt not in ("yuv420p", "yuvj420p") or frame.colorspace not in _MATRIX_OF:
+        return None
+    return _MATRIX_OF[frame.colorspace], fmt == "yuvj420p" or frame.color_range == 2
+
+
+class _NotYuv(Exception):
+    """A frame of a "yuv" decode cannot travel as the first frame's kind of planes."""
+
+
+class _Sink:
+    """Writes each decoded wanted frame straight into its output rows (duplicates included).
+
+    ``output="rgb"``: RGB at ``size`` through one swscale context for the whole call (setting one up
+    per frame cost as much as the conversion). ``output="yuv"``: the frame's planes, if its first frame
+    is one :func:`_yuv_tag` accepts, else RGB as above (the sample then travels as RGB; a later frame of
+    another kind raises :class:`_NotYuv`).
+    """
+
+    def __init__(self, rows: list[np.ndarray], size: tuple[int, int] | None, output: str) -> None:
+        self.rows, self.size, self.output = rows, size, output
+        self.chroma_left = False
+        self.sws = VideoReformatter()
+        self.out: np.ndarray | YuvFrames | None = None
+        self.tag: tuple[str, bool] | None = None
+
+    def __call__(self, k: int, frame: av.VideoFrame) -> None:
+        if self.out is None:
+            self._allocate(frame)
+        rows = self.rows[k]
+        if isinstance(self.out, YuvFrames):
+            if _yuv_tag(frame) != self.tag or (frame.height, frame.width) != self.out.y.shape[1:]:
+                raise _NotYuv
+            y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes)
+            self.out.y[rows] = y
+            self.out.uv[rows, 0] = u
+            self.out.uv[rows, 1] = v
+            return
+        self.out[rows] = self._rgb(frame)
+
+    def _allocate(self, frame: av.VideoFrame) -> None:
+        n = sum(len(r) for r in self.rows)
+        self.tag = _yuv_tag(frame) if self.output == "yuv" else None
+        if self.tag is not None:
+            h, w = frame.height, frame.width
+            self.out = YuvFrames(np.empty((n, h, w), np.uint8), np.empty((n, 2, (h + 1) // 2, (w + 1) // 2), np.uint8),
+                                 *self.tag, chroma_left=self.chroma_left)
+        else:
+            h, w = self.size if self.size is not None else (frame.height, frame.width)
+            self.out = np.empty((n, h, w, 3), np.uint8)
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size is None:
+            return self.sws.reformat(frame, format="rgb24", interpolation=_SWS_FLAGS, threads=1).to_ndarray()
+        h, w = self.size
         nh, nw, y0, x0 = cover_crop(frame.height, frame.width, h, w)
-        rgb = frame.reformat(width=nw, height=nh, format="rgb24", interpolation=_SWS_FLAGS).to_ndarray()
+        rgb = self.sws.reformat(frame, width=nw, height=nh, format="rgb24", interpolation=_SWS_FLAGS,
+                                threads=1).to_ndarray()
         return rgb[y0:y0 + h, x0:x0 + w]
-    return convert
 
 
 class _Sweep:
@@ -178,15 +275,14 @@ class _Sweep:
 
 
 def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStream, index: FrameIndex,
-                   want: np.ndarray, convert, path: str, count: dict, skip: bool) -> list[np.ndarray]:
-    """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks;
-    adds the frames the decoder produced to ``count["decoded"]``, the frames it was allowed to leave out
+                   want: np.ndarray, sink: _Sink, path: str, count: dict, skip: bool) -> None:
+    """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks,
+    handing the k-th to ``sink(k, frame)``; adds the frames the decoder produced to ``count["decoded"]``, the frames it was allowed to leave out
     and did to ``count["skipped"]`` and the seeks to ``count["seeks"]``."""
     wanted_pts = frozenset(int(index.pts[i]) for i in want) if skip else None
-    out: list[np.ndarray] = []
     sweep: _Sweep | None = None
     try:
-        for i in want:
+        for k, i in enumerate(want):
             p = int(index.pts[i])
             for back in range(3):         # an open GOP can hide frames behind a keyframe: try earlier ones
                 key = index.keyframe_before(p, back)
@@ -209,7 +305,7 @@ def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStre
                 if frame is None or sweep.last is None or sweep.last < p:
                     raise DecodeError(f"{path}: stream ended before frame {i}")
                 if sweep.last == p:
-                    out.append(convert(frame))
+                    sink(k, frame)
                     break
                 sweep.close()
                 sweep = None              # overshot right after a seek: start from an earlier keyframe
@@ -218,7 +314,6 @@ def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStre
     finally:
         if sweep is not None:
             sweep.close()
-    return out
 
 
 def sweep_frames(index: FrameIndex, want: np.ndarray) -> tuple[int, int]:
@@ -245,7 +340,7 @@ def sweep_frames(index: FrameIndex, want: np.ndarray) -> tuple[int, int]:
 
 def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
                   size: tuple[int, int] | None, threads: int = 0, stats: dict | None = None,
-                  skip_unreferenced: bool = True) -> np.ndarray:
+                  skip_unreferenced: bool = True, output: str = "rgb") -> np.ndarray | YuvFrames:
     """Decode raw frames of one video with PyAV.
 
     Args:
@@ -259,13 +354,20 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
             references them) and "seeks" added to it.
         skip_unreferenced: leave frames that are neither wanted nor referenced undecoded (the same
             pixels; False decodes every frame of the sweep, the cost a plain forward decoder pays).
+        output: "rgb" converts here; "yuv" hands out the decoder's planes at their native size (``size``
+            is then applied by :func:`mscl_stream.data.yuv.yuv420_to_rgb_cover_crop`, on the device),
+            for 8-bit 4:2:0 sources tagged BT.601/BT.709 or untagged; other sources (4:2:2, 4:4:4,
+            10-bit, BT.2020, ...) still come back as RGB at ``size``.
 
     Returns:
-        (len(indices), H, W, 3) uint8 RGB, frame k = raw frame ``indices[k]``.
+        (len(indices), H, W, 3) uint8 RGB, frame k = raw frame ``indices[k]``; with ``output="yuv"``,
+        a :class:`YuvFrames` in the same order where the source allows it.
 
     Raises:
         DecodeError: unreadable or damaged file, or an index outside the file (nothing is padded).
     """
+    if output not in ("rgb", "yuv"):
+        raise ValueError(f"output={output!r}: 'rgb' or 'yuv'")
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         h, w = size if size is not None else (0, 0)
@@ -274,27 +376,33 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
     if idx.min() < 0 or idx.max() >= len(index):
         raise DecodeError(f"{path}: frame {int(idx.max()) if idx.max() >= len(index) else int(idx.min())} "
                           f"requested, the file has frames 0..{len(index) - 1}")
-    want = np.unique(idx)
+    want, inv = np.unique(idx, return_inverse=True)
+    order = np.argsort(inv, kind="stable")            # output rows of each wanted frame, grouped
+    rows = np.split(order, np.cumsum(np.bincount(inv, minlength=want.size))[:-1])
     count = {"decoded": 0, "skipped": 0, "seeks": 0}
+    sink = _Sink(rows, size, output)
     try:
         with av.open(str(path)) as c:
             st = c.streams.video[0]
             st.thread_type = "AUTO" if threads != 1 else "NONE"
             if threads > 0:
                 st.codec_context.thread_count = threads
-            frames = _decode_sorted(c, st, index, want, _converter(size), str(path), count, skip_unreferenced)
+            sink.chroma_left = st.codec_context.name in LEFT_SITED_CODECS
+            _decode_sorted(c, st, index, want, sink, str(path), count, skip_unreferenced)
+    except _NotYuv:                                    # frames of several kinds in one sample: all as RGB
+        return decode_frames(path, idx, size, threads, stats, skip_unreferenced, output="rgb")
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
         raise DecodeError(f"{path}: decode failed ({type(e).__name__}: {e})") from None
     if stats is not None:
         for k, v in (("requested", idx.size), ("wanted", want.size), ("decoded", count["decoded"]),
                      ("skipped", count["skipped"]), ("seeks", count["seeks"])):
             stats[k] = stats.get(k, 0) + int(v)
-    stacked = np.stack(frames)
-    return stacked[np.searchsorted(want, idx)]
+    return sink.out
 
 
 def decode_frames_counted(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
-                          size: tuple[int, int] | None, threads: int = 1) -> tuple[np.ndarray, dict]:
+                          size: tuple[int, int] | None, threads: int = 1,
+                          output: str = "rgb") -> tuple[np.ndarray | YuvFrames, dict]:
     """:func:`decode_frames` plus its cost: (frames, stats) with the counts of ``decode_frames(stats=)``
     and "cpu_seconds": CPU time of this process in a worker process (one task at a time there), else of
     the calling thread (other threads of the process do other work). Picklable, for worker pools."""
@@ -302,20 +410,21 @@ def decode_frames_counted(path: str | os.PathLike, indices: Sequence[int] | np.n
     clock = time.process_time if in_worker else time.thread_time
     t0 = clock()
     stats: dict = {}
-    frames = decode_frames(path, indices, size, threads=threads, stats=stats)
+    frames = decode_frames(path, indices, size, threads=threads, stats=stats, output=output)
     stats["cpu_seconds"] = clock() - t0
     return frames, stats
 
 
 def decode_group_counted(path: str | os.PathLike, index_lists: Sequence[np.ndarray], size: tuple[int, int] | None,
-                         threads: int = 1) -> tuple[list[np.ndarray], dict]:
+                         threads: int = 1, output: str = "rgb") -> tuple[list[np.ndarray | YuvFrames], dict]:
     """Several samples of one video (repeated sampling) in one forward sweep over the union of their
-    frames: ([(len(index_lists[j]), H, W, 3) uint8 per sample], the sweep's stats as in
-    :func:`decode_frames_counted`, counted once for the group). Frames shared by samples decode once."""
+    frames: ([(len(index_lists[j]), H, W, 3) uint8, or :class:`YuvFrames`, per sample], the sweep's stats
+    as in :func:`decode_frames_counted`, counted once for the group). Frames shared by samples decode once."""
     lens = [len(x) for x in index_lists]
     frames, stats = decode_frames_counted(path, np.concatenate([np.asarray(x, np.int64) for x in index_lists]),
-                                          size, threads=threads)
-    return np.split(frames, np.cumsum(lens)[:-1]), stats
+                                          size, threads=threads, output=output)
+    cuts = np.cumsum(lens)[:-1]
+    return (frames.split(cuts) if isinstance(frames, YuvFrames) else np.split(frames, cuts)), stats
 
 
 def ignore_sigint() -> None:

@@ -112,6 +112,44 @@ def test_pyav_path_for_h264_on_cpu(h264_video, caplog, workers):
         build_loader(config(decoder="dali"), recs, device=CPU)
 
 
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_pyav_yuv_output_equals_reference(h264_video, workers):
+    # the planes travel to the device (here the CPU) and are converted there
+    ref = reference(h264_video)
+    n, h, w = ref.shape[:3]
+    recs = [record(h264_video, n, h, w, "h264")] * 2
+    loader = build_loader(config(batch_size=2, frame_size=(h, w), pyav_workers=workers, pyav_output="yuv"), recs,
+                          device=CPU)
+    assert loader._pyav.output == "yuv"
+    loader.set_epoch(0)
+    (batch,) = list(loader)
+    check_batch_frames(batch, {0: ref, 1: ref})
+    assert loader.stats["pyav_samples"] == 2
+    loader.close()
+
+
+@pytest.mark.parametrize("fixture,codec", [("h264_video", "h264"), ("vp9_video", "vp9")])
+def test_pyav_outputs_agree_after_resize(request, fixture, codec):
+    # auto is rgb on CPU; yuv (resized and converted by torch) gives the same frames within the tolerance
+    path = request.getfixturevalue(fixture)
+    ref = reference(path)
+    recs = [record(path, *ref.shape[:3], codec)] * 2
+    out = {}
+    for output in ("auto", "yuv"):
+        loader = build_loader(config(batch_size=2, frame_size=(96, 96), decoder="pyav", pyav_output=output), recs,
+                              device=CPU)
+        assert loader._pyav.output == ("rgb" if output == "auto" else "yuv")
+        loader.set_epoch(1)
+        out[output] = next(iter(loader))
+        loader.close()
+    a, b = out["auto"], out["yuv"]
+    assert torch.equal(a.frame_idx_a, b.frame_idx_a) and torch.equal(a.partner_idx_b, b.partner_idx_b)
+    for name in ("rgb_a", "rgb_b", "partner_rgb_a", "partner_rgb_b"):
+        x, y = getattr(a, name).double(), getattr(b, name).double()
+        assert x.shape == y.shape and x.shape[-2:] == (96, 96)
+        assert (x - y).abs().mean(dim=(2, 3, 4)).max() < 1.0       # every frame, not just on average
+
+
 def test_dali_and_pyav_paths_agree_after_resize(vp9_video):
     ref = reference(vp9_video)
     recs = [record(vp9_video, *ref.shape[:3], "vp9")] * 2
@@ -311,6 +349,20 @@ def test_nvdec_and_pyav_agree_after_resize(h264_video):
         # different colour conversions (DALI: BT.601 limited range; PyAV's rgb24 differs by ~1.3/255)
         # and resize kernels: the bound for decoder agreement, mean < 3 of 255
         assert (x - y).abs().mean() < 3
+
+
+@needs_cuda
+def test_pyav_on_cuda_hands_over_yuv(h264_video):
+    ref = reference(h264_video)
+    n, h, w = ref.shape[:3]
+    recs = [record(h264_video, n, h, w, "h264")] * 2
+    loader = build_loader(config(batch_size=2, frame_size=(h, w), decoder="pyav"), recs, device=torch.device("cuda"))
+    assert loader._pyav.output == "yuv"                  # data.pyav_output=auto on CUDA
+    loader.set_epoch(0)
+    (batch,) = list(loader)
+    assert batch.rgb_a.is_cuda
+    check_batch_frames(batch.to("cpu"), {0: ref, 1: ref})
+    loader.close()
 
 
 @needs_cuda

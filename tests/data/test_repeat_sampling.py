@@ -68,11 +68,13 @@ def test_sampler_groups(tmp_path):
     plain.load_state_dict(old)
 
 
-@pytest.mark.parametrize("batch_size", [3, 2])     # groups aligned with batches, and straddling them
-def test_each_repeated_sample_gets_its_own_frames_and_decode_is_shared(tmp_path, batch_size):
+# groups aligned with batches (3) and straddling them (2); frames handed over as RGB or as YUV planes
+@pytest.mark.parametrize("batch_size,output,workers", [(3, "rgb", "threads"), (2, "rgb", "threads"),
+                                                       (2, "yuv", "threads"), (3, "yuv", "processes")])
+def test_each_repeated_sample_gets_its_own_frames_and_decode_is_shared(tmp_path, batch_size, output, workers):
     recs = [record(stamped_video(tmp_path / f"v{i}.mp4", i), i) for i in range(2)]
     cfg = Config()
-    cfg.data = small_data(repeat_samples=3, batch_size=batch_size)
+    cfg.data = small_data(repeat_samples=3, batch_size=batch_size, pyav_output=output, pyav_workers=workers)
     loader = build_loader(cfg, recs, device=torch.device("cpu"))
     loader.set_epoch(0)
     batches = list(loader)
