@@ -198,67 +198,98 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
     work = Path(tempfile.mkdtemp(prefix="mscl-bench-"))
     codec = None if cfg.data.manifest else bench_codec(codec, resolve_device(cfg.train.device).type)
     profile = None if cfg.data.manifest else bench_profile(profile, resolve_device(cfg.train.device).type)
-    cfg = _ensure_data(cfg, work, steps, codec, profile or "toy")
-    cfg = replace(cfg, train=replace(cfg.train, max_steps=steps, ckpt_every=0, out_dir=str(work / "run"),
-                                     resume="", overwrite=True), log=replace(cfg.log, tensorboard=False))
+    cfg = _bench_config(_ensure_data(cfg, work, steps, codec, profile or "toy"), work, steps)
     result = {"machine": machine_info(), "config": to_dict(cfg), "steps": steps,
               "sample_codec": codec, "profile": profile or "data.manifest", "runs": {}}
     tag = f"bench_{result['machine']['gpu'] or 'cpu'}".replace(" ", "_")
     path = out / f"{tag}_{profile or 'manifest'}_{_dt.date.today().isoformat()}.json"
-    runs = result["runs"]
+    _run_suite(cfg, _Results(result, path), work, steps=steps, baselines=baselines, estimators=estimators,
+               skip=skip, repeat_samples=repeat_samples)
+    _plot(result, path.with_suffix(".png"))
+    _print_summary(result, path)
+    return result
 
-    started = time.perf_counter()
 
-    def done(name: str, run: dict) -> None:
-        # saved after every run: a long suite cut short (a lease, a timeout) keeps what it measured
-        nonlocal started
+def _bench_config(cfg: Config, work: Path, steps: int) -> Config:
+    """``cfg`` for a bench run: ``steps`` steps into a fresh run folder below ``work``, no checkpoints,
+    no TensorBoard."""
+    return replace(cfg, train=replace(cfg.train, max_steps=steps, ckpt_every=0, out_dir=str(work / "run"),
+                                      resume="", overwrite=True), log=replace(cfg.log, tensorboard=False))
+
+
+class _Results:
+    """The bench's result dict and its JSON file, saved after every run: a long suite cut short (a lease,
+    a timeout) keeps what it measured."""
+
+    def __init__(self, result: dict, path: Path):
+        self.result, self.path, self.runs = result, path, result["runs"]
+        self._started = time.perf_counter()
+
+    def done(self, name: str, run: dict) -> None:
+        """Record a finished run with its wall time (set-up, warm-up and steps) and the ratios it enables."""
         now = time.perf_counter()
-        runs[name] = {**run, "wall_seconds": now - started}   # set-up, warm-up and steps
-        started = now
-        rate = {n: r["clips_per_s"] for n, r in runs.items()}
+        self.runs[name] = {**run, "wall_seconds": now - self._started}
+        self._started = now
+        rate = {n: r["clips_per_s"] for n, r in self.runs.items()}
         if "resident" in rate:
-            result["stream_efficiency"] = rate["end_to_end"] / rate["resident"]
+            self.result["stream_efficiency"] = rate["end_to_end"] / rate["resident"]
         if "pyav_dataloader" in rate:
-            result["speedup_vs_pyav"] = rate["end_to_end"] / rate["pyav_dataloader"]
-        path.write_text(json.dumps(result, indent=2, default=str))
+            self.result["speedup_vs_pyav"] = rate["end_to_end"] / rate["pyav_dataloader"]
+        self.save()
 
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.result, indent=2, default=str))
+
+
+def _run_suite(cfg: Config, results: _Results, work: Path, *, steps: int, baselines: bool,
+               estimators: tuple[str, ...], skip: tuple[str, ...], repeat_samples: int) -> None:
+    """(a), (b) and (f), then the optional runs that ``skip`` leaves in; each is saved as it finishes."""
     print(f"bench (a): end-to-end, {steps} steps of {cfg.data.batch_size} clips", flush=True)
-    done("end_to_end", _run(cfg))
+    results.done("end_to_end", _run(cfg))
     print("bench (b): device-resident batches (no decode)", flush=True)
-    done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
+    results.done("resident", _run(cfg, loader=ResidentLoader(_first_batch(cfg), steps)))
+    runs = results.runs
     if "decode_cost" not in skip:
         print("bench (f): PyAV decode cost per sample on one core", flush=True)
-        result["decode_cost"] = decode_cost(cfg, runs["resident"]["clips_per_s"], runs["end_to_end"].get("loader"))
-        path.write_text(json.dumps(result, indent=2, default=str))
+        results.result["decode_cost"] = decode_cost(cfg, runs["resident"]["clips_per_s"],
+                                                    runs["end_to_end"].get("loader"))
+        results.save()
     if repeat_samples > 1:
         print(f"bench (a''): end-to-end with repeated sampling, data.repeat_samples={repeat_samples}", flush=True)
-        done(f"end_to_end_repeat{repeat_samples}",
-             _run(replace(cfg, data=replace(cfg.data, repeat_samples=repeat_samples))))
+        results.done(f"end_to_end_repeat{repeat_samples}",
+                     _run(replace(cfg, data=replace(cfg.data, repeat_samples=repeat_samples))))
     if baselines and "pyav_dataloader" not in skip:
         from mscl_stream.commands.baseline import pyav_dataloader
         print(f"bench (d): PyAV DataLoader baseline, {cfg.data.decode_workers} workers", flush=True)
-        done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
+        results.done("pyav_dataloader", _run(cfg, loader=pyav_dataloader(cfg)))
     if resolve_device(cfg.train.device).type == "cuda" and cfg.data.decoder == "auto" and \
             "end_to_end_nvdec" not in skip:
         # `auto` decodes with PyAV on a GPU; the same run through DALI's NVDEC shows why
         print("bench (a'): end-to-end with data.decoder=dali (NVDEC)", flush=True)
-        done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
+        results.done("end_to_end_nvdec", _run(replace(cfg, data=replace(cfg.data, decoder="dali"))))
     if baselines and "precomputed_flow" not in skip:
-        from mscl_stream.flow import estimator_from_config
-        from mscl_stream.commands.baseline import precomputed_flow_loader
-        print("bench (d): precomputed-flow baseline (flow to disk once, read back by DataLoader workers)",
-              flush=True)
-        est = estimator_from_config(cfg.flow, resolve_device(cfg.train.device))
-        loader, cost = precomputed_flow_loader(cfg, est, work / "flow_cache")
-        result["precomputed_flow_disk_mb"] = cost["bytes"] / 2**20
-        done("precomputed_flow", {**_run(cfg, loader=loader), "precompute": cost})
+        _run_precomputed_flow(cfg, results, work)
     for name in estimators:
         print(f"bench (e): flow estimator {name}", flush=True)
-        done(f"flow={name}", _run(replace(cfg, flow=_swapped_flow(cfg.flow, name))))
+        results.done(f"flow={name}", _run(replace(cfg, flow=_swapped_flow(cfg.flow, name))))
 
-    _plot(result, path.with_suffix(".png"))
+
+def _run_precomputed_flow(cfg: Config, results: _Results, work: Path) -> None:
+    """(d) the authors' pipeline: flow precomputed to disk once, then read back by DataLoader workers."""
+    from mscl_stream.flow import estimator_from_config
+    from mscl_stream.commands.baseline import precomputed_flow_loader
+    print("bench (d): precomputed-flow baseline (flow to disk once, read back by DataLoader workers)",
+          flush=True)
+    est = estimator_from_config(cfg.flow, resolve_device(cfg.train.device))
+    loader, cost = precomputed_flow_loader(cfg, est, work / "flow_cache")
+    results.result["precomputed_flow_disk_mb"] = cost["bytes"] / 2**20
+    results.done("precomputed_flow", {**_run(cfg, loader=loader), "precompute": cost})
+
+
+def _print_summary(result: dict, path: Path) -> None:
+    """The table of runs (clips/s, flow share, MFU), the decode cost line and the stream efficiency."""
     print(f"\n{'run':<24}{'clips/s':>10}{'flow share':>12}{'MFU':>8}")
-    for name, r in runs.items():
+    for name, r in result["runs"].items():
         m = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
         print(f"{name:<24}{r['clips_per_s']:>10.2f}{r['stage_share'].get('flow', float('nan')):>12.2f}{m:>8}")
     dc = result.get("decode_cost")
@@ -270,7 +301,6 @@ def run_bench(cfg: Config, out: Path, steps: int = 20, baselines: bool = False,
               f"per core; the step's {dc['step_clips_per_s']:.1f} clips/s need {dc['pyav_cores_per_gpu']:.1f} "
               "PyAV cores per GPU")
     print(f"stream efficiency (a)/(b): {result['stream_efficiency']:.3f}; results in {path}")
-    return result
 
 
 def _plot(result: dict, path: Path) -> None:
