@@ -20,7 +20,10 @@ index alone, for decoders that cannot report it.
 Pixels match DALI's CPU decoder: BT.601 limited-range YUV -> RGB with bilinear (full) chroma
 interpolation (FFmpeg's default fast path repeats chroma samples instead, ~3/255 off on colourful
 detail), then a resize that covers (H, W) keeping the aspect ratio and a centre crop with the same
-rounding as DALI's ``resize(mode="not_smaller", subpixel_scale=False)`` + ``crop``.
+rounding as DALI's ``resize(mode="not_smaller", subpixel_scale=False)`` + ``crop``. With
+``output="yuv"`` the conversion and resize are left to :mod:`mscl_stream.data.yuv` on the training
+device: the wanted frames' planes travel instead (:class:`YuvFrames`; docs/data.md, "Where colour
+conversion happens").
 """
 
 from __future__ import annotations

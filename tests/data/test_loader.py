@@ -147,7 +147,7 @@ def test_pyav_outputs_agree_after_resize(request, fixture, codec):
     for name in ("rgb_a", "rgb_b", "partner_rgb_a", "partner_rgb_b"):
         x, y = getattr(a, name).double(), getattr(b, name).double()
         assert x.shape == y.shape and x.shape[-2:] == (96, 96)
-        assert (x - y).abs().mean(dim=(2, 3, 4)).max() < 1.0       # every frame, not just on average
+        assert (x - y).abs().mean(dim=(2, 3, 4)).max() < 0.2       # every frame: the same pixels up to rounding
 
 
 def test_dali_and_pyav_paths_agree_after_resize(vp9_video):
