@@ -112,3 +112,16 @@ def test_file_rewritten_after_first_read_is_reindexed(make_video, tmp_path):
         decode_frames(target, [45], None)
     target.write_bytes(b.read_bytes())
     assert_same_frames(decode_frames(target, [45], None), reference(b), [45])
+
+
+def test_one_swscale_context_per_call_gives_the_per_frame_conversion_exactly(h264_video):
+    # decode_frames reuses one swscale context for all frames of a call: the pixels must be those of a
+    # fresh conversion of each frame (the full decode's frame, with its own context), bit for bit
+    idx, size = [40, 3, 3, 17, 63, 0], (96, 96)
+    nh, nw, y0, x0 = cover_crop(128, 176, *size)
+    with av.open(str(h264_video)) as c:
+        frames = list(c.decode(video=0))
+    want = np.stack([frames[i].reformat(width=nw, height=nh, format="rgb24", interpolation=ACCURATE).to_ndarray()
+                     [y0:y0 + size[0], x0:x0 + size[1]] for i in idx])
+    assert np.array_equal(decode_frames(h264_video, idx, size), want)
+    assert np.array_equal(decode_frames(h264_video, idx, None), reference(h264_video)[idx])
