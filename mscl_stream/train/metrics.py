@@ -3,6 +3,8 @@
 * :class:`MetricsLogger` - one JSON object per line in ``<out_dir>/metrics.jsonl`` (appended, so a
   resumed run continues the file; take the last line per step) and TensorBoard scalars under
   ``<out_dir>/tb`` when ``torch.utils.tensorboard`` imports. Only the main rank writes.
+* :class:`Throughput` - clips per second since the start, the data-wait share since the last logged
+  step, and when each step ended.
 * :func:`format_progress` - the one-line step / throughput / ETA report.
 * :func:`gpu_memory` - peak allocated and reserved memory on a CUDA device.
 
@@ -127,12 +129,50 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class Throughput:
+    """Clips per second of the steps done by this process, and the share of time spent waiting for data.
+
+    Args:
+        clips_per_step: clips one step trains on over all ranks (the global batch).
+    """
+
+    def __init__(self, clips_per_step: int) -> None:
+        self.clips_per_step = clips_per_step
+        self.t_start = time.perf_counter()
+        self.clips = 0
+        self.step_ends: list[float] = []     # seconds from the start to the end of each step
+        self._t_window, self._wait = self.t_start, 0.0
+
+    def wait(self, seconds: float) -> None:
+        """The loop waited ``seconds`` for data (loader or look-ahead)."""
+        self._wait += seconds
+
+    def step_done(self) -> None:
+        self.clips += self.clips_per_step
+        self.step_ends.append(time.perf_counter() - self.t_start)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def rate(self, elapsed: float) -> float:
+        """Clips per second over ``elapsed`` seconds from the start."""
+        return self.clips / max(elapsed, 1e-9)
+
+    def window(self) -> tuple[float, float, float]:
+        """(seconds since the start, clips/s since the start, data-wait share since the last call)."""
+        now = time.perf_counter()
+        elapsed = now - self.t_start
+        share = self._wait / max(now - self._t_window, 1e-9)
+        self._t_window, self._wait = now, 0.0
+        return elapsed, self.rate(elapsed), share
+
+
 def format_progress(step: int, total: int, elapsed: float, clips_per_s: float, start: int = 0) -> str:
     """One console line: ``step 250/1000 (25.0%) | 41.3 clips/s | elapsed 0:01:40 | eta 0:05:00``.
 
     ``step`` is the number of finished steps, ``start`` the step this process began at (a resumed run)
-    and ``elapsed`` the seconds since then; the ETA assumes the mean step time of those steps. The
-    trainer prints this line where no progress bar is drawn (mscl_stream.progress).
+    and ``elapsed`` the seconds since then; the ETA assumes the mean step time of those steps. A run
+    (:meth:`mscl_stream.train.run.Run.report`) prints this line where no progress bar is drawn (mscl_stream.progress).
     """
     frac = step / total if total > 0 else 0.0
     eta = elapsed / (step - start) * (total - step) if step > start else math.inf

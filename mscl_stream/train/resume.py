@@ -10,6 +10,7 @@ The policy is described in docs/reliability.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from mscl_stream.config import Config, to_dict
@@ -18,7 +19,7 @@ from mscl_stream.errors import UserError
 from mscl_stream.train.checkpoint import (check_expect, differences, expect_from_config, find_resumable,
                                           list_checkpoints, load_checkpoint)
 
-log = logging.getLogger("mscl_stream.train.trainer")   # the run's messages, under the trainer's name
+log = logging.getLogger("mscl_stream.train.run")   # the run's messages, under the run machinery's name
 
 # Settings that define the run must match the checkpoint, or the resume is refused; the manifest's
 # content (SHA-256) must match too.
@@ -30,11 +31,13 @@ RESUME_MUST_MATCH = ("data.frames_per_clip", "data.frame_stride", "data.flow_gap
 RESUME_MAY_CHANGE = ("optim", "train.epochs", "train.max_steps", "augment", "data.manifest", "data.split")
 
 
-def resume_point(cfg: Config, dist, run, out: Path, manifest_id: dict | None) -> tuple[Path | None, dict | None]:
+def resume_point(cfg: Config, dist, run, out: Path, manifest_id: dict | None,
+                 must_match: Sequence[str] = RESUME_MUST_MATCH) -> tuple[Path | None, dict | None]:
     """(checkpoint path, its state) every rank resumes from, or (None, None) for a fresh start.
 
     Rank 0 decides (``run`` is its locked run folder) and the others load the file it chose; a refusal
-    on rank 0 stops every rank with the same one-line UserError.
+    on rank 0 stops every rank with the same one-line UserError. The checkpoint's config must equal
+    ``cfg`` at the ``must_match`` keys.
     """
     chosen, state, refusal = None, None, None
     if dist.is_main and cfg.train.resume:
@@ -50,15 +53,15 @@ def resume_point(cfg: Config, dist, run, out: Path, manifest_id: dict | None) ->
     if ckpt_path is not None:
         if state is None:                 # other ranks read the file rank 0 chose
             state = load_checkpoint(ckpt_path)
-        check_expect(state, expect_from_config(to_dict(cfg), RESUME_MUST_MATCH), ckpt_path)
+        check_expect(state, expect_from_config(to_dict(cfg), must_match), ckpt_path)
         if dist.is_main:
             _check_resume_data(state, manifest_id, ckpt_path)
     return ckpt_path, state
 
 
-def changed_settings(state: dict, cfg: Config) -> list[str]:
-    """The :data:`RESUME_MAY_CHANGE` settings that differ from the checkpoint's, one line each."""
-    return [d for k in RESUME_MAY_CHANGE for d in differences(_get(state["config"], k), _get(to_dict(cfg), k), k)]
+def changed_settings(state: dict, cfg: Config, may_change: Sequence[str] = RESUME_MAY_CHANGE) -> list[str]:
+    """The ``may_change`` settings that differ from the checkpoint's, one line each."""
+    return [d for k in may_change for d in differences(_get(state["config"], k), _get(to_dict(cfg), k), k)]
 
 
 def _get(d: dict, dotted: str):
