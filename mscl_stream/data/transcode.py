@@ -143,6 +143,30 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
     report = {"src": str(src), "dst": str(dst), "short_side": short_side, "gop": gop, "codec": codec,
               "encoding": encoding,
               "transcoded": [], "existing": [], "failed": [], "skipped": []}
+    jobs = _plan_jobs(src, dst, suffix, report)
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _run_jobs(jobs, workers, report, short_side=short_side, gop=gop, codec=codec, encoding=encoding)
+    report["seconds"] = time.perf_counter() - t0
+    _write_report(report, dst / "transcode.report.json")
+    ok, old, bad = len(report["transcoded"]), len(report["existing"]), report["failed"]
+    print(f"{dst}: {ok} transcoded, {old} already there, {len(bad)} failed, {len(report['skipped'])} other "
+          f"files skipped; short side {short_side}, GOP {gop}, {codec} ({encoding}); {report['seconds']:.1f} s")
+    for f in bad[:10]:
+        print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
+    if len(bad) > 10:
+        print(f"... {len(bad) - 10} more failures in {dst / 'transcode.report.json'}", file=sys.stderr)
+    if bad and not ok and not old:
+        raise UserError(f"transcode: all {len(bad)} videos failed (e.g. {bad[0]['path']}: {bad[0]['reason']}); "
+                        f"see {dst / 'transcode.report.json'}")
+    if not bad and not ok and not old:
+        raise UserError(f"{src}: no video files found (suffixes {', '.join(sorted(VIDEO_SUFFIXES))})")
+    return report
+
+
+def _plan_jobs(src: Path, dst: Path, suffix: str, report: dict) -> list[tuple[str, str]]:
+    """(source, output) pairs still to transcode; other files go into the report as skipped, existing
+    or failed (two sources with one output name)."""
     jobs, targets = [], {}
     for root, dirs, names in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -160,8 +184,12 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
                 report["existing"].append(str(out))
             else:
                 jobs.append((str(p), str(out)))
-    dst.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    return jobs
+
+
+def _run_jobs(jobs: list[tuple[str, str]], workers: int, report: dict, *, short_side: int, gop: int, codec: str,
+              encoding: str) -> None:
+    """Transcode ``jobs`` in worker processes into the report; a file whose worker died is tried once more."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     progress = Progress(len(jobs), "transcode", unit="file")
     done, tries = 0, {}
@@ -189,21 +217,6 @@ def transcode_dataset(src: str | os.PathLike, dst: str | os.PathLike, short_side
             jobs = retry
     finally:
         progress.close()
-    report["seconds"] = time.perf_counter() - t0
-    _write_report(report, dst / "transcode.report.json")
-    ok, old, bad = len(report["transcoded"]), len(report["existing"]), report["failed"]
-    print(f"{dst}: {ok} transcoded, {old} already there, {len(bad)} failed, {len(report['skipped'])} other "
-          f"files skipped; short side {short_side}, GOP {gop}, {codec} ({encoding}); {report['seconds']:.1f} s")
-    for f in bad[:10]:
-        print(f"failed: {f['path']}: {f['reason']}", file=sys.stderr)
-    if len(bad) > 10:
-        print(f"... {len(bad) - 10} more failures in {dst / 'transcode.report.json'}", file=sys.stderr)
-    if bad and not ok and not old:
-        raise UserError(f"transcode: all {len(bad)} videos failed (e.g. {bad[0]['path']}: {bad[0]['reason']}); "
-                        f"see {dst / 'transcode.report.json'}")
-    if not bad and not ok and not old:
-        raise UserError(f"{src}: no video files found (suffixes {', '.join(sorted(VIDEO_SUFFIXES))})")
-    return report
 
 
 def _write_report(report: dict, path: Path) -> None:
