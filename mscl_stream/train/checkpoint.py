@@ -6,16 +6,16 @@ lists, tuples, numbers, strings, bools and None: model/optimizer ``state_dict()`
 ``config.to_dict(cfg)``, the sampler state as plain types, and RNG states from :func:`rng_state`.
 :func:`save_checkpoint` checks this before writing, so a bad state fails at save time, not at resume.
 
-Layout used by the trainer (``--resume auto`` relies on it)::
+Layout of a run's checkpoints (``--resume auto`` relies on it)::
 
     <out_dir>/checkpoints/step_00000500.pt     periodic saves, zero-padded step (prune_checkpoints keeps k)
     <out_dir>/checkpoints/last.pt              the end of a run
     <out_dir>/checkpoints/diverged.pt          written before stopping on NaN losses; never auto-resumed
 
-The trainer writes step files through :func:`save_step_checkpoint` (which prunes to
-``train.keep_checkpoints``) and ``--resume auto`` uses :func:`find_resumable` (this run's newest
-loadable file). Temporary files of an interrupted write (``.<name>.tmp-<pid>``) are removed by the next
-run that takes the folder's lock (``train/rundir.py``).
+A run (:class:`mscl_stream.train.run.Checkpointer`) writes step files through
+:func:`save_step_checkpoint` (which prunes to ``train.keep_checkpoints``) and ``--resume auto`` uses
+:func:`find_resumable` (this run's newest loadable file). Temporary files of an interrupted write
+(``.<name>.tmp-<pid>``) are removed by the next run that takes the folder's lock (``train/rundir.py``).
 
 Errors a user can cause (missing, corrupt or truncated file, a checkpoint from another model or config)
 are one-line :class:`UserError`\\ s; a mismatch never silently starts training from scratch.

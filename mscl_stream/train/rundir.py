@@ -12,9 +12,9 @@ Layout of ``train.out_dir`` (see docs/reliability.md)::
 :func:`open_run_dir` checks everything a user can get wrong about the folder before any expensive work
 (a file in its place, no write permission, a pseudo file system, ``checkpoints`` being a file, another
 live run holding the lock, an earlier run without ``--resume``/``--overwrite``) and raises a one-line
-:class:`UserError`. The lock is released by :meth:`RunDir.release` (the trainer calls it on every exit)
-and, should that never run (kill -9), recognised as stale by the next start: same host, and the PID is
-gone or belongs to a process started at another time.
+:class:`UserError`. The lock is released by :meth:`RunDir.release` (:class:`mscl_stream.train.run.Run`
+calls it on every exit) and, should that never run (kill -9), recognised as stale by the next start:
+same host, and the PID is gone or belongs to a process started at another time.
 """
 
 from __future__ import annotations

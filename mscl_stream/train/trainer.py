@@ -1,62 +1,49 @@
-"""`mscl-stream pretrain`: the MSCL training loop, one readable function.
+"""`mscl-stream pretrain`: the MSCL training loop, a :class:`Trainer` with a ``step()`` and a ``fit()``.
 
 Config -> streaming loader -> in-batch flow -> augmentation + flow encoding -> MSCL -> SGD.
-One process per GPU under torchrun (DDP; gloo on CPU); checkpoints carry everything needed to resume
-exactly (model with momentum encoders and queues, optimizer, scaler, loader/sampler position, RNGs).
-Which checkpoint a start resumes from is decided in :mod:`mscl_stream.train.resume`; SIGINT/SIGTERM
-are turned into a checkpoint at a step boundary by :mod:`mscl_stream.train.signals`.
+:func:`pretrain` opens a :class:`~mscl_stream.train.run.Run` (run folder and lock, resume point, stop
+signals, checkpoints, metrics, progress: the machinery any training loop shares) and hands it a
+:class:`Trainer`, which builds its parts once in its constructor, trains one batch in :meth:`Trainer.step`
+and loops in :meth:`Trainer.fit`. The trainer is the run's :class:`~mscl_stream.train.run.TrainState`:
+its checkpoints carry everything needed to resume exactly (model with momentum encoders and queues,
+optimizer, scaler, every rank's loader position and RNGs, the counters). One process per GPU under
+torchrun (DDP; gloo on CPU).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from mscl_stream.config import Config, dump_config, to_dict
+from mscl_stream.config import Config
+from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import read_manifest
-from mscl_stream.errors import Interrupted, UserError
-from mscl_stream.progress import Progress
-from mscl_stream.models.mscl import MSCL, momentum_at
-from mscl_stream.train.checkpoint import (link_checkpoint, load_model_state, rng_state, save_checkpoint,
-                                          save_step_checkpoint, set_rng_state)
-from mscl_stream.train.guard import StepGuard
-from mscl_stream.train.resume import changed_settings, resume_point
-from mscl_stream.train.rundir import manifest_identity, new_run_id, open_run_dir
-from mscl_stream.train.signals import StopSignals, should_stop
-from mscl_stream.distributed import all_gather_objects, cleanup, init_distributed
-from mscl_stream.train.flops import estimate_flops_per_clip, mfu, peak_flops
-from mscl_stream.train.metrics import MetricsLogger, format_progress
-from mscl_stream.train.timing import StageTimer
-from mscl_stream.train.schedule import lr_at, scaled_lr
+from mscl_stream.distributed import DistInfo, init_distributed
+from mscl_stream.errors import UserError
 from mscl_stream.flow import estimator_from_config
+from mscl_stream.train.checkpoint import CKPT_DIR, load_model_state, rng_state, set_rng_state
+from mscl_stream.train.flops import estimate_flops_per_clip, mfu, peak_flops
 from mscl_stream.train.flow_ahead import FlowFeed
-from mscl_stream.train.optim import build_optimizer
-from mscl_stream.train.plot import plot_run_or_warn
+from mscl_stream.train.guard import StepGuard
 from mscl_stream.train.inputs import amp_dtype, autocast, make_inputs
+from mscl_stream.train.metrics import Throughput
+from mscl_stream.train.optim import build_optimizer
+from mscl_stream.train.parts import Schedule, build_model, seed_everything, to_channels_last
+from mscl_stream.train.run import Run
+from mscl_stream.train.rundir import manifest_identity
+from mscl_stream.train.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite losses; a checkpoint was written before stopping."""
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last_3d) if x.dim() == 5 else x
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global RNG and torch (all devices) from one number."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
@@ -78,284 +65,260 @@ def pretrain(cfg: Config, loader=None, on_step=None) -> dict:
     seed_everything(cfg.train.seed + dist.rank)
     if loader is None and not cfg.data.manifest:
         raise UserError("data.manifest: not set; pass data.manifest=PATH (a manifest written by `mscl-stream index`)")
-    if cfg.train.overwrite and cfg.train.resume:
-        raise UserError("train.overwrite: cannot be combined with --resume (overwrite starts the run anew)")
-    # The run folder is checked and locked before anything expensive; a refusal on rank 0 stops every rank.
-    run, err = None, None
-    if dist.is_main:
+    with Run(cfg, dist) as run:     # the folder is checked and locked before anything expensive
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        run.choose_resume(manifest_identity(cfg.data.manifest) if loader is None and dist.is_main else None)
+        trainer = Trainer(cfg, dist, run, loader, on_step)
         try:
-            run = open_run_dir(cfg.train.out_dir, resume=bool(cfg.train.resume), overwrite=cfg.train.overwrite)
-        except UserError as e:
-            err = str(e)
-    errors = [e for e in all_gather_objects(err) if e]
-    if errors:
-        cleanup()
-        raise UserError(errors[0])
-    try:
-        with StopSignals() as signals:
-            return _pretrain(cfg, dist, run, loader, on_step, signals)
-    finally:
-        if run is not None:
-            run.release()
+            return trainer.fit()
+        finally:
+            trainer.close()
 
 
-def _pretrain(cfg: Config, dist, run, loader, on_step, signals: StopSignals) -> dict:
-    device = dist.device
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(cfg.train.out_dir)
-    manifest_id = manifest_identity(cfg.data.manifest) if loader is None and dist.is_main else None
+class StepResult(NamedTuple):
+    """What one step leaves for the bookkeeping after it (all device tensors: nothing read yet)."""
 
-    # ---- which checkpoint to resume (rank 0 decides; every rank loads the same file)
-    ckpt_path, state = resume_point(cfg, dist, run, out, manifest_id)
-    run_id = ((state or {}).get("run_id") or new_run_id()) if dist.is_main else None
+    batch: ClipBatch            # the batch trained on (online MDS keeps one of its candidate rows)
+    terms: dict                 # the model's outputs: "loss", the loss terms, the keys
+    ok: torch.Tensor            # 0-dim bool: the step was finite and changed the model
+    grad_norm: torch.Tensor     # total gradient norm before clipping
+    lr: float
+    momentum: float
 
-    # ---- data, flow, model, optimiser
-    records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
-    own_loader = loader is None           # closed here at the end (its threads / worker processes)
-    if own_loader:
-        loader = build_loader(cfg, records, rank=dist.rank, world_size=dist.world_size, device=device)
-    estimator = estimator_from_config(cfg.flow, device)
-    feed = FlowFeed(estimator, loader, device, ahead=cfg.train.flow_ahead)   # batches with their flow
-    model = MSCL(cfg).to(device)
-    use_cl = cfg.train.channels_last and device.type == "cuda"
-    if use_cl:
-        model = model.to(memory_format=torch.channels_last_3d)
-    core = model  # the plain module: momentum updates, queues, checkpoints
-    if dist.world_size > 1:
-        unused = any(w == 0 for w in cfg.loss.weights.values())
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=unused)
-    if cfg.train.compile:     # encoders, neck, heads; losses, queues, EMA stay eager (MSCL.compile_encoders)
-        core.compile_encoders()
-    params = [p for p in core.parameters() if p.requires_grad]
-    global_batch = cfg.data.batch_size * dist.world_size
-    base_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.base_batch)
-    opt = build_optimizer(cfg, params, base_lr)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + dist.rank)
 
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"data.batch_size: {cfg.data.batch_size} is larger than this rank's share of "
-                        f"{len(records)} videos x {cfg.data.clips_per_video} clips")
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    step, epoch, bad_streak, bad_total = 0, 0, 0, 0
+class Trainer:
+    """MSCL pretraining: the parts of a run, built once; :meth:`step` trains a batch, :meth:`fit` loops.
 
-    # ---- resume
-    if state is not None:
-        load_model_state(core, state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if len(state["ranks"]) != dist.world_size:
-            raise UserError(f"train.resume: checkpoint was written by {len(state['ranks'])} ranks, this run has "
-                            f"{dist.world_size}; resume with the same number of processes")
-        mine = state["ranks"][dist.rank]
-        loader.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"])
-        aug_gen.set_state(mine["aug_rng"])
-        step, epoch, bad_total = state["step"], state["epoch"], state.get("bad_total", 0)
-        if dist.is_main:
-            log.info("resumed from %s at step %d (epoch %d), run %s", ckpt_path, step, epoch,
-                     state.get("run_id", "(unrecorded)"))
-    elif cfg.train.resume == "auto" and dist.is_main:
-        log.info("resume=auto: no checkpoint in %s, starting run %s", out, run_id)
-    guard = StepGuard(core, opt if scaler is None else None, device, dist.world_size)
+    Implements :class:`~mscl_stream.train.run.TrainState` (``position``, ``state_dict``, ``rank_state``,
+    ``load_state_dict``): ``run`` checkpoints and restores it.
+    """
 
-    step_file: dict = {}      # the latest step checkpoint: its (step, epoch, bad_total) and path
+    def __init__(self, cfg: Config, dist: DistInfo, run: Run, loader=None, on_step=None) -> None:
+        self.cfg, self.dist, self.run, self.on_step = cfg, dist, run, on_step
+        self.device = device = dist.device
+        # ---- data: the loader, and the flow of each batch
+        self.records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
+        self.own_loader = loader is None            # closed by close(): its threads / worker processes
+        if loader is None:
+            loader = build_loader(cfg, self.records, rank=dist.rank, world_size=dist.world_size, device=device)
+        self.loader = loader
+        self.estimator = estimator_from_config(cfg.flow, device)
+        self.feed = FlowFeed(self.estimator, loader, device, ahead=cfg.train.flow_ahead)
+        self.schedule = Schedule.from_config(cfg, len(loader), dist.world_size, len(self.records))
+        # ---- model, optimizer, precision
+        self.model, self.core, self.channels_last = build_model(cfg, dist)
+        self.params = [p for p in self.core.parameters() if p.requires_grad]
+        self.opt = build_optimizer(cfg, self.params, self.schedule.base_lr)
+        self.amp = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        self.aug_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + dist.rank)
+        # ---- counters, then the resume point's state (if any) over everything above
+        self.global_step, self.epoch, self.bad_total, self.bad_streak = 0, 0, 0, 0
+        run.restore(self)
+        self.guard = StepGuard(self.core, self.opt if self.scaler is None else None, device, dist.world_size)
+        # ---- measurement: stage times, model FLOPs (first step, GPU only), loss terms, throughput
+        self.timer = StageTimer(device, warmup_steps=2)   # steps 0-1: captures, autotuning, the FLOP count
+        self.peak = peak_flops(device)
+        self.flops_per_clip: float | None = None
+        self.last_terms: dict[str, float] = {}
+        self._announce()
+        run.begin(self.schedule.total, initial=self.global_step)
+        self.meter = Throughput(self.schedule.global_batch)
 
-    def checkpoint(tag: str) -> Path | None:
-        # Every rank contributes its loader position and RNG states (one list entry per rank); rank 0 writes.
-        per_rank = all_gather_objects({"loader": feed.loader_state(), "rng": rng_state(),
-                                       "aug_rng": aug_gen.get_state()})
-        if not dist.is_main:
-            return None
-        named = out / "checkpoints" / f"{tag}.pt"
-        if tag == "last" and step_file.get("at") == (step, epoch, bad_total) and \
-                link_checkpoint(step_file["path"], named):
-            return named      # the run ended on a step checkpoint: the same state, not written twice
-        ckpt = {"model": core.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "ranks": per_rank,
-                "step": step, "epoch": epoch, "bad_total": bad_total, "config": to_dict(cfg),
-                "flow": estimator.describe(), "run_id": run_id, "manifest": manifest_id}
-        if tag == "step":
-            path = save_step_checkpoint(out, step, ckpt, keep=cfg.train.keep_checkpoints)
-            step_file.update(at=(step, epoch, bad_total), path=path)
-            return path
-        return save_checkpoint(named, ckpt)
+    def step(self, batch: ClipBatch) -> StepResult:
+        """One optimizer step on ``batch``: flow, views, forward + backward, the guarded update.
 
-    def account(results: list[tuple[int, bool]]) -> None:
-        # Host view of the guard's verdicts (a step or so late on a GPU); stop after too many in a row.
-        nonlocal bad_streak, bad_total
+        Reads nothing back from the device: a non-finite loss or gradient skips the update on the
+        device (:class:`StepGuard`), and the host learns of it a step or so later (:meth:`_account`).
+        """
+        cfg, guard, opt, timer = self.cfg, self.guard, self.opt, self.timer
+        with timer("flow"):
+            # MDS online keeps 1 of K rows; train.flow_ahead launches the next batch's flow here
+            batch, flow_a, flow_b = self.feed.flow(batch, look_ahead=self.global_step + 1 < self.schedule.total)
+        self.meter.wait(self.feed.take_ahead_wait())     # flow_ahead takes the next batch inside flow()
+        with timer("motion_augment"):
+            inputs = make_inputs(batch, flow_a, flow_b, cfg, self.aug_gen)
+            if self.channels_last:
+                inputs = to_channels_last(inputs)
+        if self.flops_per_clip is None and self.peak is not None:
+            self._count_flops(inputs)
+
+        lr, m = self.schedule.lr(self.global_step), self.schedule.momentum(self.global_step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with timer("forward_backward"):
+            guard.before_forward()
+            with autocast(self.device, self.amp):
+                terms = self.model(inputs)
+            loss = terms["loss"]
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        with timer("optimizer"):
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)
+            if cfg.optim.clip_grad > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            # one device-side verdict gates every update of this step (no host read here)
+            ok = guard.check(loss, grad_norm if self.scaler is None else None)
+            guard.optimizer_step(opt, ok, self.scaler)
+            opt.zero_grad(set_to_none=True)
+            self.core.momentum_update(m, ok)
+            self.core.enqueue(terms["keys_rgb"], terms["keys_flow"], ok)
+            guard.after_step(ok)
+        self.global_step += 1
+        self.meter.step_done()
+        return StepResult(batch, terms, ok, grad_norm, lr, m)
+
+    def fit(self) -> dict:
+        """Train from the resume point (or step 0) to the schedule's last step; ``last.pt``; the result.
+
+        Per step: the batch (timed as data wait), :meth:`step`, the guard's late verdicts, ``on_step``,
+        the metrics at logged steps, a stop request (checkpoint, Interrupted), periodic checkpoints.
+        """
+        total, every, ckpt_every = self.schedule.total, self.cfg.log.every, self.cfg.train.ckpt_every
+        mid_epoch = self.run.resume_path is not None   # a resumed loader continues its epoch where it stopped
+        while self.global_step < total:
+            if not mid_epoch:
+                self.loader.set_epoch(self.epoch)
+            mid_epoch, epoch_done = False, False
+            self.feed.start(iter(self.loader))
+            while self.global_step < total:
+                self.timer.begin_step()          # CUDA events, no device sync: every step is timed
+                batch = self._next_batch()
+                if batch is None:
+                    self.timer.abandon_step()    # the end-of-epoch probe is no training step
+                    epoch_done = True
+                    break
+                res = self.step(batch)
+                self._account(self.guard.publish(res.ok, self.global_step))
+                if self.on_step is not None:
+                    self.on_step(self.global_step, self.core, res.batch)
+                logged = self.global_step % every == 0 or self.global_step == total
+                if logged:
+                    self._log(res)
+                else:
+                    self.run.tick(self.global_step)
+                if self.run.should_stop(logged):
+                    raise self.run.interrupted(self.global_step, self.checkpoint("step"))
+                if ckpt_every and self.global_step % ckpt_every == 0:
+                    self.checkpoint("step")
+            if epoch_done:
+                self.epoch += 1
+        return self._finish()
+
+    # ---------------------------------------------------------------- the run's TrainState
+    def position(self) -> dict:
+        return {"step": self.global_step, "epoch": self.epoch, "bad_total": self.bad_total}
+
+    def state_dict(self) -> dict:
+        return {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "flow": self.estimator.describe()}
+
+    def rank_state(self) -> dict:
+        # the loader's position as of the batch the last step trained on (flow_ahead reads one further)
+        return {"loader": self.feed.loader_state(), "rng": rng_state(), "aug_rng": self.aug_gen.get_state()}
+
+    def load_state_dict(self, state: dict, rank_state: dict) -> None:
+        load_model_state(self.core, state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        self.aug_gen.set_state(rank_state["aug_rng"])
+        self.global_step, self.epoch, self.bad_total = state["step"], state["epoch"], state.get("bad_total", 0)
+
+    def checkpoint(self, tag: str) -> Path | None:
+        """Write checkpoint ``tag`` once the guard's pending verdicts are counted (collective; path on rank 0)."""
+        self._account(self.guard.flush())
+        return self.run.checkpoint(tag, self)
+
+    def close(self) -> None:
+        """Stop the loader this trainer built (threads, worker processes); idempotent."""
+        if self.own_loader:
+            self.own_loader = False
+            self.loader.close()
+
+    # ---------------------------------------------------------------- helpers of fit() and step()
+    def _next_batch(self) -> ClipBatch | None:
+        t0 = time.perf_counter()
+        with self.timer("data_wait"):
+            batch = self.feed.next_batch()
+        self.meter.wait(time.perf_counter() - t0)
+        return batch
+
+    def _count_flops(self, inputs) -> None:
+        """Model FLOPs of one clip (first step, where the peak is known): one extra forward + backward
+        that leaves nothing behind."""
+        self.guard.before_forward()     # the extra pass must not move BN statistics (exact resume)
+        with torch.compiler.set_stance("force_eager"):   # count the modules, not a compile
+            self.flops_per_clip = estimate_flops_per_clip(self.core, inputs, self.amp)
+        self.guard.after_step(torch.zeros((), dtype=torch.bool, device=self.device))
+        self.opt.zero_grad(set_to_none=True)
+
+    def _account(self, results: list[tuple[int, bool]]) -> None:
+        """Count the guard's verdicts as they reach the host; stop after too many bad steps in a row."""
         for at, good in results:
             if good:
-                bad_streak = 0
+                self.bad_streak = 0
                 continue
-            bad_streak += 1
-            bad_total += 1
+            self.bad_streak += 1
+            self.bad_total += 1
             log.warning("step %d: non-finite loss or gradients (%d in a row, %d total); step skipped, "
-                        "weights kept", at, bad_streak, bad_total)
-            if bad_streak >= cfg.train.max_bad_steps:
-                account(guard.flush())
-                checkpoint("diverged")
+                        "weights kept", at, self.bad_streak, self.bad_total)
+            if self.bad_streak >= self.cfg.train.max_bad_steps:
+                self.checkpoint("diverged")
                 raise TrainingDiverged(
-                    f"{bad_streak} non-finite steps in a row at step {at}; the last finite weights are in "
-                    f"{out / 'checkpoints' / 'diverged.pt'} (lower optim.lr or use train.amp=fp32)")
+                    f"{self.bad_streak} non-finite steps in a row at step {at}; the last finite weights are in "
+                    f"{self.run.out / CKPT_DIR / 'diverged.pt'} (lower optim.lr or use train.amp=fp32)")
 
-    if dist.is_main:   # the folder becomes this run's only now: a start that failed above left it empty
-        run.claim(run_id, cfg.train.seed, manifest_id)
-        dump_config(cfg, out / "config.yaml")
-    metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl)
-    timer = StageTimer(device, warmup_steps=2)   # steps 0-1: captures, autotuning, the FLOP count
-    peak = peak_flops(device)
-    flops_per_clip = None
-    if dist.is_main:
-        source = f"{len(records)} videos" if records else f"loader {type(loader).__name__}"
+    def _log(self, res: StepResult) -> None:
+        """A logged step's metrics record and progress line (the host reads the loss terms here)."""
+        elapsed, rate, wait_share = self.meter.window()
+        self.last_terms = {k: float(v.detach()) for k, v in res.terms.items() if torch.is_tensor(v) and v.dim() == 0}
+        rec = {"step": self.global_step, "epoch": self.epoch, "run_id": self.run.run_id, "lr": res.lr,
+               "momentum": res.momentum, "clips_per_s": rate, "data_wait_share": wait_share,
+               **{f"loss/{k}": v for k, v in self.last_terms.items()}, **self.timer.summary()}
+        if res.grad_norm is not None:
+            rec["grad_norm"] = float(res.grad_norm)
+        if self.device.type == "cuda":
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.flops_per_clip and self.peak:
+            rec["mfu"] = mfu(self.flops_per_clip, rate / self.dist.world_size, self.peak)
+        loss = self.last_terms.get("loss", math.nan)
+        self.run.report(self.global_step, rec, rate=rate, elapsed=elapsed,
+                        notes=(f"data wait {100 * wait_share:.0f}%", f"loss {loss:.4f}"))
+
+    def _announce(self) -> None:
+        if not self.dist.is_main:
+            return
+        cfg, sch = self.cfg, self.schedule
+        source = f"{len(self.records)} videos" if self.records else f"loader {type(self.loader).__name__}"
         log.info("pretrain run %s: %s, %d steps/epoch, %d steps, global batch %d, lr %.4g, flow %s, amp %s, "
-                 "device %s", run_id, source, steps_per_epoch, total, global_batch, base_lr, cfg.flow.estimator,
-                 dtype or "fp32", device)
-        if state is not None:
-            changed = changed_settings(state, cfg)
-            if changed:
-                log.warning("resume: settings changed since the checkpoint: %s", "; ".join(changed))
-                metrics.log({"step": step, "run_id": run_id, "resume_changes": changed})
-    t_start, clips_done, last_terms, step_ends = time.perf_counter(), 0, {}, []
-    t_window, wait_window = t_start, 0.0   # data-wait share of the steps since the last logged one
-    # a bar on a terminal (stderr), else the step line below at logged steps (stdout)
-    progress = Progress(total, "pretrain", unit="step", initial=step, interval=None,
-                        plain=lambda s: print(s, flush=True), enabled=dist.is_main)
+                 "device %s", self.run.run_id, source, sch.steps_per_epoch, sch.total, sch.global_batch,
+                 sch.base_lr, cfg.flow.estimator, self.amp or "fp32", self.device)
 
-    # ---- the loop
-    mid_epoch = ckpt_path is not None  # a resumed loader continues its epoch where it stopped
-    while step < total:
-        if not mid_epoch:
-            loader.set_epoch(epoch)
-        mid_epoch, epoch_done = False, False
-        feed.start(iter(loader))
-        while step < total:
-            timer.begin_step()   # CUDA events, no device sync: every step is timed
-            t_wait = time.perf_counter()
-            with timer("data_wait"):
-                batch = feed.next_batch()
-            wait_window += time.perf_counter() - t_wait
-            if batch is None:
-                timer.abandon_step()          # the end-of-epoch probe is no training step
-                epoch_done = True
-                break
-            with timer("flow"):
-                # MDS online keeps 1 of K rows; train.flow_ahead launches the next batch's flow here
-                batch, flow_a, flow_b = feed.flow(batch, look_ahead=step + 1 < total)
-            wait_window += feed.take_ahead_wait()   # flow_ahead takes the next batch inside flow()
-            with timer("motion_augment"):
-                inputs = make_inputs(batch, flow_a, flow_b, cfg, aug_gen)
-                if use_cl:
-                    inputs = type(inputs)(**{k: _channels_last(v) for k, v in vars(inputs).items()})
-            if flops_per_clip is None and peak is not None:
-                guard.before_forward()     # the extra pass must not move BN statistics (exact resume)
-                with torch.compiler.set_stance("force_eager"):   # count the modules, not a compile
-                    flops_per_clip = estimate_flops_per_clip(core, inputs, dtype)  # one extra fwd+bwd
-                guard.after_step(torch.zeros((), dtype=torch.bool, device=device))
-                opt.zero_grad(set_to_none=True)
-
-            lr = lr_at(step, total, base_lr, warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            m = momentum_at(step * global_batch, total * global_batch, cfg.model.momentum)
-            with timer("forward_backward"):
-                guard.before_forward()
-                with autocast(device, dtype):
-                    out_terms = model(inputs)
-                loss = out_terms["loss"]
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            with timer("optimizer"):
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if cfg.optim.clip_grad > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                # one device-side verdict gates every update of this step (no host read here)
-                ok = guard.check(loss, grad_norm if scaler is None else None)
-                guard.optimizer_step(opt, ok, scaler)
-                opt.zero_grad(set_to_none=True)
-                core.momentum_update(m, ok)
-                core.enqueue(out_terms["keys_rgb"], out_terms["keys_flow"], ok)
-                guard.after_step(ok)
-            step += 1
-            clips_done += global_batch
-            step_ends.append(time.perf_counter() - t_start)
-            account(guard.publish(ok, step))
-            if on_step is not None:
-                on_step(step, core, batch)
-
-            logged = step % cfg.log.every == 0 or step == total
-            if logged:
-                now = time.perf_counter()
-                elapsed = now - t_start
-                rate = clips_done / max(elapsed, 1e-9)
-                wait_share = wait_window / max(now - t_window, 1e-9)
-                t_window, wait_window = now, 0.0
-                last_terms = {k: float(v.detach()) for k, v in out_terms.items() if torch.is_tensor(v) and v.dim() == 0}
-                rec = {"step": step, "epoch": epoch, "run_id": run_id, "lr": lr, "momentum": m,
-                       "clips_per_s": rate, "data_wait_share": wait_share,
-                       **{f"loss/{k}": v for k, v in last_terms.items()}, **timer.summary()}
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                if device.type == "cuda":
-                    rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if flops_per_clip and peak:
-                    rec["mfu"] = mfu(flops_per_clip, rate / dist.world_size, peak)
-                metrics.log(rec)
-                wait_pct, loss_now = f"{100 * wait_share:.0f}%", last_terms.get("loss", math.nan)
-                progress.update(step, postfix=f"{rate:.1f} clips/s, data wait {wait_pct}, loss {loss_now:.4f}",
-                                line=format_progress(step, total, elapsed, rate, start=progress.initial)
-                                + f" | data wait {wait_pct} | loss {loss_now:.4f}")
-            else:
-                progress.update(step)
-            if should_stop(signals, dist.world_size, logged, device):
-                account(guard.flush())
-                path = checkpoint("step")
-                if own_loader:
-                    loader.close()
-                metrics.close()
-                progress.close()
-                cleanup()
-                raise Interrupted(f"stopped by {signals.name} at step {step}; checkpoint "
-                                  f"{path or out / 'checkpoints'} written (continue with --resume auto)",
-                                  signals.number)
-            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
-                account(guard.flush())
-                checkpoint("step")
-        if epoch_done:
-            epoch += 1
-
-    progress.close()
-    account(guard.flush())
-    checkpoint("last")
-    elapsed = time.perf_counter() - t_start
-    if own_loader:
-        loader.close()
-    result = {"steps": step, "epochs": epoch, "clips_per_s": clips_done / max(elapsed, 1e-9),
-              "skipped_steps": bad_total, "loader": getattr(loader, "stats", {}),
-              "step_end_seconds": step_ends, "stage_seconds": timer.totals(), "stage_timing": timer.report(), **{f"loss/{k}": v for k, v in last_terms.items()},
-              # model FLOPs of one clip's forward + backward and the device's bf16 peak: callers that
-              # measure a steady-state rate (bench) turn them into MFU; None where unknown (CPU)
-              "flops_per_clip": flops_per_clip, "peak_flops": peak,
-              "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-              "run_id": run_id}
-    metrics.log({"final": True, **result})
-    metrics.close()
-    if dist.is_main and cfg.log.jsonl:   # RUN_DIR/metrics.png; a failure is a warning, never an error
-        plot_run_or_warn(out)
-    if dist.is_main:
-        log.info("done: run %s, %d steps in %.1f s (%.2f clips/s); checkpoint %s", run_id, step, elapsed,
-                 result["clips_per_s"], out / "checkpoints" / "last.pt")
-    cleanup()
-    return result
-
+    def _finish(self) -> dict:
+        """After the last step: ``last.pt``, the loader closed, the final record and picture; the result."""
+        self.run.progress.close()
+        self.checkpoint("last")
+        elapsed = self.meter.elapsed()
+        self.close()                    # before reading its stats: its producer's last counts are in
+        result = {"steps": self.global_step, "epochs": self.epoch, "clips_per_s": self.meter.rate(elapsed),
+                  "skipped_steps": self.bad_total, "loader": getattr(self.loader, "stats", {}),
+                  "step_end_seconds": self.meter.step_ends, "stage_seconds": self.timer.totals(),
+                  "stage_timing": self.timer.report(), **{f"loss/{k}": v for k, v in self.last_terms.items()},
+                  # model FLOPs of one clip's forward + backward and the device's bf16 peak: callers that
+                  # measure a steady-state rate (bench) turn them into MFU; None where unknown (CPU)
+                  "flops_per_clip": self.flops_per_clip, "peak_flops": self.peak,
+                  "gpu_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30
+                  if self.device.type == "cuda" else None,
+                  "run_id": self.run.run_id}
+        self.run.finish(result)
+        if self.dist.is_main:
+            log.info("done: run %s, %d steps in %.1f s (%.2f clips/s); checkpoint %s", self.run.run_id,
+                     self.global_step, elapsed, result["clips_per_s"], self.run.out / CKPT_DIR / "last.pt")
+        return result

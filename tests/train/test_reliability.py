@@ -421,8 +421,8 @@ def test_last_checkpoint_on_a_step_checkpoint_is_a_link_to_the_same_state(tiny_m
                                                                            steps):
     args = (f"train.max_steps={steps}", f"train.ckpt_every={steps}", "train.seed=1")
     pretrain(_cfg(tiny_manifest, tmp_path / "linked", *args))
-    from mscl_stream.train import trainer
-    monkeypatch.setattr(trainer, "link_checkpoint", lambda src, path: False)      # the plain full write
+    from mscl_stream.train import run
+    monkeypatch.setattr(run, "link_checkpoint", lambda src, path: False)      # the plain full write
     pretrain(_cfg(tiny_manifest, tmp_path / "written", *args))
     ck_dir = tmp_path / "linked" / "checkpoints"
     assert (ck_dir / "last.pt").samefile(ck_dir / f"step_{steps:08d}.pt")
