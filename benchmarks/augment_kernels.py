@@ -2,7 +2,7 @@
 
 Two measurements (``--what``):
 
-  make_inputs  ``train.inputs.make_inputs`` at the issue's shape (batch 64, 8 frames of 128x176, 4 flow
+  make_inputs  ``train.inputs.make_inputs`` at the bench shape (batch 64, 8 frames of 128x176, 4 flow
                frames, out_size 112, bf16 + channels_last_3d on CUDA) for ``augment.backend`` triton and
                torch: median ms per call (CUDA events, after warm-up), CUDA kernels launched per call
                (torch.profiler), whether a steady call passes ``torch.cuda.set_sync_debug_mode("error")``,

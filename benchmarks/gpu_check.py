@@ -170,7 +170,7 @@ def part_torch(results: Path) -> dict[str, tuple[list[str], int]]:
     return runs
 
 
-# benchmarks/nvdec_access.py on the shape: k400 profile (H.264, x264 medium, GOP 250), batch 64,
+# benchmarks/nvdec_access.py on k400-profile data (H.264, x264 medium, GOP 250), batch 64,
 # 16 videos x 32 samples = 8 batches per variant (2 left out as warm-up), every variant in a subprocess
 K400_DATA = Path("/tmp/mscl-nvdec-access")
 VARIANT_ARGS = ["--device", "cuda", "--profile", "k400", "--codec", "h264", "--videos", "16", "--clips-per-video",

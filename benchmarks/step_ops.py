@@ -16,7 +16,8 @@ out_size 32, dis_fast flow) at batch 64 on CPU:
     python benchmarks/step_ops.py [--backends torch triton] [--batch 64] [--no-step]
 
 Writes benchmarks/results/step_ops_<device>_<date>.json (+ .png). The JSON's ``make_inputs.<backend>.ops``
-is the issue's op-count target; ``...host_reads`` and ``...blocking_copies`` are the sync targets.
+is the aten op count per call that the op target bounds (benchmarks/README.md, "Step input path");
+``...host_reads`` and ``...blocking_copies`` are the host syncs, whose target is zero.
 """
 
 from __future__ import annotations

@@ -158,3 +158,31 @@ def test_the_reference_check_catches_a_missing_section(tmp_path):
     assert section_refs(doc.read_text()) == [("a.md", "Choosing things"), ("benchmarks/README.md", "No such heading"),
                                               ("a.md", "Top")]
     assert broken_refs(doc) == ['benchmarks/README.md, "No such heading"']
+
+
+# ----------------------------------------------------------------------------- work-tracking references
+
+# User-facing text names targets and results by what they measure ("k400 CPU-ms per sample"), never by
+# the number of the issue or item that asked for them ("issue 12 item 4", "the issue's targets").
+WORK_TRACKING = re.compile(r"\bissue\s*#?\d+|\bissues\s*#\d+|\bthe issue's\b|\bissue (?:targets?|notes|items?)\b"
+                           r"|\bitems? \d+(?:\s*-\s*\d+)?\b", re.I)
+
+
+def work_tracking_refs(text: str) -> list[str]:
+    """``line: match`` for every work-tracking reference in ``text``."""
+    return [f"{n}: {m.group(0)}" for n, line in enumerate(text.splitlines(), 1) for m in WORK_TRACKING.finditer(line)]
+
+
+def test_user_facing_text_names_no_work_tracking_numbers():
+    sources = [*doc_files(), ROOT / "benchmarks" / "README.md", *sorted((ROOT / "benchmarks").glob("*.py")),
+               *sorted((ROOT / "configs").glob("*.yaml"))]
+    found = {str(p.relative_to(ROOT)): b for p in sources if (b := work_tracking_refs(p.read_text(encoding="utf-8")))}
+    assert not found, f"name targets and results by what they measure, not by issue/item numbers: {found}"
+
+
+def test_the_work_tracking_check_catches_references():
+    text = ("## Flow (issue targets: 1.3x)\nas in issue 12 item 4; issue #7 and Issue 11's CPU target;\n"
+            "the issue's shape, reported in their issue notes; items 4-5; issues #3 and #4.\n"
+            "Fine: departure 3 of docs/method.md, a step issues 100 kernels, the issue is speed.\n")
+    assert work_tracking_refs(text) == ["1: issue targets", "2: issue 12", "2: item 4", "2: issue #7", "2: Issue 11",
+                                        "3: the issue's", "3: issue notes", "3: items 4-5", "3: issues #3"]
