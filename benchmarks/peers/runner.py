@@ -1,4 +1,4 @@
-"""Decode MSCL samples' frames with one peer decoder, one thread, and time each sample (run inside a peer env).
+"""Time one peer decoder on MSCL samples' frames, one thread (run inside the peer's env).
 
 Run by benchmarks/decode_peers.py with the peer's own interpreter (benchmarks/peers/.envs/<peer>/bin/python),
 so it imports only numpy, the standard library and the peer: never mscl_stream (a peer's env may lack
@@ -22,8 +22,8 @@ of the same frames), ``max_abs_diff`` and ``within_2`` (share of values within 2
 Peers: decord (decord 0.6.0 and decord2 both install the module ``decord``), spdl, torchcodec, and
 pyav_from_start (PyAV: seek to the keyframe before the first wanted frame, decode every frame up to
 the last wanted one, convert only the wanted ones with PyAV's default rgb24 conversion: what common
-video Dataset classes do). benchmarks/decode_peers.py adds the project's own decoders to ``PEERS``
-when it runs this in the project's env.
+video Dataset classes do; run with the project's interpreter, which has PyAV). decode_peers.py times
+the project's own decoders with :func:`run` in the project's env, so every row is timed alike.
 """
 
 from __future__ import annotations
@@ -48,17 +48,15 @@ Decoder = Callable[[str, list], tuple]
 def _decord() -> tuple[Decoder, str]:
     import decord
 
-    version = getattr(decord, "__version__", "?")
-    try:
-        from importlib.metadata import version as dist_version
-        for dist in ("decord2", "decord"):       # which distribution provided the module
-            try:
-                version = f"{dist} {dist_version(dist)}"
-                break
-            except Exception:  # noqa: BLE001
-                continue
-    except ImportError:
-        pass
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    version = f"decord {getattr(decord, '__version__', '?')}"
+    for dist in ("decord2", "decord"):       # which distribution provided the module
+        try:
+            version = f"{dist} {dist_version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
 
     def decode(path: str, idx: list):
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
