@@ -131,7 +131,8 @@ DALI_TESTS = ["tests/data/test_loader.py", "tests/data/test_dali_modes.py",
               "tests/flow/test_registry.py::test_dali_of_translation_or_clear_error",
               "tests/kernels/test_flow_encode.py", "tests/test_augment.py::test_cuda_matches_cpu",
               "tests/train/test_step_syncs.py",
-              "tests/kernels/test_augment_kernels.py::test_make_inputs_backends_agree_on_cuda"]
+              "tests/kernels/test_augment_kernels.py::test_make_inputs_backends_agree_on_cuda",
+              "tests/data/test_yuv.py::test_cuda_conversion_queues_no_host_sync"]
 
 
 def _pytest(tests: list[str]) -> list[str]:
