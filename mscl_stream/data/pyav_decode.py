@@ -280,8 +280,9 @@ class _Sweep:
 def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStream, index: FrameIndex,
                    want: np.ndarray, sink: _Sink, path: str, count: dict, skip: bool) -> None:
     """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks,
-    handing the k-th to ``sink(k, frame)``; adds the frames the decoder produced to ``count["decoded"]``, the frames it was allowed to leave out
-    and did to ``count["skipped"]`` and the seeks to ``count["seeks"]``."""
+    handing the k-th to ``sink(k, frame)``; adds the frames the decoder produced to ``count["decoded"]``,
+    the frames it was allowed to leave out and did to ``count["skipped"]`` and the seeks to
+    ``count["seeks"]``."""
     wanted_pts = frozenset(int(index.pts[i]) for i in want) if skip else None
     sweep: _Sweep | None = None
     try:
