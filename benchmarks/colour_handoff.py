@@ -51,7 +51,7 @@ def _proc_cpu(pid: int) -> float:
 
 
 def _arrays(frames) -> list[np.ndarray]:
-    from mscl_stream.data.pyav_decode import YuvFrames
+    from mscl_stream.data.frame_sink import YuvFrames
 
     return [frames.y, frames.uv] if isinstance(frames, YuvFrames) else [frames]
 
@@ -121,7 +121,7 @@ def per_frame(records, size, n: int = 23, reps: int = 5) -> dict:
     import torch
     from av.video.reformatter import VideoReformatter
 
-    from mscl_stream.data.pyav_decode import _SWS_FLAGS, cover_crop
+    from mscl_stream.data.frame_sink import _SWS_FLAGS, cover_crop
     from mscl_stream.data.yuv import yuv420_to_rgb_cover_crop
 
     with av.open(records[0].path) as c:

@@ -30,8 +30,8 @@ from mscl_stream.data.dali.decoder import DaliDecodeError, DaliDecoder
 from mscl_stream.data.dali.reader import DaliFrameReader
 from mscl_stream.data.dali.source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.pyav_decode import (DecodeError, YuvFrames, decode_frames_counted, decode_group_counted,
-                                          ignore_sigint)
+from mscl_stream.data.frame_sink import YuvFrames
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span
 from mscl_stream.data.yuv import yuv420_to_rgb_cover_crop
 

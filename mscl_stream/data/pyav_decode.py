@@ -17,13 +17,10 @@ and :func:`decode_frames_counted` also returns the decoding thread's CPU time (w
 docs/data.md explains the amplification). :func:`sweep_frames` gives the same count from the packet
 index alone, for decoders that cannot report it.
 
-Pixels match DALI's CPU decoder: BT.601 limited-range YUV -> RGB with bilinear (full) chroma
-interpolation (FFmpeg's default fast path repeats chroma samples instead, ~3/255 off on colourful
-detail), then a resize that covers (H, W) keeping the aspect ratio and a centre crop with the same
-rounding as DALI's ``resize(mode="not_smaller", subpixel_scale=False)`` + ``crop``. With
-``output="yuv"`` the conversion and resize are left to :mod:`mscl_stream.data.yuv` on the training
-device: the wanted frames' planes travel instead (:class:`YuvFrames`; docs/data.md, "Where colour
-conversion happens").
+Pixels: :mod:`mscl_stream.data.frame_sink` converts the wanted frames (DALI's CPU colours and
+cover-crop geometry). With ``output="yuv"`` the conversion and resize are left to
+:mod:`mscl_stream.data.yuv` on the training device: the wanted frames' planes travel instead
+(:class:`~mscl_stream.data.frame_sink.YuvFrames`; docs/data.md, "Where colour conversion happens").
 """
 
 from __future__ import annotations
@@ -40,28 +37,14 @@ from typing import Sequence
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation, VideoReformatter
 
-# bilinear scaling, chroma interpolated at full resolution, accurate rounding: equals DALI's CPU colours
-_SWS_FLAGS = (Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
-              | Interpolation.ACCURATE_RND)
+from mscl_stream.data.frame_sink import LEFT_SITED_CODECS, FrameSink, NotYuv, YuvFrames
+
 _INDEX_CACHE_SIZE = 4096
 
 
 class DecodeError(RuntimeError):
     """A file could not deliver the requested frames (unreadable, damaged, or too short)."""
-
-
-def cover_crop(src_h: int, src_w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
-    """Geometry of "resize to cover (out_h, out_w) keeping the aspect ratio, then centre crop".
-
-    Returns:
-        (resized_h, resized_w, y0, x0): the resized frame size and the crop's top-left corner. Rounding
-        follows DALI (sizes and offsets rounded half up), so both decode paths take the same pixels.
-    """
-    s = max(out_h / src_h, out_w / src_w)
-    nh, nw = max(out_h, int(src_h * s + 0.5)), max(out_w, int(src_w * s + 0.5))
-    return nh, nw, (nh - out_h + 1) // 2, (nw - out_w + 1) // 2
 
 
 @dataclass(frozen=True)
@@ -124,115 +107,6 @@ def frame_index(path: str | os.PathLike) -> FrameIndex:
     return index
 
 
-class YuvFrames:
-    """Frames as 8-bit 4:2:0 planes at their native size: the hand-off of ``decode_frames(output="yuv")``
-    (picklable; :func:`mscl_stream.data.yuv.yuv420_to_rgb_cover_crop` converts them on the device).
-
-    Attributes:
-        y: (N, H, W) uint8 luma.
-        uv: (N, 2, ceil(H / 2), ceil(W / 2)) uint8 chroma, U then V.
-        matrix: "bt601" or "bt709", as the file is tagged (untagged: BT.601, as swscale and DALI assume).
-        full_range: JPEG range (yuvj420p, or tagged full range) rather than limited.
-        chroma_left: chroma sited on the even luma columns (:data:`LEFT_SITED_CODECS`), else centred.
-    """
-
-    __slots__ = ("y", "uv", "matrix", "full_range", "chroma_left")
-
-    def __init__(self, y: np.ndarray, uv: np.ndarray, matrix: str = "bt601", full_range: bool = False,
-                 chroma_left: bool = False) -> None:
-        self.y, self.uv, self.matrix, self.full_range, self.chroma_left = y, uv, matrix, full_range, chroma_left
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getstate__(self):
-        return self.y, self.uv, self.matrix, self.full_range, self.chroma_left
-
-    def __setstate__(self, state) -> None:
-        self.y, self.uv, self.matrix, self.full_range, self.chroma_left = state
-
-    @property
-    def nbytes(self) -> int:
-        return self.y.nbytes + self.uv.nbytes
-
-    def split(self, sections) -> list["YuvFrames"]:
-        """``np.split`` along the frames."""
-        return [YuvFrames(y, uv, self.matrix, self.full_range, self.chroma_left)
-                for y, uv in zip(np.split(self.y, sections), np.split(self.uv, sections))]
-
-
-# Decoders that site 4:2:0 chroma on the even luma columns when the bitstream does not say otherwise
-# (swscale follows the frame's siting; PyAV does not expose it, so a siting signalled in the bitstream,
-# e.g. H.264's chroma_loc_type, is not seen: such files differ from the RGB path by about 1/255)
-LEFT_SITED_CODECS = frozenset({"h264", "hevc", "mpeg2video", "mpeg4"})
-# AVColorSpace values swscale converts with BT.601 (unspecified, BT.470BG, SMPTE 170M) or BT.709 (1)
-_MATRIX_OF = {2: "bt601", 5: "bt601", 6: "bt601", 1: "bt709"}
-
-
-def _yuv_tag(frame: av.VideoFrame) -> tuple[str, bool] | None:
-    """(matrix, full range) of an 8-bit 4:2:0 frame whose colours the device conversion reproduces as the
-    RGB path gives them (swscale honours the frame's tags); None for any other frame."""
-    fmt = frame.format.name
-    if fmt not in ("yuv420p", "yuvj420p") or frame.colorspace not in _MATRIX_OF:
-        return None
-    return _MATRIX_OF[frame.colorspace], fmt == "yuvj420p" or frame.color_range == 2
-
-
-class _NotYuv(Exception):
-    """A frame of a "yuv" decode cannot travel as the first frame's kind of planes."""
-
-
-class _Sink:
-    """Writes each decoded wanted frame straight into its output rows (duplicates included).
-
-    ``output="rgb"``: RGB at ``size`` through one swscale context for the whole call (setting one up
-    per frame cost as much as the conversion). ``output="yuv"``: the frame's planes, if its first frame
-    is one :func:`_yuv_tag` accepts, else RGB as above (the sample then travels as RGB; a later frame of
-    another kind raises :class:`_NotYuv`).
-    """
-
-    def __init__(self, rows: list[np.ndarray], size: tuple[int, int] | None, output: str) -> None:
-        self.rows, self.size, self.output = rows, size, output
-        self.chroma_left = False
-        self.sws = VideoReformatter()
-        self.out: np.ndarray | YuvFrames | None = None
-        self.tag: tuple[str, bool] | None = None
-
-    def __call__(self, k: int, frame: av.VideoFrame) -> None:
-        if self.out is None:
-            self._allocate(frame)
-        rows = self.rows[k]
-        if isinstance(self.out, YuvFrames):
-            if _yuv_tag(frame) != self.tag or (frame.height, frame.width) != self.out.y.shape[1:]:
-                raise _NotYuv
-            y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes)
-            self.out.y[rows] = y
-            self.out.uv[rows, 0] = u
-            self.out.uv[rows, 1] = v
-            return
-        self.out[rows] = self._rgb(frame)
-
-    def _allocate(self, frame: av.VideoFrame) -> None:
-        n = sum(len(r) for r in self.rows)
-        self.tag = _yuv_tag(frame) if self.output == "yuv" else None
-        if self.tag is not None:
-            h, w = frame.height, frame.width
-            self.out = YuvFrames(np.empty((n, h, w), np.uint8), np.empty((n, 2, (h + 1) // 2, (w + 1) // 2), np.uint8),
-                                 *self.tag, chroma_left=self.chroma_left)
-        else:
-            h, w = self.size if self.size is not None else (frame.height, frame.width)
-            self.out = np.empty((n, h, w, 3), np.uint8)
-
-    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        if self.size is None:
-            return self.sws.reformat(frame, format="rgb24", interpolation=_SWS_FLAGS, threads=1).to_ndarray()
-        h, w = self.size
-        nh, nw, y0, x0 = cover_crop(frame.height, frame.width, h, w)
-        rgb = self.sws.reformat(frame, width=nw, height=nh, format="rgb24", interpolation=_SWS_FLAGS,
-                                threads=1).to_ndarray()
-        return rgb[y0:y0 + h, x0:x0 + w]
-
-
 class _Sweep:
     """One forward decode from a seek point, packet by packet.
 
@@ -278,7 +152,7 @@ class _Sweep:
 
 
 def _decode_sorted(c: av.container.InputContainer, st: av.video.stream.VideoStream, index: FrameIndex,
-                   want: np.ndarray, sink: _Sink, path: str, count: dict, skip: bool) -> None:
+                   want: np.ndarray, sink: FrameSink, path: str, count: dict, skip: bool) -> None:
     """Decode the frames ``want`` (sorted, unique display indices) in one forward sweep with seeks,
     handing the k-th to ``sink(k, frame)``; adds the frames the decoder produced to ``count["decoded"]``,
     the frames it was allowed to leave out and did to ``count["skipped"]`` and the seeks to
@@ -384,7 +258,7 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
     order = np.argsort(inv, kind="stable")            # output rows of each wanted frame, grouped
     rows = np.split(order, np.cumsum(np.bincount(inv, minlength=want.size))[:-1])
     count = {"decoded": 0, "skipped": 0, "seeks": 0}
-    sink = _Sink(rows, size, output)
+    sink = FrameSink(rows, size, output)
     try:
         with av.open(str(path)) as c:
             st = c.streams.video[0]
@@ -393,7 +267,7 @@ def decode_frames(path: str | os.PathLike, indices: Sequence[int] | np.ndarray,
                 st.codec_context.thread_count = threads
             sink.chroma_left = st.codec_context.name in LEFT_SITED_CODECS
             _decode_sorted(c, st, index, want, sink, str(path), count, skip_unreferenced)
-    except _NotYuv:                                    # frames of several kinds in one sample: all as RGB
+    except NotYuv:                                    # frames of several kinds in one sample: all as RGB
         return decode_frames(path, idx, size, threads, stats, skip_unreferenced, output="rgb")
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
         raise DecodeError(f"{path}: decode failed ({type(e).__name__}: {e})") from None

@@ -1,6 +1,6 @@
 """YUV 4:2:0 planes -> RGB at the working size, in torch, on whichever device holds the planes.
 
-Geometry is the RGB decode path's (:func:`~mscl_stream.data.pyav_decode.cover_crop`): resize to cover
+Geometry is the RGB decode path's (:func:`~mscl_stream.data.frame_sink.cover_crop`): resize to cover
 (H, W) keeping the aspect ratio, bilinear and antialiased when downscaling, then a centre crop. Colour
 is BT.601 (or BT.709) YUV -> RGB with bilinearly interpolated chroma, as FFmpeg's swscale gives with
 ``FULL_CHR_H_INT | ACCURATE_RND``: luma and chroma are each resampled straight to the covering size
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mscl_stream.data.pyav_decode import cover_crop
+from mscl_stream.data.frame_sink import cover_crop
 
 # (Kr, Kb) of each matrix; Kg = 1 - Kr - Kb
 _MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}

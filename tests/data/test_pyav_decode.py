@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from av.video.reformatter import Interpolation
 
-from mscl_stream.data.pyav_decode import DecodeError, cover_crop, decode_frames
+from mscl_stream.data.frame_sink import cover_crop
+from mscl_stream.data.pyav_decode import DecodeError, decode_frames
 
 # FFmpeg's default yuv420p -> rgb24 path repeats chroma samples; DALI (and the code under test)
 # interpolate chroma bilinearly. The reference uses the accurate conversion so that "same frame" means

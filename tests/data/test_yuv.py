@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mscl_stream.data.pyav_decode import YuvFrames, decode_frames
+from mscl_stream.data.frame_sink import YuvFrames
+from mscl_stream.data.pyav_decode import decode_frames
 from mscl_stream.data.synthetic import moving_texture_frames
 from mscl_stream.data.yuv import yuv420_to_rgb_cover_crop
 

@@ -18,7 +18,7 @@ resubmit the innocent ones to a fresh pipeline.
 Geometry: on a GPU, ``fn.resize(mode="not_smaller")`` + ``fn.crop`` in the graph cover the working size
 keeping the aspect ratio and centre-crop it (:func:`fit_in_graph`); on the CPU the frames leave the
 pipeline at their size and torch does the same resize (:func:`resize_owned`; cheaper than DALI's CPU
-resize, docs/data.md); :func:`mscl_stream.data.pyav_decode.cover_crop` reproduces it for PyAV.
+resize, docs/data.md); :func:`mscl_stream.data.frame_sink.cover_crop` reproduces it for PyAV.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mscl_stream.data.pyav_decode import cover_crop
+from mscl_stream.data.frame_sink import cover_crop
 
 # what DALI raises for a failed run (a decode error surfaces as IndexError from outputs() in 2.4)
 DALI_ERRORS = (RuntimeError, IndexError, ValueError)
