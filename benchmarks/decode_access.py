@@ -181,19 +181,24 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(prof, g) for prof, groups in result["profiles"].items() for g in groups]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), sharey=False, squeeze=False)
+    profiles = list(result["profiles"])
+    cols = max(len(groups) for groups in result["profiles"].values())
+    fig, axes = plt.subplots(len(profiles), cols, figsize=(3.3 * cols, 3.4 * len(profiles)), squeeze=False)
     colours = {"before_rgb": "#dddddd", "full_rgb": "#999999", "skip_rgb": "#4477aa", "skip_yuv": "#228833"}
-    for ax, (prof, g) in zip(axes[0], panels):
-        encs = list(result["profiles"][prof][g])
-        width = 0.8 / len(PATHS)
-        for j, p in enumerate(PATHS):
-            ys = [result["profiles"][prof][g][e].get(p, {}).get("median_cpu_ms", 0) for e in encs]
-            xs = [i + (j - 1.5) * width for i in range(len(encs))]
-            ax.bar(xs, ys, width, color=colours[p], label=p.replace("_", " "))
-        ax.set_xticks(range(len(encs)), [e.replace("_", "\n") for e in encs], fontsize=7)
-        ax.set_title(f"{prof}: {g}", fontsize=9)
-        ax.set_ylabel("host CPU-ms per MSCL sample (median, 1 thread)", fontsize=8)
+    for row, prof in zip(axes, profiles):
+        for ax in row[len(result["profiles"][prof]):]:
+            ax.axis("off")
+        for ax, g in zip(row, result["profiles"][prof]):
+            encs = list(result["profiles"][prof][g])
+            width = 0.8 / len(PATHS)
+            for j, p in enumerate(PATHS):
+                ys = [result["profiles"][prof][g][e].get(p, {}).get("median_cpu_ms", 0) for e in encs]
+                xs = [i + (j - 1.5) * width for i in range(len(encs))]
+                ax.bar(xs, ys, width, color=colours[p], label=p.replace("_", " "))
+            ax.set_xticks(range(len(encs)), [e.replace("_", "\n") for e in encs], fontsize=7)
+            ax.set_title(f"{prof}: {g}", fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+        row[0].set_ylabel("host CPU-ms per MSCL sample\n(median, 1 thread)", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"decode cost by encoding and path, {result['machine'].get('cpu', 'cpu')}, {result['date']}",
                  fontsize=9)
