@@ -80,7 +80,7 @@ class StepResult(NamedTuple):
     """What one step leaves for the bookkeeping after it (all device tensors: nothing read yet)."""
 
     batch: ClipBatch            # the batch trained on (online MDS keeps one of its candidate rows)
-    terms: dict                 # the model's outputs: "loss", the loss terms, the keys
+    losses: dict                # "loss" and the loss terms, 0-dim tensors without autograd graph
     ok: torch.Tensor            # 0-dim bool: the step was finite and changed the model
     grad_norm: torch.Tensor     # total gradient norm before clipping
     lr: float
@@ -167,9 +167,12 @@ class Trainer:
             self.core.momentum_update(m, ok)
             self.core.enqueue(terms["keys_rgb"], terms["keys_flow"], ok)
             guard.after_step(ok)
+            # the loss terms without their autograd graph, freed here (not by whoever drops the result)
+            losses = {k: v.detach() for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0}
+            del terms, loss
         self.global_step += 1
         self.meter.step_done()
-        return StepResult(batch, terms, ok, grad_norm, lr, m)
+        return StepResult(batch, losses, ok, grad_norm, lr, m)
 
     def fit(self) -> dict:
         """Train from the resume point (or step 0) to the schedule's last step; ``last.pt``; the result.
@@ -278,7 +281,7 @@ class Trainer:
     def _log(self, res: StepResult) -> None:
         """A logged step's metrics record and progress line (the host reads the loss terms here)."""
         elapsed, rate, wait_share = self.meter.window()
-        self.last_terms = {k: float(v.detach()) for k, v in res.terms.items() if torch.is_tensor(v) and v.dim() == 0}
+        self.last_terms = {k: float(v) for k, v in res.losses.items()}
         rec = {"step": self.global_step, "epoch": self.epoch, "run_id": self.run.run_id, "lr": res.lr,
                "momentum": res.momentum, "clips_per_s": rate, "data_wait_share": wait_share,
                **{f"loss/{k}": v for k, v in self.last_terms.items()}, **self.timer.summary()}
