@@ -1,8 +1,9 @@
 """Counting what a piece of the training step dispatches: aten ops, host reads, host-device copies.
 
-A CPU proxy for launch overhead and host syncs on a GPU (the issue's op-count targets): every aten op
-that reaches the dispatcher is one kernel launch (or more) on CUDA, and every read of device data on
-the host, or copy from pageable host memory, stalls the host until the GPU catches up.
+A CPU proxy for launch overhead and host syncs on a GPU (the op-count and sync targets in
+benchmarks/README.md, "Step input path: ops and syncs"): every aten op that reaches the dispatcher is
+one kernel launch (or more) on CUDA, and every read of device data on the host, or copy from pageable
+host memory, stalls the host until the GPU catches up.
 
 :class:`OpCounter` is a ``TorchDispatchMode`` that also classifies tensors as *host* or *device* as
 they flow through the ops, so the same run on CPU tells what would be a sync on CUDA:
