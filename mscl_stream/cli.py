@@ -1,4 +1,4 @@
-"""`mscl-stream` command line: index, make-sample-data, pretrain, plot, eval, flow-check, bench, ablate, demo.
+"""`mscl-stream` command line: index, pretrain, eval, report, export, plot, demo and the tools beside them.
 
 Each subcommand parses its arguments here, validates the config before any heavy import, and calls one
 plain function in the package. Configuration problems and bad input end as a one-line error with
@@ -61,6 +61,21 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.eval import run_eval
     run_eval(a.kind, checkpoint=a.checkpoint, cfg=cfg, out=a.out)
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from mscl_stream.commands.report import write_report
+    md, png, found = write_report(a.inputs, a.output)
+    skipped = sum(found.skipped.values())
+    print(f"{len(found.results)} results -> {md}, {png}"
+          + (f" ({skipped} other JSON files skipped)" if skipped else ""))
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from mscl_stream.commands.export import export_encoder
+    print(export_encoder(a.checkpoint, a.output))
     return 0
 
 
@@ -174,6 +189,26 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_cmd_eval)
 
 
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="eval results JSONs in one table beside the paper's numbers (OUT.md, OUT.png)")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_JSON",
+                   help="results JSONs of `eval --out`, or folders searched recursively for *.json "
+                        "(JSON files that are not eval results are skipped and counted)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="writes OUT.md and OUT.png")
+    p.set_defaults(fn=_cmd_report)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a pretrain checkpoint's RGB encoder as a torchvision r3d_18 state dict",
+                       description="Writes the pretrained query RGB encoder under torchvision's keys, with an "
+                                   "untrained 400-way fc (torchvision's initialisation, fixed seed) so that it "
+                                   "loads into torchvision.models.video.r3d_18() with strict=True; replace fc "
+                                   "before fine-tuning. Only width-64 encoders (model.rgb_width=64) fit.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a pretrain checkpoint (e.g. RUN/checkpoints/last.pt)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="state dict file to write (.pt)")
+    p.set_defaults(fn=_cmd_export)
+
+
 def _add_flow_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flow-check", help="run a flow estimator on a video's frame pairs, write PNGs")
     p.add_argument("video")
@@ -245,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     # In the order `mscl-stream --help` lists them.
     for add_subcommand in (_add_make_sample_data_parser, _add_transcode_parser, _add_index_parser,
-                           _add_pretrain_parser, _add_plot_parser, _add_eval_parser, _add_flow_check_parser,
+                           _add_pretrain_parser, _add_plot_parser, _add_eval_parser, _add_report_parser,
+                           _add_export_parser, _add_flow_check_parser,
                            _add_bench_parser, _add_ablate_parser, _add_demo_parser):
         add_subcommand(sub)
     return ap
