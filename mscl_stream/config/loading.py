@@ -190,6 +190,9 @@ def validate(cfg: Config) -> Config:
     need(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma", "needs 0 < lo <= hi")
     e = cfg.eval
     need(e.clips >= 1, "eval.clips", "must be >= 1")
+    need(e.crops in (1, 3), "eval.crops", "must be 1 (centre) or 3 (ends and centre)")
+    need(e.segments >= 0 and e.test_short_side >= 0 and e.test_crop >= 0, "eval.segments",
+         "eval.segments, eval.test_short_side and eval.test_crop must be >= 0 (0 = not used / default)")
     need(e.epochs >= 1 and e.batch_size >= 1 and e.base_batch >= 1, "eval.epochs",
          "eval.epochs, eval.batch_size and eval.base_batch must be >= 1")
     need(e.lr > 0, "eval.lr", "must be > 0")

@@ -30,6 +30,7 @@ from mscl_stream.data.dali.decoder import DaliDecodeError, DaliDecoder
 from mscl_stream.data.dali.reader import DaliFrameReader
 from mscl_stream.data.dali.source import DecoderSource, ReaderSource, window_jobs
 from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data import shm_handoff
 from mscl_stream.data.frame_sink import YuvFrames
 from mscl_stream.data.pyav_decode import DecodeError, decode_frames_counted, decode_group_counted, ignore_sigint
 from mscl_stream.data.sampler import ClipSampler, SampleSpec, clip_span
@@ -124,6 +125,13 @@ class DecodeStats:
         (log.debug if quiet else log.warning)("skipped a sample of %s: %s", w.record.path, reason)
 
 
+def pyav_process_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` PyAV worker processes, as the loader and evaluation start them: forkserver (never fork
+    a process that holds CUDA state; the workers import PyAV + numpy only), Ctrl-C left to the parent."""
+    return ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=ignore_sigint)
+
+
 class PyAVJobs:
     """PyAV decodes of loader samples in the loader's threads or in worker processes (``data.pyav_workers``).
 
@@ -143,6 +151,7 @@ class PyAVJobs:
         # repeated sampling: first position of a group -> its one PyAV decode (shared by the members)
         self._groups: dict[int, Future] = {}
         self._groups_counted: "weakref.WeakSet[Future]" = weakref.WeakSet()
+        self._slots: shm_handoff.Slots | None = None     # shared-memory hand-off of worker processes
 
     def threads(self) -> ThreadPoolExecutor:
         """The loader's decode threads (PyAV with ``pyav_workers=threads``; DALI's resize/gather)."""
@@ -160,11 +169,20 @@ class PyAVJobs:
             mode = "processes" if self.device.type == "cuda" else "threads"
         if mode == "threads":
             return self.threads()
-        # forkserver: never fork a process that holds CUDA state; the workers import PyAV + numpy only
-        self._procs = ProcessPoolExecutor(self.data.decode_workers, mp_context=multiprocessing.get_context("forkserver"),
-                                          initializer=ignore_sigint)
-        log.info("PyAV decodes in %d worker processes", self.data.decode_workers)
+        self._procs = pyav_process_pool(self.data.decode_workers)
+        if self.data.pyav_handoff == "shm" and self._slots is None:
+            # in flight at most: the batch being read, the one submitted ahead, one per worker
+            self._slots = shm_handoff.Slots(2 * self.data.batch_size + self.data.decode_workers)
+        log.info("PyAV decodes in %d worker processes (frames returned by %s)", self.data.decode_workers,
+                 "shared memory" if self._slots is not None else "pickling")
         return self._procs
+
+    def _submit(self, fn: Callable, *args, **kwargs) -> Future:
+        """``fn`` on the pool; from worker processes through shared memory where ``data.pyav_handoff`` says so."""
+        pool = self.pool()
+        if pool is self._procs and self._slots is not None:
+            return shm_handoff.submit(pool, self._slots, fn, *args, **kwargs)
+        return pool.submit(fn, *args, **kwargs)
 
     def worker_pids(self) -> list[int]:
         """The live PyAV worker processes (none with threads): for CPU accounting and tests."""
@@ -175,10 +193,10 @@ class PyAVJobs:
             return self._submit_group(w)
         args = self._args(w)
         try:
-            return self.pool().submit(decode_frames_counted, *args, threads=1, output=self.output)
+            return self._submit(decode_frames_counted, *args, threads=1, output=self.output)
         except BrokenProcessPool:             # a worker died since the last batch
             self._restart()
-            return self.pool().submit(decode_frames_counted, *args, threads=1, output=self.output)
+            return self._submit(decode_frames_counted, *args, threads=1, output=self.output)
 
     def _submit_group(self, w: Work) -> Future:
         """Repeated sampling (data.repeat_samples): one PyAV sweep over the union of the frames of the
@@ -189,10 +207,10 @@ class PyAVJobs:
         if fut is None or fut.cancelled():
             args = (w.record.path, [self.work_of(p).all_frames() for p in g], tuple(self.data.frame_size))
             try:
-                fut = self.pool().submit(decode_group_counted, *args, threads=1, output=self.output)
+                fut = self._submit(decode_group_counted, *args, threads=1, output=self.output)
             except BrokenProcessPool:         # a worker died since the last batch
                 self._restart()
-                fut = self.pool().submit(decode_group_counted, *args, threads=1, output=self.output)
+                fut = self._submit(decode_group_counted, *args, threads=1, output=self.output)
             self._groups[g.start] = fut
             while len(self._groups) > 4 * self.data.batch_size:   # oldest first: long consumed
                 self._groups.pop(next(iter(self._groups)))
@@ -253,6 +271,9 @@ class PyAVJobs:
         if self._procs is not None:
             self._procs.shutdown(wait=True, cancel_futures=True)
             self._procs = None
+        if self._slots is not None:           # the workers are gone: nobody writes into a slot any more
+            self._slots.close()
+            self._slots = None
 
 
 class DaliJobs:

@@ -1,15 +1,11 @@
 """Retrieval recall on hand-worked toy galleries; clip positions, normalisation and encoder loading."""
 
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from torchvision.models.video import r3d_18
 
-from mscl_stream.config import Config
-from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.errors import UserError
 from mscl_stream.eval import features as FE
 from mscl_stream.eval.retrieval import retrieval_recall, top1_confusion
@@ -100,22 +96,6 @@ def test_top1_confusion_hand_worked_and_against_loop_reference():
 # ----------------------------------------------------------------------------- clips and features
 
 
-def _rec(path="v.webm", n=100, label=0, start=0, end=-1):
-    return VideoRecord(path=path, label=label, label_name=str(label), split="test", num_frames=n, fps=25.0,
-                       width=64, height=64, codec="vp9", duration=n / 25, start=start, end=end)
-
-
-def test_centred_indices_hand_values():
-    # span = 3 * 10 + 1 = 31 raw frames; 100 frames leave 69 spare -> centred start 34
-    assert FE.centred_indices(_rec(n=100), 4, 10) == [[34, 44, 54, 64]]
-    assert FE.centred_indices(_rec(n=100), 4, 10, clips=3) == [[0, 10, 20, 30], [34, 44, 54, 64],
-                                                              [69, 79, 89, 99]]
-    # a short video is clamped at its last frame
-    assert FE.centred_indices(_rec(n=20), 4, 10) == [[0, 10, 19, 19]]
-    # start/end bounds of the record are respected
-    assert FE.centred_indices(_rec(n=100, start=10, end=51), 4, 10) == [[15, 25, 35, 45]]
-
-
 def test_normalise_clip_centre_crop_and_imagenet():
     frames = torch.randint(0, 256, (2, 6, 8, 3), dtype=torch.uint8)
     out = FE.normalise_clip(frames, 4)
@@ -124,40 +104,6 @@ def test_normalise_clip_centre_crop_and_imagenet():
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     ref = ((f - mean) / std).transpose(3, 0, 1, 2)
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-6)
-
-
-def test_extract_features_clips_order_and_skips(monkeypatch):
-    """A fake decoder whose frame i has value i shows which frames reached the encoder."""
-    calls = []
-
-    def decode_frames(path, indices, size, threads=0):
-        calls.append((path, list(indices), size))
-        if path == "bad.webm":
-            raise UserError("bad.webm: corrupt")
-        return np.stack([np.full((*size, 3), i, np.uint8) for i in indices])
-
-    monkeypatch.setitem(sys.modules, "mscl_stream.data.pyav_decode",
-                        types.SimpleNamespace(decode_frames=decode_frames))
-    cfg = Config()
-    cfg.data.frames_per_clip, cfg.data.frame_stride, cfg.data.frame_size = 4, 10, (16, 24)
-    cfg.augment.out_size = 8
-    cfg.data.decode_workers = 2
-
-    class FirstPixel(torch.nn.Module):        # (B,3,T,S,S) -> (B,T): channel 0 at pixel (0,0)
-        def forward(self, x):
-            return x[:, 0, :, 0, 0]
-
-    recs = [_rec("a.webm", n=100, label=3), _rec("bad.webm", label=9), _rec("c.webm", n=20, label=5)]
-    feats, labels = FE.extract_features(FirstPixel(), recs, cfg, "cpu", clips=2, batch_size=2)
-    assert labels.tolist() == [3, 5]
-    norm = lambda i: (i / 255.0 - 0.485) / 0.229   # noqa: E731
-    # a.webm: clips at starts 0 and 69 -> frames [0,10,20,30] and [69,79,89,99], averaged
-    want_a = [(norm(a) + norm(b)) / 2 for a, b in zip([0, 10, 20, 30], [69, 79, 89, 99])]
-    want_c = [norm(i) for i in (0, 10, 19, 19)]
-    np.testing.assert_allclose(feats.numpy(), [want_a, want_c], atol=1e-5)
-    # every needed frame decoded once per video, sorted, at the working size
-    assert calls[0] == ("a.webm", [0, 10, 20, 30, 69, 79, 89, 99], (16, 24))
-    assert calls[2] == ("c.webm", [0, 10, 19], (16, 24))
 
 
 def _fake_mscl_state(seed):
