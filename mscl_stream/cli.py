@@ -58,9 +58,15 @@ def _cmd_plot(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    cfg = load_config(a.config, a.overrides)
+    overrides = (list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+                 + (["train.overwrite=true"] if a.overwrite else []))
+    cfg = load_config(a.config, overrides)
+    if a.splits:
+        from mscl_stream.eval.splits import parse_splits, run_splits
+        run_splits(a.kind, parse_splits(a.splits), a.checkpoint, cfg, a.out, prefix=a.prefix)
+        return 0
     from mscl_stream.eval import run_eval
-    run_eval(a.kind, checkpoint=a.checkpoint, cfg=cfg, out=a.out)
+    run_eval(a.kind, checkpoint=a.checkpoint, cfg=cfg, out=a.out, prefix=a.prefix)
     return 0
 
 
@@ -184,7 +190,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="retrieval, linear probe or fine-tune of a checkpoint")
     p.add_argument("kind", choices=["retrieval", "linear", "finetune"])
     p.add_argument("--checkpoint", help="pretrain checkpoint (omit for a random-init baseline)")
-    p.add_argument("--out", help="JSON results file")
+    p.add_argument("--out", help="JSON results file (with --splits: one per split, plus <out>_summary.json)")
+    p.add_argument("--splits", help="numbered splits, e.g. 1,2,3: data.manifest holds {split}; mean and spread")
+    p.add_argument("--resume", metavar="auto|CHECKPOINT", help="fine-tune: continue the run in eval.out_dir")
+    p.add_argument("--overwrite", action="store_true", help="fine-tune: replace the run already in eval.out_dir")
+    p.add_argument("--prefix", default="rgb_encoder.", help="key prefix of the RGB encoder in the checkpoint")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_eval)
 

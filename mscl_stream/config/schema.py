@@ -143,6 +143,18 @@ class EvalConfig:
     clip_grad: float = 40.0
     milestones: tuple[int, int] = (14, 18)   # epochs where the lr is multiplied by 0.1
     max_steps: int = 0                  # > 0 stops fine-tuning early (smoke runs)
+    test_short_side: int = 0            # > 0: test frames resized to this short side, aspect kept; 0: data.frame_size
+    test_crop: int = 0                  # side of the square test crop; 0: augment.out_size
+    crops: int = 1                      # test crops per clip: 1 (centre) or 3 (ends + centre of the long side)
+    segments: int = 0                   # > 0: segment sampling, this many segments of one frame (SSv2)
+    dataset: str = ""                   # names the results ("ucf101", "ssv2", ...)
+    out_dir: str = "runs/finetune"      # fine-tune run folder (a {split} subfolder per split with --splits)
+    val_every: int = 1                  # fine-tune: a validation pass every this many epochs
+    val_clips: int = 1                  # fine-tune: clips per video of the validation pass (one centre crop)
+    test_views: str = ""                # fine-tune final test view counts, e.g. "10x3,1x1" (default clips x crops)
+    train_size: int = 0                 # fine-tune training crop side (0: augment.out_size)
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # random resized crop: area fraction range
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)   # and aspect ratio range
 
 
 @dataclass

@@ -11,7 +11,12 @@ Settings taken from the configuration:
   decode threads data.decode_workers; batch data.batch_size; device train.device; seed train.seed;
   clips per video eval.clips.
 * fine-tune: the eval section (epochs 22, lr 0.12 per 32 clips scaled by eval.batch_size, weight
-  decay 1e-6, clip 40, lr x0.1 at eval.milestones 14 and 18: the SSv2 recipe), optim.momentum.
+  decay 1e-6, clip 40, lr x0.1 at eval.milestones 14 and 18: the SSv2 recipe), optim.momentum; the run
+  itself (folder, resume, validation, weights, test views): :mod:`mscl_stream.eval.finetune_run`.
+
+A manifest whose rows are all unlabelled (label -1: a pretraining manifest) is refused with one line.
+Every result names its ``dataset`` (eval.dataset), ``split`` (the numbered split with ``--splits``, else
+None) and ``views`` ("10x3": clips x crops; "16seg x1": segments x crops).
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from pathlib import Path
 
 
 from mscl_stream.config import Config, to_dict
+from mscl_stream.distributed import init_distributed
 from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.errors import UserError
 from mscl_stream.eval.features import ENCODER_PREFIX, build_r3d, extract_features
 from mscl_stream.machine import machine_info, resolve_device
-from mscl_stream.eval.finetune import finetune
+from mscl_stream.eval.finetune_run import finetune as run_finetune, views_label
 from mscl_stream.eval.linear import linear_probe
 from mscl_stream.eval.retrieval import KS, retrieval_recall, top1_confusion
-from mscl_stream.train.schedule import scaled_lr
 
 __all__ = ["run_eval", "run_evals", "split_records", "KINDS"]
 
@@ -45,10 +50,7 @@ def split_records(manifest: str) -> tuple[list[VideoRecord], list[VideoRecord], 
     if not manifest:
         raise UserError("data.manifest: evaluation needs a manifest with train and test splits "
                         "(pass data.manifest=PATH)")
-    rows = read_manifest(manifest)
-    by_split: dict[str, list[VideoRecord]] = {}
-    for r in rows:
-        by_split.setdefault(r.split, []).append(r)
+    by_split = _by_split(manifest)
     test_name = "test" if "test" in by_split else "val" if "val" in by_split else None
     if "train" not in by_split or test_name is None:
         raise UserError(f"{manifest}: evaluation needs 'train' and 'test' splits, found "
@@ -64,6 +66,26 @@ def split_records(manifest: str) -> tuple[list[VideoRecord], list[VideoRecord], 
                          "unlabelled_left_out": unlabelled}
 
 
+def _by_split(manifest: str) -> dict[str, list[VideoRecord]]:
+    """The manifest's rows per split; UserError if every row is unlabelled (a pretraining manifest)."""
+    rows = read_manifest(manifest)
+    if rows and all(r.label < 0 for r in rows):
+        raise UserError(f"{manifest}: every row is unlabelled (label -1, a pretraining manifest); evaluation needs "
+                        f"labels: index the dataset with its layout (--format folders|ucf101|hmdb51|kinetics|ssv2)")
+    by_split: dict[str, list[VideoRecord]] = {}
+    for r in rows:
+        by_split.setdefault(r.split, []).append(r)
+    return by_split
+
+
+def val_records(manifest: str, test: list[VideoRecord]) -> list[VideoRecord]:
+    """Fine-tune's validation videos: the labelled "val" rows when the manifest has both "val" and "test"
+    splits, else ``test`` (UCF101 and HMDB51 have no validation split: see docs/evaluation.md)."""
+    by_split = _by_split(manifest)
+    val = [r for r in by_split.get("val", []) if r.label >= 0]
+    return val if val and "test" in by_split else list(test)
+
+
 def class_names(records: list[VideoRecord]) -> list[str]:
     """Name of each label 0 .. max label (a label with no name, or absent, is shown as its number)."""
     names: dict[int, str] = {}
@@ -73,7 +95,7 @@ def class_names(records: list[VideoRecord]) -> list[str]:
 
 
 def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None, out: str | None = None,
-             prefix: str = ENCODER_PREFIX, clips: int | None = None) -> dict:
+             prefix: str = ENCODER_PREFIX, clips: int | None = None, split: int | None = None) -> dict:
     """Run one evaluation and return its results (also written as JSON to ``out`` if given).
 
     Args:
@@ -83,21 +105,24 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         cfg: configuration (see the module docstring for the keys used).
         out: JSON file for the results.
         prefix: key prefix of the query RGB encoder in the checkpoint's model state.
-        clips: centred clips per video whose features (logits) are averaged (default eval.clips).
+        clips: centred clips per video whose features are averaged (default eval.clips); fine-tuning tests
+            at eval.test_views.
+        split: the numbered split this manifest is (recorded in the results), or None.
 
     Returns:
         The metrics as fractions at the top level ("R@1" .. "R@50", with "classes" (label names) and
         "top1_confusion" (rows: query class, columns: the nearest gallery video's class; counts); or
-        "top1", "train_top1", "train_loss"), plus "kind", "encoder" (a description) and "info" (a dict:
-        video counts, skips, seconds, device). The JSON file adds the checkpoint, the config, the
-        machine and the date.
+        "top1", "top5" of the first test view, with "by_views" holding every view count's), plus "kind",
+        "dataset", "split", "views", "encoder" (a description) and "info" (a dict: video counts, skips,
+        seconds, device). The JSON file adds the checkpoint, the config, the machine and the date;
+        fine-tuning also writes one such file per view count into its run folder.
     """
-    return run_evals((kind,), checkpoint, cfg, {kind: out} if out else None, prefix, clips)[kind]
+    return run_evals((kind,), checkpoint, cfg, {kind: out} if out else None, prefix, clips, split)[kind]
 
 
 def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None, cfg: Config | None = None,
               outs: dict[str, str] | None = None, prefix: str = ENCODER_PREFIX,
-              clips: int | None = None) -> dict[str, dict]:
+              clips: int | None = None, split: int | None = None) -> dict[str, dict]:
     """Several evaluations of one encoder: {kind: :func:`run_eval`'s result}. Retrieval and the linear
     probe share one feature extraction; ``outs`` maps a kind to its JSON file."""
     unknown = [k for k in kinds if k not in KINDS]
@@ -111,7 +136,7 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
     for out in outs.values():
         check_writable(out)        # before the features are paid for
     train, test, counts0 = split_records(cfg.data.manifest)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device) if kinds != ("finetune",) else None
     seed = cfg.train.seed
     log.info("eval %s: %d train / %d test videos, %s, device %s", "+".join(kinds), len(train), len(test),
              checkpoint or "random init", device)
@@ -120,9 +145,9 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
         t0 = time.perf_counter()
         counts = dict(counts0)
         if kind == "finetune":
-            desc, metrics = _finetune(checkpoint, train, test, cfg, device, prefix, clips, counts)
-            results[kind] = _report(kind, desc, metrics, counts, t0, clips, device, checkpoint, cfg, outs)
+            results[kind] = _finetune(checkpoint, train, test, cfg, prefix, counts, t0, outs, split)
             continue
+        device = device or resolve_device(cfg.train.device)
         if feats is None:        # frozen features: extracted once for retrieval and the probe
             encoder, desc = build_r3d(checkpoint, prefix, seed=seed, width=cfg.model.rgb_width)
             gal_f, gal_l = extract_features(encoder, train, cfg, device, clips=clips)
@@ -139,35 +164,61 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
             metrics.update(classes=names, top1_confusion=conf.tolist())
         else:
             metrics = linear_probe(gal_f, gal_l, qry_f, qry_l)
-        results[kind] = _report(kind, desc, metrics, counts, t0, clips, device, checkpoint, cfg, outs)
+        head = {"kind": kind, "dataset": cfg.eval.dataset, "split": split, "views": views_label(clips, 1),
+                "encoder": desc}
+        results[kind] = _report(head, metrics, counts, t0, clips, device, checkpoint, cfg, outs.get(kind))
     return results
 
 
-def _finetune(checkpoint, train, test, cfg: Config, device, prefix: str, clips: int, counts: dict):
-    """(encoder description, metrics) of end-to-end fine-tuning; its steps and epochs go into ``counts``."""
-    e = cfg.eval
-    res = finetune(checkpoint, train, test, cfg, device, epochs=e.epochs,
-                   lr=scaled_lr(e.lr, e.batch_size, e.base_batch), batch_size=e.batch_size,
-                   momentum=cfg.optim.momentum, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
-                   milestones=e.milestones, max_steps=e.max_steps, prefix=prefix, seed=cfg.train.seed,
-                   test_clips=clips)
-    counts.update(steps=res.pop("steps"), epochs=res.pop("epochs"))
-    return res.pop("encoder"), res
+def _finetune(checkpoint, train, test, cfg: Config, prefix: str, counts: dict, t0: float, outs: dict,
+              split: int | None) -> dict:
+    """End-to-end fine-tuning (under torchrun on every rank); results per view count written by rank 0."""
+    dist = init_distributed(cfg.dist.backend, device=cfg.train.device)
+    val = val_records(cfg.data.manifest, test)
+    res = run_finetune(checkpoint, train, val, test, cfg, dist, prefix=prefix)
+    counts.update(steps=res["steps"], epochs=res["epochs"], val=len(val), best_val=res["best"],
+                  history=res["history"], run_dir=res["out_dir"])
+    by_views = res["views"]
+    first = next(iter(by_views))
+    out_dir = Path(res["out_dir"])
+    for label, metrics in by_views.items():
+        info = {**counts, "skipped_undecodable": metrics["skipped_undecodable"]}
+        head = {"kind": "finetune", "dataset": cfg.eval.dataset, "split": split, "views": label,
+                "encoder": res["encoder"]}
+        top = {"top1": metrics["top1"], "top5": metrics["top5"], "train_top1": res["train_top1"],
+               "train_loss": res["train_loss"]}
+        out = (outs.get("finetune") if label == first else None) if dist.is_main else None
+        result = _report(head, top, info, t0, None, dist.device, checkpoint, cfg, out, show=dist.is_main)
+        if dist.is_main:
+            write_json(str(out_dir / f"results_{label.replace(' ', '')}.json"), _full(result, checkpoint, cfg,
+                                                                                      dist.device))
+        if label == first:
+            main = result
+    return {**main, "by_views": {k: {"top1": v["top1"], "top5": v["top5"]} for k, v in by_views.items()}}
 
 
-def _report(kind: str, desc: str, metrics: dict, counts: dict, t0: float, clips: int, device, checkpoint,
-            cfg: Config, outs: dict) -> dict:
-    """One evaluation's result: printed as one line, written to its JSON file when ``outs`` names one."""
-    counts.update(seconds=round(time.perf_counter() - t0, 2), clips=clips, device=str(device))
-    result = {"kind": kind, "encoder": desc, **metrics, "info": counts}
+def _report(head: dict, metrics: dict, counts: dict, t0: float, clips: int | None, device, checkpoint,
+            cfg: Config, out: str | None, show: bool = True) -> dict:
+    """One evaluation's result: printed as one line, written to the JSON file ``out`` when given."""
+    counts.update(seconds=round(time.perf_counter() - t0, 2), device=str(device))
+    if clips is not None:
+        counts["clips"] = clips
+    result = {**head, **metrics, "info": counts}
     shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
-                      if isinstance(v, float) and (k.startswith("R@") or k.endswith("top1")))
-    print(f"eval {kind} [{desc}]: {shown} ({counts['test']} test / {counts['train']} train videos, "
-          f"{counts['seconds']:.1f} s)", flush=True)
-    if kind in outs:
-        _write_json(outs[kind], {**result, "checkpoint": checkpoint, "config": to_dict(cfg),
-                                 "machine": machine_info(device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                      if isinstance(v, float) and (k.startswith("R@") or k.endswith(("top1", "top5"))))
+    if show:
+        views = f" {head['views']}" if head["kind"] == "finetune" else ""     # one line per view count
+        print(f"eval {head['kind']}{views} [{head['encoder']}]: {shown} ({counts['test']} test / "
+              f"{counts['train']} train videos, {counts['seconds']:.1f} s)", flush=True)
+    if out:
+        write_json(out, _full(result, checkpoint, cfg, device))
     return result
+
+
+def _full(result: dict, checkpoint, cfg: Config, device) -> dict:
+    """A result as its JSON file holds it: with the checkpoint, the config, the machine and the date."""
+    return {**result, "checkpoint": checkpoint, "config": to_dict(cfg), "machine": machine_info(device),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def check_writable(path: str) -> None:
@@ -184,7 +235,7 @@ def check_writable(path: str) -> None:
         raise UserError(f"--out {path}: cannot write there ({e.strerror or e})") from None
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:

@@ -131,9 +131,9 @@ def test_run_evals_extracts_features_once_with_the_same_results(tiny_dataset, tm
     assert sum(map(sum, both["retrieval"]["top1_confusion"])) == both["retrieval"]["info"]["test"]
 
 
-def test_run_eval_finetune_smoke(tiny_dataset):
+def test_run_eval_finetune_smoke(tiny_dataset, tmp_path):
     cfg = _cfg(tiny_dataset, "eval.epochs=2", "eval.max_steps=3", "eval.lr=0.01", "eval.batch_size=4",
-               "eval.base_batch=4", "eval.milestones=[1, 2]")
+               "eval.base_batch=4", "eval.milestones=[1, 2]", f"eval.out_dir={tmp_path / 'ft'}")
     r = run_eval("finetune", checkpoint=None, cfg=cfg)
     # 8 videos / batch 4 = 2 steps per epoch; max_steps stops in epoch 2 after one more step
     assert r["info"]["steps"] == 3 and r["info"]["epochs"] == 2
