@@ -83,9 +83,30 @@ def clip_span(data: DataConfig) -> int:
 def min_raw_frames(data: DataConfig) -> int:
     """Raw frames one training sample needs: one window (T sampled frames ``frame_stride`` apart and
     the flow partners of the frames that get flow, i.e. :func:`clip_span`); without wrap-around,
-    window B may also start ``max_shift`` later. Videos shorter than this are not indexed."""
+    window B may also start ``max_shift`` later. The index keeps shorter videos (evaluation uses them);
+    :func:`pretraining_records` leaves them out of pretraining."""
     need = clip_span(data)
     return need if data.wrap else need + data.max_shift
+
+
+def pretraining_records(records: list[VideoRecord], data: DataConfig) -> list[VideoRecord]:
+    """The manifest rows long enough for one training sample (:func:`min_raw_frames`), in order.
+
+    The rows left out are counted and logged once; a manifest with none long enough is a UserError.
+    """
+    need = min_raw_frames(data)
+    keep = [r for r in records if r.frame_end - r.start >= need]
+    if not records:
+        return keep
+    if not keep:
+        raise UserError(f"no video is long enough for one pretraining sample: all {len(records)} are shorter "
+                        f"than {need} raw frames (longest {max(r.frame_end - r.start for r in records)}); "
+                        "shorten data.frames_per_clip/frame_stride/max_shift or index longer videos")
+    if len(keep) < len(records):
+        short = next(r for r in records if r.frame_end - r.start < need)
+        log.warning("pretraining skips %d of %d videos shorter than one sample (%d raw frames; e.g. %s, %d)",
+                    len(records) - len(keep), len(records), need, short.path, short.frame_end - short.start)
+    return keep
 
 
 def _rng(seed: int, epoch: int, stream: int, rank: int = 0) -> np.random.Generator:

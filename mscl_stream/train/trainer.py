@@ -24,6 +24,7 @@ from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
 from mscl_stream.data.loader import build_loader
 from mscl_stream.data.manifest import read_manifest
+from mscl_stream.data.sampler import pretraining_records
 from mscl_stream.distributed import DistInfo, init_distributed
 from mscl_stream.errors import UserError
 from mscl_stream.flow import estimator_from_config
@@ -98,7 +99,9 @@ class Trainer:
         self.cfg, self.dist, self.run, self.on_step = cfg, dist, run, on_step
         self.device = device = dist.device
         # ---- data: the loader, and the flow of each batch
-        self.records = read_manifest(cfg.data.manifest, cfg.data.split) if loader is None else []
+        # the index keeps videos shorter than one sample (evaluation uses them); pretraining skips them
+        self.records = pretraining_records(read_manifest(cfg.data.manifest, cfg.data.split), cfg.data) \
+            if loader is None else []
         self.own_loader = loader is None            # closed by close(): its threads / worker processes
         if loader is None:
             loader = build_loader(cfg, self.records, rank=dist.rank, world_size=dist.world_size, device=device)

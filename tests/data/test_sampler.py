@@ -10,7 +10,7 @@ import pytest
 
 from mscl_stream.config import DataConfig
 from mscl_stream.data.manifest import VideoRecord
-from mscl_stream.data.sampler import ClipSampler, min_raw_frames
+from mscl_stream.data.sampler import ClipSampler, min_raw_frames, pretraining_records
 from mscl_stream.errors import UserError
 
 
@@ -274,3 +274,16 @@ def test_min_raw_frames():
     assert min_raw_frames(DataConfig()) == 113
     assert min_raw_frames(DataConfig(flow_frames="all")) == 121
     assert min_raw_frames(DataConfig(flow_frames="all", wrap=False)) == 121 + 128
+
+
+def test_pretraining_skips_rows_shorter_than_one_sample(caplog):
+    # the length rule moved from the index to pretraining: 113 raw frames with the defaults (above)
+    recs = records([300, 112, 113, 40])
+    recs[0].start, recs[0].end = 200, -1                    # 100 usable frames of 300: too short as well
+    with caplog.at_level("WARNING", logger="mscl_stream.data.sampler"):
+        kept = pretraining_records(recs, DataConfig())
+    assert [r.path for r in kept] == ["/data/v2.webm"]
+    assert "pretraining skips 3 of 4 videos shorter than one sample (113 raw frames" in caplog.text
+    with pytest.raises(UserError, match=r"all 2 are shorter than 113 raw frames \(longest 112\)"):
+        pretraining_records(recs[1:2] + recs[3:], DataConfig())
+    assert pretraining_records(recs[2:3], DataConfig()) == recs[2:3]
