@@ -38,7 +38,8 @@ def _cmd_transcode(a: argparse.Namespace) -> int:
 def _cmd_index(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     from mscl_stream.commands.index import index_videos
-    index_videos(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds, mds_estimator=a.mds_estimator)
+    index_videos(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds, mds_estimator=a.mds_estimator,
+                 fmt=a.format, splits=a.split)
     return 0
 
 
@@ -159,10 +160,27 @@ def _add_transcode_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=_cmd_transcode)
 
 
+def _split_numbers(text: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected split numbers such as 1 or 1,2,3, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected split numbers >= 1, got {text!r}")
+    return sorted(set(out))
+
+
 def _add_index_parser(sub: argparse._SubParsersAction) -> None:
+    from mscl_stream.data.layouts import FORMATS    # light: the annotation parsers import no decoder
     p = sub.add_parser("index", help="probe videos and write a manifest (+ exclusion report)")
-    p.add_argument("src", help="folder with class subfolders (optionally split folders) or a CSV")
-    p.add_argument("-o", "--output", required=True, help="manifest.jsonl to write")
+    p.add_argument("src", help="a dataset folder or annotation file (UCF101, HMDB51, Kinetics, SSv2), class "
+                   "folders (optionally in split folders), a CSV, or any folder of videos")
+    p.add_argument("-o", "--output", required=True,
+                   help="manifest.jsonl to write; with several --split values it holds {split}")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="source layout (auto: detected from its files; docs/data.md, 'Dataset layouts')")
+    p.add_argument("--split", type=_split_numbers, default=None, metavar="N[,N...]",
+                   help="numbered splits to write (ucf101, hmdb51), one manifest each")
     p.add_argument("--workers", type=int, default=0, help="probe processes (0 = all cores)")
     p.add_argument("--mds", action="store_true", help="compute MDS allowed starts per video")
     p.add_argument("--mds-estimator", default="dis_fast", help="flow estimator for --mds")

@@ -15,14 +15,15 @@ from mscl_stream.motion.mds import MDSScorer
 
 
 def index_videos(src: str | os.PathLike, output: str | os.PathLike, *, data: DataConfig, workers: int = 0,
-                 mds: bool = False, mds_estimator: str = "dis_fast") -> dict:
+                 mds: bool = False, mds_estimator: str = "dis_fast", fmt: str = "auto",
+                 splits: list[int] | None = None) -> dict:
     """Index ``src`` into the manifest ``output`` (and its report); returns the report.
 
     Args:
-        src, output, data, workers: as :func:`mscl_stream.data.indexing.build_manifest`.
+        src, output, data, workers, fmt, splits: as :func:`mscl_stream.data.indexing.build_manifest`.
         mds: also compute the MDS allowed starts of every usable video (docs/method.md, section 4),
             with flows F_j = flow(raw 2j -> raw 2j + ``data.flow_gap``) from ``mds_estimator``.
         mds_estimator: flow estimator name for the MDS flows (built on the CPU in every worker).
     """
     scorer = MDSScorer(estimator=mds_estimator, flow_gap=data.flow_gap) if mds else None
-    return build_manifest(src, output, data=data, workers=workers, mds_scorer=scorer)
+    return build_manifest(src, output, data=data, workers=workers, mds_scorer=scorer, fmt=fmt, splits=splits)

@@ -27,6 +27,7 @@ class Entry:
     split: str
     start: int = 0
     end: int = -1
+    label: int | None = None    # the dataset's own id (layouts.py); None: numbered by sorted class names
 
 
 def entry_kind(p: Path) -> tuple[str, str] | None:
@@ -48,7 +49,7 @@ def entry_kind(p: Path) -> tuple[str, str] | None:
     return "not_a_file", f"a {kind}" + (" (through a symbolic link)" if p.is_symlink() else "")
 
 
-def _files_under(folder: Path) -> tuple[list[Path], list[dict]]:
+def files_under(folder: Path) -> tuple[list[Path], list[dict]]:
     """Regular files below ``folder`` (symlinks followed, folders not entered twice) and skipped entries.
 
     Hidden names (starting with ".") are skipped; every other entry that is not a usable file
@@ -107,7 +108,7 @@ def discover(src: str | os.PathLike) -> tuple[list[Entry], list[dict]]:
             skipped.append({"path": str(f), "reason": "hidden" if f.name.startswith(".") else reason,
                             "detail": detail})
         for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files, skips = _files_under(cls)
+            files, skips = files_under(cls)
             entries += [Entry(str(f), cls.name, split) for f in files]
             skipped += skips
     return entries, skipped

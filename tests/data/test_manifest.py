@@ -16,6 +16,7 @@ from mscl_stream.config import DataConfig
 from mscl_stream.data.indexing import build_manifest
 from mscl_stream.data.manifest import read_manifest
 from mscl_stream.data.probe import probe_video
+from mscl_stream.data.sampler import pretraining_records
 from mscl_stream.data.synthetic import moving_texture_frames, write_video
 from mscl_stream.errors import UserError
 
@@ -169,8 +170,9 @@ def test_index_class_folders(tmp_path, capsys):
     report = build_manifest(src, out, data=SMALL, workers=1)
     recs = read_manifest(out)
     by_name = {Path(r.path).name: r for r in recs}
+    # short.webm (12 frames < 17) decodes: it stays in the manifest for evaluation, counted apart
     assert sorted(by_name) == sorted(["cat0.webm", "cat1.webm", "dog0.webm", "dog1.webm", "h264clip.mp4",
-                                      "half.webm"])
+                                      "half.webm", "short.webm"])
     for name, r in by_name.items():
         assert r.num_frames == decoded_count(Path(r.path)), name       # counts = PyAV decode
         assert r.split == "train" and r.label == {"cat": 0, "dog": 1}[r.label_name]
@@ -180,15 +182,18 @@ def test_index_class_folders(tmp_path, capsys):
     assert 17 <= by_name["half.webm"].num_frames < 60
     assert by_name["h264clip.mp4"].codec == "h264" and by_name["cat1.webm"].num_frames == 25
     got = {Path(x["path"]).name: x["reason"] for x in report["excluded"]}
-    assert got == {"empty.webm": "empty", "notes.txt": "unreadable", "short.webm": "too_short",
+    assert got == {"empty.webm": "empty", "notes.txt": "unreadable",
                    "half.mp4": "unreadable", "README.txt": "no_class"}
-    assert report["files"] == 11 and report["usable"] == 6 and report["classes"] == ["cat", "dog"]
-    assert report["excluded_by_reason"] == {"empty": 1, "no_class": 1, "too_short": 1, "unreadable": 2}
-    assert report["min_frames"] == 17
+    assert report["files"] == 11 and report["usable"] == 7 and report["classes"] == ["cat", "dog"]
+    assert report["usable_for_evaluation"] == 7 and report["usable_for_pretraining"] == 6
+    assert report["shorter_than_one_sample"] == {"count": 1, "per_split": {"train": 1}}
+    assert report["excluded_by_reason"] == {"empty": 1, "no_class": 1, "unreadable": 2}
+    assert report["min_frames"] == 17 and by_name["short.webm"].num_frames == 12
     on_disk = json.loads((tmp_path / "m" / "manifest.report.json").read_text())
     assert on_disk["excluded"] == report["excluded"]
     printed = capsys.readouterr()
-    assert "6 usable videos of 11 files" in printed.out and "too_short 1" in printed.out
+    assert "7 usable videos of 11 files" in printed.out
+    assert "usable for evaluation 7, for pretraining 6" in printed.out
     assert "index: 10/10 files" in printed.err
 
 
@@ -199,10 +204,15 @@ def test_wrap_off_needs_max_shift_and_nothing_usable(tmp_path):
     assert build_manifest(src, out, data=SMALL, workers=1)["usable"] == 1       # 20 >= 17
     no_wrap = DataConfig(frames_per_clip=4, frame_stride=4, flow_gap=4, max_shift=8, wrap=False,
                          flow_frames="all")
-    with pytest.raises(UserError, match="no usable videos.*too_short: 1"):
-        build_manifest(src, tmp_path / "m2.jsonl", data=no_wrap, workers=1)     # needs 25
-    report = json.loads((tmp_path / "m2.report.json").read_text())
-    assert report["usable"] == 0 and "needs 25" in report["excluded"][0]["detail"]
+    # needs 25 without wrap-around: the index keeps the 20-frame video (evaluation uses it) and counts it
+    # apart; pretraining is what refuses a manifest with no video long enough, in one line
+    report = build_manifest(src, tmp_path / "m2.jsonl", data=no_wrap, workers=1)
+    assert (report["usable"], report["usable_for_pretraining"], report["min_frames"]) == (1, 0, 25)
+    recs = read_manifest(tmp_path / "m2.jsonl")
+    assert pretraining_records(recs, SMALL) == recs                  # 20 >= 17 with wrap-around
+    with pytest.raises(UserError, match=r"no video is long enough.*all 1 are shorter than 25 raw frames "
+                                        r"\(longest 20\)"):
+        pretraining_records(recs, no_wrap)
     with pytest.raises(UserError, match="no such file"):
         build_manifest(tmp_path / "missing", out, data=SMALL)
     (tmp_path / "emptydir").mkdir()
@@ -217,16 +227,17 @@ def test_index_csv(tmp_path):
     csv_path = root / "list.csv"
     csv_path.write_text("x/v1.webm,walk\n"
                         "x/v2.mp4,run,2,30\n"           # a 28-frame range of a 40-frame file
-                        "x/v2.mp4,jump,30,40\n"         # 10 frames: too short for one sample
+                        "x/v2.mp4,jump,30,40\n"         # 10 frames: shorter than one sample, kept
                         "x/gone.webm,walk\n"
                         "x/v1.webm,walk,9,3\n")
     report = build_manifest(csv_path, tmp_path / "m.jsonl", data=SMALL, workers=1)
     recs = read_manifest(tmp_path / "m.jsonl")
     assert [(r.label_name, r.label, r.start, r.end, r.frame_end) for r in recs] == [
-        ("run", 0, 2, 30, 30), ("walk", 1, 0, -1, 24)]
-    assert Path(recs[1].path) == (root / "x" / "v1.webm").resolve()
-    assert sorted(x["reason"] for x in report["excluded"]) == ["bad_range", "missing", "too_short"]
-    assert report["classes_without_usable_video"] == ["jump"]
+        ("jump", 0, 30, 40, 40), ("run", 1, 2, 30, 30), ("walk", 2, 0, -1, 24)]
+    assert Path(recs[2].path) == (root / "x" / "v1.webm").resolve()
+    assert sorted(x["reason"] for x in report["excluded"]) == ["bad_range", "missing"]
+    assert report["classes_without_usable_video"] == []
+    assert (report["usable_for_evaluation"], report["usable_for_pretraining"]) == (3, 2)
     # with a header naming the columns (and a split column)
     csv_path.write_text("path,label,split\nx/v1.webm,walk,val\nx/v2.mp4,run,train\n")
     build_manifest(csv_path, tmp_path / "m2.jsonl", data=SMALL, workers=1)
