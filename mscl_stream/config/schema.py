@@ -41,6 +41,10 @@ class DataConfig:
     # resized on the CPU by swscale; yuv = the decoder's 4:2:0 planes, converted and resized on the training
     # device by torch (files of other pixel formats still come as rgb). auto: yuv on CUDA, rgb on CPU
     pyav_output: Literal["auto", "rgb", "yuv"] = "auto"
+    # how worker processes return frames (docs/data.md, "Where colour conversion happens"): shm = written
+    # into shared-memory slots of the training process (pickled whenever no slot can be had); pickle =
+    # through the pool's pipe. Decode threads need neither
+    pyav_handoff: Literal["shm", "pickle"] = "shm"
     decode_workers: int = 2             # DALI threads, or PyAV worker threads / processes
     prefetch: int = 2                   # batches decoded ahead
     mds: Literal["off", "index", "online"] = "off"   # index: starts stored by `mscl-stream index --mds`

@@ -128,6 +128,25 @@ def test_pyav_yuv_output_equals_reference(h264_video, workers):
     loader.close()
 
 
+@pytest.mark.parametrize("handoff", ["shm", "pickle"])
+def test_pyav_worker_handoffs_equal_reference(h264_video, handoff):
+    # frames back from the worker processes through shared-memory slots or pickled: the same pixels
+    ref = reference(h264_video)
+    n, h, w = ref.shape[:3]
+    recs = [record(h264_video, n, h, w, "h264")] * 2
+    loader = build_loader(config(batch_size=2, frame_size=(h, w), pyav_workers="processes", pyav_output="yuv",
+                                 pyav_handoff=handoff), recs, device=CPU)
+    for epoch in range(2):                 # the first answers size the slots, the second epoch uses them
+        loader.set_epoch(epoch)
+        (batch,) = list(loader)
+        check_batch_frames(batch, {0: ref, 1: ref})
+    slots = loader._pyav._slots
+    assert (slots is not None) == (handoff == "shm")
+    if slots is not None:
+        assert slots.counts["slot"] >= 1 and slots.counts["slot"] + slots.counts["inline"] == 4
+    loader.close()
+
+
 @pytest.mark.parametrize("fixture,codec", [("h264_video", "h264"), ("vp9_video", "vp9")])
 def test_pyav_outputs_agree_after_resize(request, fixture, codec):
     # auto is rgb on CPU; yuv (resized and converted by torch) gives the same frames within the tolerance
