@@ -10,7 +10,7 @@ same samples of the k400 profile (456x256 H.264 -> 128x176), one thread, interle
                  sample (today's path), one context per frame (the path before), the raw planes, swscale
                  YUV resized to the cover size, torch's conversion of native and of cover-size planes
   transport      a one-process pool (forkserver, as the loader's) returning the sample: pickled (the
-                 loader's way) or through a shared-memory slot; CPU-ms of the main process (the
+                 loader's way before) or through the loader's shared-memory slots (``data.pyav_handoff=shm``); CPU-ms of the main process (the
                  training process: its result thread reads and unpickles) and of the worker beyond its
                  decode, wall ms, bytes
   conversion     ``yuv420_to_rgb_cover_crop`` on the sample's planes on this CPU (thread CPU-ms), and on
@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -54,25 +53,6 @@ def _arrays(frames) -> list[np.ndarray]:
     from mscl_stream.data.frame_sink import YuvFrames
 
     return [frames.y, frames.uv] if isinstance(frames, YuvFrames) else [frames]
-
-
-def decode_to_shm(path: str, idx, size, output: str, shm_name: str, slot_bytes: int):
-    """Worker side of the shared-memory hand-off: decode, copy the arrays into the slot, return shapes.
-    (An implementation would write the planes straight into the slot; this copies once more.)"""
-    from mscl_stream.data.pyav_decode import decode_frames_counted
-
-    frames, stats = decode_frames_counted(path, idx, size, threads=1, output=output)
-    shm = shared_memory.SharedMemory(name=shm_name)
-    try:
-        off, shapes = 0, []
-        for a in _arrays(frames):
-            np.ndarray(a.shape, np.uint8, shm.buf, offset=off)[...] = a
-            off += a.nbytes
-            shapes.append(a.shape)
-        assert off <= slot_bytes
-    finally:
-        shm.close()
-    return shapes, stats
 
 
 def _specs(manifest: Path, samples: int):
@@ -169,9 +149,10 @@ def transport(records, specs, size) -> list[dict]:
     from mscl_stream.data.pyav_decode import decode_frames_counted
 
     ex = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
-    slot_bytes = 64 << 20
-    shm = shared_memory.SharedMemory(create=True, size=slot_bytes)
-    dest = np.empty(slot_bytes, np.uint8)        # stands in for the pinned staging buffer of the upload
+    from mscl_stream.data.shm_handoff import Slots, submit
+
+    slots = Slots(cap=2)                         # the loader's hand-off (data.pyav_handoff=shm)
+    dest = np.empty(64 << 20, np.uint8)          # stands in for the pinned staging buffer of the upload
     rows = []
     try:
         ex.submit(os.getpid).result()
@@ -183,16 +164,14 @@ def transport(records, specs, size) -> list[dict]:
             for output, mode in (modes if k % 2 == 0 else modes[::-1]):
                 m0, w0, t0 = time.process_time(), _proc_cpu(pid), time.perf_counter()
                 if mode == "pickle":
-                    frames, stats = ex.submit(decode_frames_counted, path, idx, size, threads=1, output=output).result()
-                    arrays = _arrays(frames)
-                    off = 0
-                    for a in arrays:
-                        dest[off:off + a.nbytes] = a.reshape(-1)
-                        off += a.nbytes
+                    fut = ex.submit(decode_frames_counted, path, idx, size, threads=1, output=output)
                 else:
-                    shapes, stats = ex.submit(decode_to_shm, path, idx, size, output, shm.name, slot_bytes).result()
-                    off = sum(int(np.prod(sh)) for sh in shapes)
-                    dest[:off] = np.ndarray((off,), np.uint8, shm.buf)
+                    fut = submit(ex, slots, decode_frames_counted, path, idx, size, threads=1, output=output)
+                frames, stats = fut.result()
+                off = 0
+                for a in _arrays(frames):
+                    dest[off:off + a.nbytes] = a.reshape(-1)
+                    off += a.nbytes
                 if k == 0:
                     continue
                 t = tot[(output, mode)]
@@ -208,8 +187,8 @@ def transport(records, specs, size) -> list[dict]:
                          "decode_cpu_ms": 1e3 * t["decode"] / n, "wall_ms": 1e3 * t["wall"] / n})
     finally:
         ex.shutdown()
-        shm.close()
-        shm.unlink()
+        slots.close()
+    assert slots.counts["slot"] >= len(specs), slots.counts     # every timed sample went through a slot
     return rows
 
 
