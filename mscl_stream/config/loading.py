@@ -211,7 +211,7 @@ def validate(cfg: Config) -> Config:
          f"(or {ALLOW_IMPORT_ENV}=1), or register the estimator by name (docs/reliability.md)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"{t.device!r}: use auto, cpu, cuda or cuda:N")
-    if d.manifest:
+    if d.manifest and "{split}" not in d.manifest:     # a per-split pattern: eval --splits checks each file
         need(Path(d.manifest).is_file(), "data.manifest", f"{d.manifest}: no such file (run `mscl-stream index`)")
     if f.weights not in ("", "none") and ("/" in f.weights or f.weights.endswith((".pt", ".pth"))):
         need(Path(f.weights).is_file(), "flow.weights", f"{f.weights}: no such file")

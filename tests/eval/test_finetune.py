@@ -122,3 +122,13 @@ def test_eval_refuses_an_unlabelled_manifest(split_manifest, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "every row is unlabelled" in err[0]
     assert not (tmp_path / "ft").exists()          # refused before any run folder or model
+
+
+def test_segment_sampling_finetune_names_its_views(split_manifest, tmp_path):
+    cfg = _cfg(split_manifest, tmp_path / "seg", "eval.segments=4", "eval.max_steps=1", "eval.test_views=1x1",
+               "eval.train_size=24", "eval.val_every=0")
+    plan = FT.epoch_plan(read_manifest(split_manifest), cfg, 0)
+    assert all(len(p.indices) == 1 and len(p.indices[0]) == 4 for p in plan)      # 4 segments, one frame each
+    res = run_eval("finetune", cfg=cfg)
+    assert res["views"] == "4seg x1" and res["info"]["steps"] == 1
+    assert (tmp_path / "seg" / "results_4segx1.json").is_file() and not (tmp_path / "seg" / "weights_best.pt").exists()

@@ -1,0 +1,69 @@
+"""Fine-tuning under torchrun (two gloo processes on CPU): each rank trains on its own videos of every batch,
+the ranks end with equal weights, and the test scores gathered from both ranks cover every test video."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, run_ranks
+from mscl_stream.config import dump_config, load_config
+from mscl_stream.data.manifest import read_manifest, write_manifest
+from mscl_stream.eval.finetune import epoch_plan
+
+RANK_SCRIPT = """
+import sys, torch
+from mscl_stream.config import load_config
+import mscl_stream.eval.finetune_run as R
+from mscl_stream.eval import run_eval
+holder = {}
+class Loop(R.FinetuneLoop):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        holder["loop"] = self
+if __name__ == "__main__":      # decode worker processes import this file too
+    R.FinetuneLoop = Loop
+    run_eval("finetune", cfg=load_config(sys.argv[1]), out=sys.argv[3])
+    params = torch.cat([p.detach().flatten() for p in holder["loop"].core.parameters()])
+    torch.save({"params": params, "steps": holder["loop"].step}, sys.argv[2])
+"""
+
+
+def _manifest(tiny_manifest, path):
+    rows = sorted(read_manifest(tiny_manifest), key=lambda r: r.path)
+    write_manifest([dataclasses.replace(r, split="test" if i >= 4 else "train") for i, r in enumerate(rows)], path)
+    return path
+
+
+def test_epoch_plan_gives_each_rank_its_own_share(tiny_manifest, tmp_path):
+    rows = read_manifest(_manifest(tiny_manifest, tmp_path / "m.jsonl"))
+    cfg = load_config(None, TINY_TRAIN)
+    one = [p.record.path for p in epoch_plan(rows, cfg, 3)]
+    ranks = [[p.record.path for p in epoch_plan(rows, cfg, 3, r, 4)] for r in range(4)]
+    assert sorted(one) == sorted(r.path for r in rows)
+    # one shared order dealt out rank by rank, padded by wrapping to 8 = 2 per rank
+    assert [ranks[r][i] for i in range(2) for r in range(4)] == one + one[:2]
+    assert [p.record.path for p in epoch_plan(rows, cfg, 4)] != one          # a new order each epoch
+
+
+@pytest.mark.slow
+def test_two_process_finetune_equal_weights_and_gathered_test(tiny_manifest, tmp_path):
+    manifest = _manifest(tiny_manifest, tmp_path / "m.jsonl")
+    cfg = load_config(None, [*TINY_TRAIN, f"data.manifest={manifest}", f"eval.out_dir={tmp_path / 'ft'}",
+                             "eval.epochs=1", "eval.batch_size=2", "eval.base_batch=2", "eval.lr=0.05",
+                             "eval.test_views=1x3", "data.pyav_workers=threads"])
+    dump_config(cfg, tmp_path / "ddp.yaml")
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    run_ranks(tmp_path / "rank.py", lambda r: [str(tmp_path / "ddp.yaml"), str(tmp_path / f"rank{r}.pt"),
+                                                str(tmp_path / "out.json")], timeout=300)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["steps"] == r1["steps"] == 2          # 4 videos, 2 per step: one on each rank
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["views"] == "1x3" and doc["info"]["test"] == 2 and doc["info"]["skipped_undecodable"] == 0
+    saved = torch.load(tmp_path / "ft" / "weights_last.pt", weights_only=True)
+    torch.testing.assert_close(torch.cat([v.flatten() for k, v in saved.items() if "running" not in k
+                                          and "num_batches" not in k]), r0["params"], rtol=0, atol=0)
