@@ -33,6 +33,8 @@ def runs(tmp_path) -> Path:
             "R@10": 0.75, "R@20": 0.8, "R@50": 0.9, "classes": ["a"], "encoder": CKPT})
     _write(root / "hmdb" / "a" / "b" / "ft.json",
            {"kind": "finetune", "dataset": "hmdb51", "split": 2, "views": "10x3", "top1": 0.6, "encoder": CKPT})
+    _write(root / "ssv2.json", {"kind": "finetune", "dataset": "ssv2", "split": None, "views": "16seg x1",
+                                "top1": 0.25, "top5": 0.5, "encoder": CKPT})
     # written before results carried dataset / split / views
     _write(root / "old" / "linear.json", {"kind": "linear", "top1": 0.5, "train_top1": 0.9, "encoder": CKPT})
     _write(root / "ucf" / "config.json", {"model": {"rgb_width": 64}})
@@ -51,6 +53,8 @@ EXPECTED = """\
 | ? | linear | ? | {ckpt} | ? | top1 | 50.0 | not reported |
 | UCF-101 | finetune | 10x3 | random-init(seed=0) | 1 | top1 | 30.0 | 91.5 |
 | hmdb51 | finetune | 10x3 | {ckpt} | 2 | top1 | 60.0 | not reported |
+| ssv2 | finetune | 16seg x1 | {ckpt} | - | top1 | 25.0 | 50.3 |
+| ssv2 | finetune | 16seg x1 | {ckpt} | - | top5 | 50.0 | not reported |
 | ucf101 | finetune | 10x3 | {ckpt} | 1,2,3 | top1 | 92.0 +- 2.0 | 91.5 |
 | ucf101 | finetune | 10x3 | {ckpt} | 1,2,3 | top5 | 99.0 +- 1.0 | not reported |
 | ucf101 | retrieval | 10x1 | {ckpt} | 1 | R@1 | 60.0 | 65.6 |
@@ -58,7 +62,6 @@ EXPECTED = """\
 | ucf101 | retrieval | 10x1 | {ckpt} | 1 | R@10 | 75.0 | not reported |
 | ucf101 | retrieval | 10x1 | {ckpt} | 1 | R@20 | 80.0 | not reported |
 | ucf101 | retrieval | 10x1 | {ckpt} | 1 | R@50 | 90.0 | not reported |
-| ssv2 | finetune | - | - | - | top1 | no result | 50.3 |
 """.format(ckpt=CKPT)
 
 
@@ -66,7 +69,7 @@ def test_report_table_matches_the_hand_computed_one(runs, tmp_path, capsys):
     out = tmp_path / "report" / "table"
     assert main(["report", str(runs), "-o", str(out)]) == 0
     said = capsys.readouterr().out
-    assert "7 results" in said and "4 other JSON files skipped" in said
+    assert "8 results" in said and "4 other JSON files skipped" in said
     text = (tmp_path / "report" / "table.md").read_text()
     table, notes = text.split("\n\n", 1)
     assert table + "\n" == EXPECTED
@@ -86,6 +89,7 @@ def test_report_takes_files_and_folders_once_each_and_drops_an_output_suffix(run
     assert rows == [f"| ucf101 | finetune | 10x3 | {CKPT} | 1 | top1 | 90.0 | 91.5 |",
                     f"| ucf101 | finetune | 10x3 | {CKPT} | 1 | top5 | 98.0 | not reported |",
                     "| ucf101 | retrieval | - | - | - | R@1 | no result | 65.6 |"]
+    assert "| ssv2 | finetune | - | - | - | top1 | no result | 50.3 |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").is_file()
 
 

@@ -7,7 +7,8 @@ anything else found in a folder (configs, a per-split summary, a benchmark's JSO
 counted by reason, as is a second file holding the same result (``eval --out`` beside the copy a
 fine-tune writes into its run folder). Results are grouped by (dataset, kind, views, encoder): the ``"dataset"``,
 ``"split"`` and ``"views"`` keys of the results contract; results written before those keys existed
-are read all the same and shown with "?". The encoder (the checkpoint, or the random-init baseline)
+are read all the same and shown with "?" (a split of null, a dataset without numbered splits, is
+"-"). The encoder (the checkpoint, or the random-init baseline)
 is part of the group so that a baseline never averages into a pretrained result.
 
 Each group's metric is the mean over its results (normally one per split) +- the sample standard
@@ -86,7 +87,9 @@ def parse_result(obj, path: Path) -> Result | str:
                if isinstance(obj.get(m), (int, float)) and not isinstance(obj.get(m), bool)}
     if not metrics:
         return "no metrics at the top level (a summary?)"
-    return Result(path, obj["kind"], _shown(obj.get("dataset")), _shown(obj.get("split")),
+    # a null split is a dataset without numbered splits (SSv2, Kinetics): "-"; an absent key is an old file: "?"
+    split = "-" if "split" in obj and obj["split"] is None else _shown(obj.get("split"))
+    return Result(path, obj["kind"], _shown(obj.get("dataset")), split,
                   _shown(obj.get("views")), _shown(obj.get("encoder") or obj.get("checkpoint")), metrics)
 
 
