@@ -217,9 +217,8 @@ def figure(rows: list[dict]):
     ax.set_yticks(list(ys), _labels(rows), fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("%  (dots: one split each)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"paper: {PAPER_SOURCE}", fontsize=8)
+    ax.set_xlabel(f"%  (dots: one split each)\npaper: {PAPER_SOURCE}", fontsize=8)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
