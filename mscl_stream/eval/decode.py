@@ -36,11 +36,22 @@ SizeFn = Callable[[VideoRecord], tuple[int, int]]
 
 
 class _Pool:
-    """Worker processes (or threads) that decode whole videos; a broken process pool is replaced."""
+    """Worker processes (or threads) that decode whole videos; a broken process pool is replaced.
+
+    Process pools are kept for the life of the process (:func:`close_pools` ends them): each worker
+    imports the main module once when it starts (seconds), and fine-tuning validates every epoch."""
+
+    _kept: dict[tuple[int, bool], "_Pool"] = {}
 
     def __init__(self, workers: int, processes: bool) -> None:
         self.workers, self.processes = max(1, workers), processes
         self._ex: Executor | None = None
+
+    @classmethod
+    def get(cls, workers: int, processes: bool) -> "_Pool":
+        if not processes:
+            return cls(workers, False)
+        return cls._kept.setdefault((max(1, workers), True), cls(workers, True))
 
     def executor(self) -> Executor:
         if self._ex is None:
@@ -60,10 +71,22 @@ class _Pool:
         log.warning("an evaluation decode worker died; starting a new pool")
         self.close(wait=False)
 
+    def release(self) -> None:
+        """End of one pass: threads end; worker processes stay for the next pass."""
+        if not self.processes:
+            self.close()
+
     def close(self, wait: bool = True) -> None:
         if self._ex is not None:
             self._ex.shutdown(wait=wait, cancel_futures=True)
             self._ex = None
+
+
+def close_pools() -> None:
+    """End the kept evaluation worker processes (they also end with this process)."""
+    for pool in _Pool._kept.values():
+        pool.close()
+    _Pool._kept.clear()
 
 
 def iter_decoded(records: Sequence[VideoRecord], index_fn: IndexFn, size: tuple[int, int] | SizeFn,
@@ -86,7 +109,7 @@ def iter_decoded(records: Sequence[VideoRecord], index_fn: IndexFn, size: tuple[
         ``(row, frames)``: frames (clips, T, H, W, 3) uint8, or None for a video that failed to decode.
     """
     size_of = size if callable(size) else (lambda rec: size)
-    pool = _Pool(threads, processes)
+    pool = _Pool.get(threads, processes)
     jobs = lambda i: (records[i].path, index_fn(records[i]), size_of(records[i]))  # noqa: E731
     pending: deque[tuple[int, tuple, Future]] = deque()
     rows = iter(range(len(records)))
@@ -106,7 +129,9 @@ def iter_decoded(records: Sequence[VideoRecord], index_fn: IndexFn, size: tuple[
                 yield i, frames
                 progress.update(done)
     finally:
-        pool.close()
+        for _, _, fut in pending:             # a pass left early: its decodes are not wanted
+            fut.cancel()
+        pool.release()
 
 
 def _result(pool: _Pool, rec: VideoRecord, job: tuple, fut: Future, pending: deque,
