@@ -168,6 +168,8 @@ def hmdb51(src: Path, splits: list[int] | None) -> Layout:
     """HMDB51: ``<class>_test_splitN.txt`` lines ``<file> <0|1|2>`` (1 train, 2 test, 0 unused);
     ids number the sorted class names; videos in ``<class>/<file>``."""
     lists = src / "testTrainMulti_7030_splits"
+    if not lists.is_dir():
+        raise UserError(f"{lists}: missing (HMDB51's split lists, <class>_test_splitN.txt)")
     files = {(m["cls"], int(m["n"])): f for f in sorted(lists.iterdir()) if (m := _HMDB_FILE.match(f.name))}
     classes = sorted({c for c, _ in files})
     chosen = _pick_splits(sorted({n for _, n in files}), splits, src, "hmdb51")

@@ -80,6 +80,8 @@ def kinetics(src: Path) -> Layout:
             raise UserError(f"{src}: no Kinetics CSV (header {','.join(KINETICS_COLUMNS)}) here or in annotations/")
     rows = {p: _kinetics_rows(p) for p in {*csvs, *siblings}}
     classes = sorted({d["label"] for rs in rows.values() for _, d in rs if d.get("label")})
+    label_of = {c: i for i, c in enumerate(classes)}
+    folders: dict[tuple[str, Path], Path] = {}            # (split, CSV) -> its folder, looked up once
     entries: list[Entry] = []
     skipped: list[dict] = []
     seen: set[str] = set()
@@ -93,9 +95,11 @@ def kinetics(src: Path) -> Layout:
                                     f"label,youtube_id,time_start,time_end,split with whole seconds"))
                 continue
             name = f"{d['youtube_id']}_{start:06d}_{end:06d}.mp4"
-            folder = _kinetics_folder(root, d["split"], path)
-            add_entry(folder / name, d["label"], split_name(d["split"]), classes.index(d["label"]), where, seen,
-                 entries, skipped)
+            if (d["split"], path) not in folders:
+                folders[(d["split"], path)] = _kinetics_folder(root, d["split"], path)
+            folder = folders[(d["split"], path)]
+            add_entry(folder / name, d["label"], split_name(d["split"]), label_of[d["label"]], where, seen,
+                      entries, skipped)
     return Layout("kinetics", {None: (entries, skipped)}, classes=classes)
 
 
