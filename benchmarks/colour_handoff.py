@@ -275,7 +275,7 @@ def main() -> None:
         data_dir = ROOT / "runs" / f"bench-handoff-k400-{a.videos}"
         manifest = data_dir / "manifest.jsonl"
         if not manifest.is_file():
-            make_sample_dataset(data_dir, videos=a.videos, profile="k400", seed=0)
+            make_sample_dataset(data_dir, videos=a.videos, profile="k400", seed=0, task="direction")
             build_manifest(data_dir, manifest, data=DataConfig(), workers=1)
     records, specs, size = _specs(manifest, a.samples)
     result = {"benchmark": "colour_handoff", "date": dt.datetime.now().isoformat(timespec="seconds"),

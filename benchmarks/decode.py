@@ -287,7 +287,8 @@ def profile_dataset(profile: str, codec: str, videos: int) -> Path:
     data_dir = ROOT / "runs" / f"bench-cost-{profile}-{codec}-{videos}"
     manifest = data_dir / "manifest.jsonl"
     if not manifest.is_file():
-        make_sample_dataset(data_dir, videos=videos, codec=codec, profile=profile, include_real=True, seed=0)
+        make_sample_dataset(data_dir, videos=videos, codec=codec, profile=profile, include_real=True, seed=0,
+                            task="direction")
         build_manifest(data_dir, manifest, data=DataConfig(), workers=1)
     return manifest
 
@@ -393,7 +394,7 @@ def prepare(a: argparse.Namespace) -> Path:
     manifest = data_dir / "manifest.jsonl"
     if not manifest.is_file():
         if not (data_dir / "train").is_dir():
-            make_sample_dataset(data_dir, videos=a.videos, codec=a.codec, seed=0)
+            make_sample_dataset(data_dir, videos=a.videos, codec=a.codec, seed=0, task="direction")
         build_manifest(data_dir, manifest, data=DataConfig(), workers=min(4, os.cpu_count() or 1))
     return manifest
 

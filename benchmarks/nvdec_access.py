@@ -64,7 +64,7 @@ def _cpu_seconds(loader=None) -> float:
 
 def _make_part(out: str, videos: int, codec: str, profile: str, seed: int) -> None:
     from mscl_stream.data.synthetic import make_sample_dataset
-    make_sample_dataset(out, videos=videos, codec=codec, profile=profile, seed=seed)
+    make_sample_dataset(out, videos=videos, codec=codec, profile=profile, seed=seed, task="direction")
 
 
 def _data(a) -> Path:

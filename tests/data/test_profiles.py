@@ -42,7 +42,7 @@ def test_profile_table_matches_the_datasets():
 def test_k400_like_h264_stream_properties(tmp_path):
     # the k400 profile at a tiny size and length (its encoding, frame rate and GOP rule unchanged)
     tiny = replace(PROFILES["k400"], sizes=((48, 80),), frames=(60, 60))
-    out = make_sample_dataset(tmp_path / "ds", videos=4, profile=tiny, gop=24, seed=1)
+    out = make_sample_dataset(tmp_path / "ds", videos=4, profile=tiny, gop=24, seed=1, task="direction")
     files = sorted(out.rglob("*.mp4"))
     assert len(files) == 4 and {f.parent.name for f in files} == set(CLASSES)
     for f in files:

