@@ -24,7 +24,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_make_sample_data(a: argparse.Namespace) -> int:
     from mscl_stream.data.synthetic import make_sample_dataset
     make_sample_dataset(Path(a.out), videos=a.videos, codec=a.codec, include_real=a.include_real, seed=a.seed,
-                        profile=a.profile, gop=a.gop, workers=a.workers)
+                        profile=a.profile, gop=a.gop, workers=a.workers, task=a.task)
     return 0
 
 
@@ -103,7 +103,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     from mscl_stream.demo import run_demo
-    run_demo(Path(a.out), overrides=a.overrides)
+    run_demo(Path(a.out), overrides=a.overrides, task=a.task)
     return 0
 
 
@@ -119,7 +119,7 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
         raise UserError(f"ablate: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)} "
                         f"(or add one with --variant NAME=key=value,...)")
     chosen = [known[n] for n in (a.variants or list(known))] + [parse_variant_arg(t) for t in a.variant]
-    run_ablation(Path(a.out), chosen, a.seeds, config=a.config, manifest=a.manifest, videos=a.videos,
+    run_ablation(Path(a.out), chosen, a.seeds, config=a.config, manifest=a.manifest, videos=a.videos, task=a.task,
                  extra=list(a.overrides), random_init=not a.no_random_init, report_only=a.report,
                  rescore=a.rescore)
     return 0
@@ -129,6 +129,10 @@ def _add_make_sample_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-sample-data", help="write a small labelled synthetic video dataset")
     p.add_argument("out")
     p.add_argument("--videos", type=int, default=24, help="number of videos (default 24)")
+    p.add_argument("--task", choices=["motion", "direction"], default="motion",
+                   help="motion: 7 classes a rotation of the flow keeps (still, pan, steady, oscillate, stop_go, "
+                        "pair_same, pair_opposite; default); direction: horizontal, up, down, still "
+                        "(docs/experiments.md)")
     p.add_argument("--profile", choices=["toy", "ucf101", "k400"], default="toy",
                    help="toy: small, fast-encoded (default); ucf101: 320x240 25 fps ~7 s; k400: short side 256, "
                         "30 fps, 10 s; both x264 medium-like, GOP 250 (docs/data.md)")
@@ -283,7 +287,10 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants-file", default=str(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--manifest", help="labelled manifest with train/test splits (default: the demo's videos)")
-    p.add_argument("--videos", type=int, default=120, help="demo videos to make when --manifest is not given")
+    p.add_argument("--task", choices=["motion", "direction"], default="motion",
+                   help="the demo's sample task, its videos and step budget, when --manifest is not given")
+    p.add_argument("--videos", type=int, default=None,
+                   help="demo videos to make when --manifest is not given (default: the task's, as the demo)")
     p.add_argument("--no-random-init", action="store_true", help="leave out the untrained-encoder rows")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--report", action="store_true",
@@ -298,6 +305,9 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="sample data -> index -> pretrain -> eval vs random init, on CPU")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--task", choices=["motion", "direction"], default="motion",
+                   help="sample task: motion (classes a rotation of the flow keeps; default) or direction "
+                        "(which way things move: the earlier demo; docs/experiments.md)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(fn=_cmd_demo)
 

@@ -196,8 +196,9 @@ def plot(table: list[dict], path: Path, metrics: tuple[str, ...] = HEADLINE) -> 
 
 
 def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], config: str | None = None,
-                 manifest: str | None = None, videos: int = 120, extra: list[str] | None = None,
-                 random_init: bool = True, report_only: bool = False, rescore: bool = False) -> list[dict]:
+                 manifest: str | None = None, videos: int | None = None, extra: list[str] | None = None,
+                 random_init: bool = True, report_only: bool = False, rescore: bool = False,
+                 task: str = "motion") -> list[dict]:
     """Run (or continue) a study into ``out``; returns every row (done now or earlier).
 
     Args:
@@ -206,32 +207,29 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
         seeds: ``train.seed`` of each run (the data stay the same).
         config: base config (default: the demo's).
         manifest: a labelled manifest with train/test splits (default: the demo's videos in out/videos).
-        videos: number of demo videos when they are made here.
+        videos: number of demo videos when they are made here (None: the task's, as the demo).
+        task: the demo's sample task (:data:`mscl_stream.demo.DEMO_TASKS`): its videos when no manifest is
+            given, and its config overrides (step budget) under ``extra`` in every run.
         extra: overrides applied to every run (e.g. ``train.max_steps=200`` for a pilot).
         random_init: add the untrained-encoder row per seed.
         report_only: run nothing; summarise the rows already done (a study between sittings).
         rescore: evaluate the finished runs again from their final checkpoints and update their rows
             (after the evaluation changed or gained a metric); pretraining is not repeated.
     """
-    from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
+    from mscl_stream.demo import DEMO_CONFIG, demo_task, prepare_demo_data
     from mscl_stream.machine import machine_info, resolve_device
 
     out = Path(out)
     config = str(config or DEMO_CONFIG)
-    extra = list(extra or [])
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise UserError(f"ablate: variant names repeat: {names}")
-    if not seeds:
-        raise UserError("ablate: --seeds needs at least one seed")
-    base = load_config(config, extra, check=False)      # fails here, before any work, on a bad config
-    for v in variants:                                    # every variant's overrides parse and validate
-        load_config(config, [*extra, *v.overrides, "data.manifest=" + (manifest or "unused")], check=False)
+    setting = demo_task(task)
+    extra = [*setting.overrides, *(extra or [])]
+    videos = setting.videos if videos is None else videos
+    base = _check_plan(variants, seeds, config, extra, manifest)
     out.mkdir(parents=True, exist_ok=True)
     if manifest:
         mpath = Path(manifest)
     else:   # a report reads finished rows only: no data needed
-        mpath = None if report_only else prepare_demo_data(out, base, videos)
+        mpath = None if report_only else prepare_demo_data(out, base, videos, task)
     arms = ([Variant(RANDOM_INIT, "untrained encoder (the floor)", ())] if random_init else []) + list(variants)
     plan = [(v, s) for v in arms for s in seeds]
     rows, t_start, done_now = [], time.perf_counter(), 0
@@ -274,6 +272,21 @@ def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], con
     md = _write_summary(out, rows)
     print("\n" + md + f"\nstudy folder: {out} (ablation.json, ablation.md, ablation.png)", flush=True)
     return rows
+
+
+def _check_plan(variants: list[Variant], seeds: list[int], config: str, extra: list[str],
+                manifest: str | None):
+    """Fail before any work on repeated names, no seeds, or a config or override that does not load;
+    returns the base config."""
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise UserError(f"ablate: variant names repeat: {names}")
+    if not seeds:
+        raise UserError("ablate: --seeds needs at least one seed")
+    base = load_config(config, extra, check=False)
+    for v in variants:                                    # every variant's overrides parse and validate
+        load_config(config, [*extra, *v.overrides, "data.manifest=" + (manifest or "unused")], check=False)
+    return base
 
 
 def _with_other_rows(out: Path, rows: list[dict]) -> list[dict]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mscl_stream.data.textures import shifted, smooth_texture, soft_box
 from mscl_stream.errors import UserError
 
 MOTION_CLASSES = ("still", "pan", "steady", "oscillate", "stop_go", "pair_same", "pair_opposite")
@@ -118,15 +119,13 @@ def motion_texture_frames(n: int, h: int, w: int, traj: Trajectories, seed: int 
     Returns:
         (n, h, w, 3) uint8 RGB.
     """
-    from mscl_stream.data.synthetic import _shifted, _smooth_texture, _soft_box
-
     rng = np.random.default_rng(seed)
-    bg = _smooth_texture(rng, h, w, cutoff=rng.uniform(4.0, 8.0))
+    bg = smooth_texture(rng, h, w, cutoff=rng.uniform(4.0, 8.0))
     bg_mean = rng.uniform(70, 130, 3).astype(np.float32)[:, None, None]
     bg_amp = np.float32(rng.uniform(20, 30))
     parts = []
     for _ in range(2):
-        spec = _smooth_texture(rng, h, w, cutoff=rng.uniform(6.0, 12.0))
+        spec = smooth_texture(rng, h, w, cutoff=rng.uniform(6.0, 12.0))
         mean = rng.uniform(110, 170, 3).astype(np.float32)[:, None, None]
         amp = np.float32(rng.uniform(35, 50))
         size = (h * rng.uniform(0.25, 0.45), w * rng.uniform(0.25, 0.45))
@@ -136,11 +135,11 @@ def motion_texture_frames(n: int, h: int, w: int, traj: Trajectories, seed: int 
     for t0 in range(0, n, chunk):
         sl = slice(t0, min(n, t0 + chunk))
         b = traj.background[sl]
-        img = _shifted(bg, h, w, b[:, 0], b[:, 1]) * bg_amp + bg_mean
+        img = shifted(bg, h, w, b[:, 0], b[:, 1]) * bg_amp + bg_mean
         for (spec, mean, amp, (ph, pw), (cx, cy)), off in zip(parts, traj.parts):
             o = off[sl]
-            f = _shifted(spec, h, w, o[:, 0], o[:, 1]) * amp + mean
-            m = np.stack([_soft_box(h, w, cx + dx, cy + dy, ph, pw) for dx, dy in o]).astype(np.float32)
+            f = shifted(spec, h, w, o[:, 0], o[:, 1]) * amp + mean
+            m = np.stack([soft_box(h, w, cx + dx, cy + dy, ph, pw) for dx, dy in o]).astype(np.float32)
             img += m[:, None] * (f - img)
         np.rint(img, out=img)
         out[sl] = np.clip(img, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 
-from mscl_stream.data.profiles import unit_periodic_spectrum
+from mscl_stream.data.motion_task import MOTION_CLASSES, motion_texture_frames, sample_trajectories
+from mscl_stream.data.textures import shifted, smooth_texture, soft_box
 from mscl_stream.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ _DIRECTIONS = {"horizontal": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0), 
 def task_classes(task: str) -> tuple[str, ...]:
     """Class names of a sample task: ``direction`` (:data:`CLASSES`, which way the foreground moves) or
     ``motion`` (:data:`~mscl_stream.data.motion_task.MOTION_CLASSES`, what a rotation of the flow keeps)."""
-    from mscl_stream.data.motion_task import MOTION_CLASSES
-
     tasks = {"direction": CLASSES, "motion": MOTION_CLASSES}
     if task not in tasks:
         raise UserError(f"task {task!r}: choose one of {', '.join(tasks)}")
@@ -120,40 +119,6 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "vp9", fps: i
     return path
 
 
-def _smooth_texture(rng: np.random.Generator, h: int, w: int, cutoff: float) -> np.ndarray:
-    """Periodic band-limited RGB texture in the Fourier domain: (3, h, w//2+1) complex spectrum.
-
-    ``cutoff`` is the Gaussian low-pass width in cycles per frame; the texture is scaled to unit std.
-    """
-    noise = rng.standard_normal((3, h, w))
-    spec = np.fft.rfft2(noise)
-    fy = np.fft.fftfreq(h)[:, None] * h
-    fx = np.fft.rfftfreq(w)[None, :] * w
-    spec *= np.exp(-0.5 * (fx**2 + fy**2) / cutoff**2)
-    return unit_periodic_spectrum(spec, h, w)            # zero mean: the colour offset is added later
-
-
-def _shifted(spec: np.ndarray, h: int, w: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Texture translated by (dx[t], dy[t]) pixels (periodically) for each t: (T, 3, h, w) float32."""
-    fy = np.fft.fftfreq(h)[None, :, None]
-    fx = np.fft.rfftfreq(w)[None, None, :]
-    # the phase ramp is separable: exp(-2 pi i (fx dx + fy dy)) = row factor * column factor
-    px = np.exp(-2j * np.pi * fx * dx[:, None, None]).astype(np.complex64)
-    py = np.exp(-2j * np.pi * fy * dy[:, None, None]).astype(np.complex64)
-    return np.fft.irfft2(spec.astype(np.complex64)[None] * (py * px)[:, None], s=(h, w))
-
-
-def _soft_box(h: int, w: int, cx: float, cy: float, bh: float, bw: float, soft: float = 2.0) -> np.ndarray:
-    """Periodic soft rectangle mask centred at (cx, cy): (h, w) in [0, 1], analytic in the centre."""
-    x = np.arange(w)[None, :] - cx
-    y = np.arange(h)[:, None] - cy
-    x = (x + w / 2) % w - w / 2                          # periodic distance to the centre
-    y = (y + h / 2) % h - h / 2
-    mx = np.clip((bw / 2 - np.abs(x)) / soft + 0.5, 0.0, 1.0)
-    my = np.clip((bh / 2 - np.abs(y)) / soft + 0.5, 0.0, 1.0)
-    return my * mx
-
-
 def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] = (2.0, 0.0),
                           seed: int = 0, bg_velocity: tuple[float, float] = (0.0, 0.0),
                           patch: tuple[float, float] | None = None) -> np.ndarray:
@@ -174,8 +139,8 @@ def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] 
         (n, h, w, 3) uint8 RGB.
     """
     rng = np.random.default_rng(seed)
-    bg = _smooth_texture(rng, h, w, cutoff=rng.uniform(4.0, 8.0))
-    fg = _smooth_texture(rng, h, w, cutoff=rng.uniform(6.0, 12.0))
+    bg = smooth_texture(rng, h, w, cutoff=rng.uniform(4.0, 8.0))
+    fg = smooth_texture(rng, h, w, cutoff=rng.uniform(6.0, 12.0))
     bg_mean, fg_mean = rng.uniform(70, 130, 3), rng.uniform(110, 170, 3)
     bg_mean, fg_mean = (x.astype(np.float32)[:, None, None] for x in (bg_mean, fg_mean))
     bg_amp, fg_amp = rng.uniform(20, 30), rng.uniform(35, 50)
@@ -185,9 +150,9 @@ def moving_texture_frames(n: int, h: int, w: int, velocity: tuple[float, float] 
     chunk = 16                                   # frames per vectorised FFT call (bounded memory)
     for t0 in range(0, n, chunk):
         t = np.arange(t0, min(n, t0 + chunk), dtype=np.float64)
-        f = _shifted(fg, h, w, velocity[0] * t, velocity[1] * t) * np.float32(fg_amp) + fg_mean
-        b = _shifted(bg, h, w, bg_velocity[0] * t, bg_velocity[1] * t) * np.float32(bg_amp) + bg_mean
-        m = np.stack([_soft_box(h, w, cx0 + velocity[0] * ti, cy0 + velocity[1] * ti, ph, pw)
+        f = shifted(fg, h, w, velocity[0] * t, velocity[1] * t) * np.float32(fg_amp) + fg_mean
+        b = shifted(bg, h, w, bg_velocity[0] * t, bg_velocity[1] * t) * np.float32(bg_amp) + bg_mean
+        m = np.stack([soft_box(h, w, cx0 + velocity[0] * ti, cy0 + velocity[1] * ti, ph, pw)
                       for ti in t]).astype(np.float32)[:, None]
         img = b + m * (f - b)
         np.rint(img, out=img)
@@ -241,8 +206,6 @@ def _make_one(job: tuple) -> tuple[Path, str]:
 def _make_motion(target: Path, name: str, rng: np.random.Generator, prof: "Profile", codec: str,
                  gop: int) -> tuple[Path, str]:
     """One video of the ``motion`` task (:mod:`mscl_stream.data.motion_task`) at the profile's shape."""
-    from mscl_stream.data.motion_task import motion_texture_frames, sample_trajectories
-
     if prof.encoding != "toy":
         from mscl_stream.data.profiles import realistic_frames
         h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]

@@ -58,7 +58,7 @@ def test_k400_like_h264_stream_properties(tmp_path):
 
 def test_ucf101_like_vp9_version_and_default_gop(tmp_path):
     tiny = replace(PROFILES["ucf101"], sizes=((48, 64),), frames=(40, 40))
-    out = make_sample_dataset(tmp_path / "ds", videos=4, profile=tiny, codec="vp9", seed=2)
+    out = make_sample_dataset(tmp_path / "ds", videos=4, profile=tiny, codec="vp9", seed=2, task="direction")
     for f in sorted(out.rglob("*.webm")):
         facts = stream_facts(f)
         assert facts["codec"] == "vp9" and facts["size"] == (48, 64) and facts["fps"] == pytest.approx(25)
@@ -90,14 +90,14 @@ def test_bad_profile_and_gop(tmp_path):
     with pytest.raises(UserError):
         make_sample_dataset(tmp_path / "x", videos=4, profile="hmdb")
     with pytest.raises(UserError):
-        make_sample_dataset(tmp_path / "x", videos=4, profile="toy", gop=0)
+        make_sample_dataset(tmp_path / "x", videos=4, profile="toy", gop=0, task="direction")
 
 
 def test_parallel_generation_gives_the_same_videos(tmp_path, capsys):
     tiny = replace(PROFILES["ucf101"], sizes=((32, 48),), frames=(12, 12))
-    a = make_sample_dataset(tmp_path / "a", videos=4, profile=tiny, seed=5)
+    a = make_sample_dataset(tmp_path / "a", videos=4, profile=tiny, seed=5, task="direction")
     out_a = capsys.readouterr().out
-    b = make_sample_dataset(tmp_path / "b", videos=4, profile=tiny, seed=5, workers=2)
+    b = make_sample_dataset(tmp_path / "b", videos=4, profile=tiny, seed=5, workers=2, task="direction")
     out_b = capsys.readouterr().out
     lines = lambda out: [ln for ln in out.splitlines() if ln.startswith("[")]  # noqa: E731
     assert lines(out_a) == lines(out_b) and len(lines(out_a)) == 4    # same sizes, lengths, velocities
