@@ -16,8 +16,10 @@ add more); the VP9 versions (``codec="vp9"``, for DALI's CPU decoder) use libvpx
 with alt-ref frames. Decoding cost depends on what the pictures hold, so the content is built to cost
 what camera footage costs, not flat colour: a broadband (1/f amplitude spectrum, like natural images)
 background panning in a random direction, 1-3 textured objects moving over it, and per-frame sensor
-grain. The class is still only how the objects move (``horizontal``, ``up``, ``down``, ``still``), so
-``index``, ``pretrain`` and evaluation run on these datasets as on the toy one. benchmarks/README.md
+grain. The class is still only how things move (the ``direction`` task: ``horizontal``, ``up``,
+``down``, ``still``; the ``motion`` task: two objects and the background moving as
+:mod:`mscl_stream.data.motion_task` says), so ``index``, ``pretrain`` and evaluation run on these
+datasets as on the toy one. benchmarks/README.md
 gives the measured decode cost against a real clip encoded the same way.
 """
 
