@@ -27,3 +27,19 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert all(f"R@{k}" in ret["random_init"] for k in KS)
     shown = capsys.readouterr().out
     assert "retrieval R@1" in shown and "linear top1" in shown
+
+
+def test_demo_refuses_a_videos_folder_of_the_other_task(tmp_path):
+    import pytest
+
+    from mscl_stream.config import load_config
+    from mscl_stream.demo import DEMO_CONFIG, prepare_demo_data
+    from mscl_stream.errors import UserError
+
+    (tmp_path / "videos" / "train" / "horizontal").mkdir(parents=True)     # a direction-task folder
+    cfg = load_config(DEMO_CONFIG, [], check=False)
+    with pytest.raises(UserError, match="motion task"):
+        prepare_demo_data(tmp_path, cfg, videos=7, task="motion")
+    with pytest.raises(UserError, match="--task 'spin'"):
+        from mscl_stream.demo import demo_task
+        demo_task("spin")
