@@ -31,14 +31,14 @@ from pathlib import Path
 
 import yaml
 
+from mscl_stream.commands.ablate_summary import (HEADLINE, RANDOM_INIT, confusion_by_variant,  # noqa: F401
+                                                 group_confusion_table, markdown_table, plot, plot_confusion,
+                                                 summarize)
 from mscl_stream.config import load_config
 from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
 VARIANTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "ablations.yaml"
-RANDOM_INIT = "random_init"
-# Metrics carried into the table and the plot (fractions); the rows keep every metric eval returns.
-HEADLINE = ("R@1", "R@5", "linear_top1")
 
 
 @dataclass(frozen=True)
@@ -128,71 +128,6 @@ def _evaluate(variant: Variant, seed: int, base_config: str, manifest: Path, run
     metrics.update({f"linear_{k}": v for k, v in lin.items() if isinstance(v, float)})
     return {**metrics, "classes": ret["classes"], "top1_confusion": ret["top1_confusion"],
             "test_queries": ret["info"]["test"]}
-
-
-def summarize(rows: list[dict], metrics: tuple[str, ...] = HEADLINE) -> list[dict]:
-    """Per variant (in first-seen order): n seeds, and mean and standard error of each metric.
-
-    The standard error is the sample standard deviation over seeds / sqrt(n) (NaN for one seed).
-    """
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["variant"], []).append(r)
-    table = []
-    for name, rs in by.items():
-        entry = {"variant": name, "n": len(rs), "seeds": sorted(r["seed"] for r in rs)}
-        for m in metrics:
-            xs = [r[m] for r in rs if r.get(m) is not None]
-            n = len(xs)
-            mean = sum(xs) / n if n else math.nan
-            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
-            entry[m] = {"mean": mean, "se": sd / math.sqrt(n) if n > 1 else math.nan, "values": xs}
-        table.append(entry)
-    return table
-
-
-def markdown_table(table: list[dict], metrics: tuple[str, ...] = HEADLINE) -> str:
-    """The summary as a Markdown table: mean +- standard error per metric, seeds per variant."""
-    head = "| variant | seeds | " + " | ".join(metrics) + " |"
-    lines = [head, "|" + " --- |" * (len(metrics) + 2)]
-    for e in table:
-        cells = []
-        for m in metrics:
-            s = e[m]
-            cells.append("-" if math.isnan(s["mean"]) else
-                         f"{s['mean']:.3f}" + ("" if math.isnan(s["se"]) else f" +- {s['se']:.3f}"))
-        lines.append(f"| {e['variant']} | {e['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: list[dict], path: Path, metrics: tuple[str, ...] = HEADLINE) -> None:
-    """Bars of the mean per variant and metric, +- one standard error, every seed as a dot, and a dashed
-    line at the untrained encoder's mean."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(table) + 1.5),
-                             squeeze=False)
-    names = [e["variant"] for e in table]
-    for ax, m in zip(axes[0], metrics):
-        means = [e[m]["mean"] for e in table]
-        ses = [0 if math.isnan(e[m]["se"]) else e[m]["se"] for e in table]
-        ax.barh(range(len(table)), means, xerr=ses, color="#c8cde8", ecolor="#555", capsize=3)
-        for i, e in enumerate(table):
-            ax.plot(e[m]["values"], [i] * len(e[m]["values"]), "o", color="#c33", ms=4, zorder=3)
-        floor = next((e[m]["mean"] for e in table if e["variant"] == RANDOM_INIT), None)
-        if floor is not None and not math.isnan(floor):
-            ax.axvline(floor, color="#999", ls="--", lw=1)     # the untrained encoder's mean
-        ax.set_yticks(range(len(table)), names if ax is axes[0][0] else [""] * len(table))
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_title(m)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run_ablation(out: Path | str, variants: list[Variant], seeds: list[int], config: str | None = None,
@@ -306,6 +241,9 @@ def _write_summary(out: Path, rows: list[dict]) -> str:
     table = summarize(rows)
     _write_json(out / "ablation.json", rows)
     md = markdown_table(table)
+    groups = group_confusion_table(confusion_by_variant(rows))
+    if groups:
+        md += "\nTop-1 confusions between groups of classes, summed over seeds:\n\n" + groups
     tmp = out / f".ablation.md.tmp-{os.getpid()}"
     tmp.write_text(md)
     os.replace(tmp, out / "ablation.md")
@@ -313,54 +251,3 @@ def _write_summary(out: Path, rows: list[dict]) -> str:
     if any("top1_confusion" in r for r in rows):
         plot_confusion(rows, out / "ablation_confusion.png")
     return md
-
-
-def confusion_by_variant(rows: list[dict]) -> dict[str, dict]:
-    """Per variant (first-seen order, rows without a confusion left out): the top-1 confusion counts
-    summed over seeds, the class names and the seeds summed."""
-    by: dict[str, dict] = {}
-    for r in rows:
-        if "top1_confusion" not in r:
-            continue
-        entry = by.setdefault(r["variant"], {"classes": r["classes"], "counts": None, "seeds": []})
-        if entry["classes"] != r["classes"]:
-            raise UserError(f"ablate: {r['variant']} seed {r['seed']} has classes {r['classes']}, "
-                            f"other seeds {entry['classes']}")
-        c = r["top1_confusion"]
-        entry["counts"] = c if entry["counts"] is None else [[a + b for a, b in zip(x, y)]
-                                                             for x, y in zip(entry["counts"], c)]
-        entry["seeds"].append(r["seed"])
-    return by
-
-
-def plot_confusion(rows: list[dict], path: Path) -> None:
-    """One top-1 confusion matrix per variant (summed over seeds), each row as a fraction of its queries."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = confusion_by_variant(rows)
-    cols = min(5, len(by))
-    nrows = -(-len(by) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.7 * nrows + 0.4), squeeze=False)
-    for ax in axes.flat[len(by):]:
-        ax.axis("off")
-    for ax, (name, e) in zip(axes.flat, by.items()):
-        counts = e["counts"]
-        frac = [[x / max(sum(row), 1) for x in row] for row in counts]
-        ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
-        n = len(e["classes"])
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(counts[i][j]), ha="center", va="center", fontsize=7,
-                        color="white" if frac[i][j] > 0.5 else "black")
-        ax.set_xticks(range(n), e["classes"], fontsize=6, rotation=45)
-        ax.set_yticks(range(n), e["classes"], fontsize=6)
-        ax.set_title(f"{name} ({len(e['seeds'])} seeds)", fontsize=8)
-    fig.supxlabel("class of the nearest training video", fontsize=8)
-    fig.supylabel("query class", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

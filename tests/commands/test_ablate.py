@@ -3,6 +3,7 @@ they name (tiny shapes), the summary's statistics against an independent computa
 that skips finished rows and refuses a variant whose overrides changed."""
 
 import json
+import math
 import statistics
 
 import pytest
@@ -93,7 +94,7 @@ def test_summary_statistics_against_statistics_module():
     assert table["a"]["R@1"]["se"] == pytest.approx(statistics.stdev(xs) / 3 ** 0.5)
     assert table["a"]["n"] == 3 and table["b"]["n"] == 1
     md = markdown_table(list(table.values()))
-    assert "| a | 3 | 0.600 +- 0.058 |" in md and "| b | 1 | 0.250 |" in md
+    assert "| a | 3 | 0.600 +- 0.058 (0.5, 0.7, 0.6) |" in md and "| b | 1 | 0.250 |" in md
 
 
 def test_study_skips_finished_rows_and_refuses_changed_overrides(tmp_path, monkeypatch):
@@ -175,3 +176,29 @@ def test_bad_variant_override_fails_before_any_run(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "_run_one", lambda *a: pytest.fail("ran a study with a bad variant"))
     with pytest.raises(UserError, match="nosuch"):
         run_ablation(tmp_path, [Variant("x", "", ("loss.weights.nosuch=1",))], [0], manifest="m.jsonl")
+
+
+def test_group_confusions_and_gap_against_hand_counts():
+    from mscl_stream.commands.ablate_summary import CONFUSION_GROUPS, gap_in_se, group_confusion_table, group_confusions
+
+    classes = ["down", "horizontal", "still", "up"]                  # sorted, as the manifest numbers them
+    counts = [[6, 1, 2, 1],     # down queries: 1 -> horizontal, 2 -> still, 1 -> up
+              [2, 5, 0, 3],     # horizontal: 2 -> down, 3 -> up
+              [0, 1, 9, 0],     # still: 1 -> horizontal
+              [4, 0, 1, 5]]     # up: 4 -> down, 1 -> still
+    got = group_confusions(counts, classes, CONFUSION_GROUPS[frozenset(classes)])
+    # horizontal <-> up/down: 1 + 2 + 3 + 0 = 6; chance: 10 horizontal queries x 2/4 + 20 up/down x 1/4 = 10
+    # up <-> down: 1 + 4 = 5, chance 10 x 1/4 + 10 x 1/4 = 5; moving <-> still: 2 + 0 + 1 (to still) + 1 (from still) = 4,
+    # chance 30 x 1/4 + 10 x 3/4 = 15
+    assert got == [("horizontal <-> up/down", 6, 10.0), ("up <-> down", 5, 5.0), ("moving <-> still", 4, 15.0)]
+    motion = sorted(["still", "pan", "steady", "oscillate", "stop_go", "pair_same", "pair_opposite"])
+    eye = [[10 if i == j else 0 for j in range(7)] for i in range(7)]
+    eye[motion.index("pair_same")] = [4 if c == "pair_opposite" else 6 if c == "pair_same" else 0 for c in motion]
+    eye[motion.index("steady")] = [3 if c == "stop_go" else 7 if c == "steady" else 0 for c in motion]
+    rows = dict((n, (g, ch)) for n, g, ch in group_confusions(eye, motion, CONFUSION_GROUPS[frozenset(motion)]))
+    assert rows["same <-> opposite"] == (4, 20 / 7) and rows["among one-part speed profiles"] == (3, 60 / 7)
+    assert rows["one part <-> two parts"][0] == 0 and rows["moving <-> still"][0] == 0
+    by = {"full": {"classes": motion, "counts": eye, "seeds": [0, 1]}}
+    assert "| full | 2 | 0 (chance 17) |" in group_confusion_table(by)
+    table = [{"variant": "full", "R@1": {"mean": 0.5, "se": 0.03}}, {"variant": "x", "R@1": {"mean": 0.4, "se": 0.04}}]
+    assert gap_in_se(table, "x") == pytest.approx(-0.1 / 0.05) and math.isnan(gap_in_se(table, "full"))
