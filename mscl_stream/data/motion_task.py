@@ -4,7 +4,7 @@ Flow Rotation Augmentation (FRA) rotates all flow vectors of a clip by one angle
 to match the result, so it teaches the encoder that the direction of motion is a nuisance. The
 ``direction`` task (:data:`mscl_stream.data.synthetic.CLASSES`) labels exactly that nuisance; this task
 labels what such a rotation keeps: speed over time, the number of moving parts, the angle between the
-parts' motions and the extent of the moving region. docs/experiments.md ("The motion task") states the
+parts' motions and the extent of the moving region. docs/experiments.md ("Two sample tasks") states the
 classes and this reason.
 
 Every video shows a textured background and two textured parts (so a single frame never tells the
