@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +168,17 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), task: str =
     rnd = run_evals(kinds, checkpoint=None, cfg=cfg, outs={k: str(out / f"eval_{k}_random.json") for k in kinds})
     for kind in kinds:
         results[kind] = {"pretrained": pre[kind], "random_init": rnd[kind]}
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2, default=str))
+    tmp = out / f".demo_results.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out / "demo_results.json")
+    save_results_png(results, out / "demo_results.png", task)
+    print_results(results, task, len(classes))
+    print(f"\nrun directory: {out} (checkpoint, logs, views.png, demo_results.json, demo_results.png)")
+    return results
 
+
+def print_results(results: dict, task: str, n_classes: int) -> None:
+    """The side-by-side table of every retrieval and probe metric, with chance and its standard error."""
     print(f"\n{task}-task evaluation on the test split (pretrained vs random init):")
     print(f"  {'metric':<22}{'pretrained':>12}{'random init':>14}")
     for kind in ("retrieval", "linear"):
@@ -178,8 +188,46 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = (), task: str =
         for key in sorted((k for k, v in pre.items() if isinstance(v, (int, float))), key=order):
             print(f"  {kind + ' ' + key:<22}{pre[key]:>12.3f}{rnd.get(key, float('nan')):>14.3f}")
     n = results["retrieval"]["pretrained"]["info"]["test"]
-    chance = 1.0 / len(classes)
-    print(f"  {n} test queries, {len(classes)} classes: chance R@1 ~ {chance:.2f}; one standard error of a "
+    chance = 1.0 / n_classes
+    print(f"  {n} test queries, {n_classes} classes: chance R@1 ~ {chance:.2f}; one standard error of a "
           f"fraction near chance ~ {(chance * (1 - chance) / max(n, 1)) ** 0.5:.2f}")
-    print(f"\nrun directory: {out} (checkpoint, logs, views.png, demo_results.json)")
-    return results
+
+
+def save_results_png(results: dict, path: Path, task: str) -> None:
+    """Left: retrieval R@1/R@5 and probe top-1, pretrained vs random init. Then, per encoder, the top-1
+    retrieval confusion (query class x class of its nearest training video, as fractions of the row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ret, lin = results["retrieval"], results["linear"]
+    metrics = [("retrieval R@1", ret, "R@1"), ("retrieval R@5", ret, "R@5"), ("probe top-1", lin, "top1")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.1, 1, 1]})
+    x = range(len(metrics))
+    for k, (arm, colour) in enumerate((("pretrained", "#3b6fb6"), ("random_init", "#bbbbbb"))):
+        vals = [src[arm].get(key, float("nan")) for _, src, key in metrics]
+        axes[0].bar([i + 0.38 * k for i in x], vals, 0.38, color=colour, label=arm.replace("_", " "))
+        for i, v in zip(x, vals):
+            axes[0].text(i + 0.38 * k, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    classes = ret["pretrained"]["classes"]
+    axes[0].axhline(1 / len(classes), color="#999", ls="--", lw=1, label="chance (top-1)")
+    axes[0].set_xticks([i + 0.19 for i in x], [m[0] for m in metrics], fontsize=8)
+    axes[0].set_ylim(0, 1.08)
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].set_title(f"{task} task, {ret['pretrained']['info']['test']} test queries", fontsize=9)
+    for ax, arm in zip(axes[1:], ("pretrained", "random_init")):
+        counts = ret[arm]["top1_confusion"]
+        frac = [[c / max(sum(row), 1) for c in row] for row in counts]
+        ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
+        for i, row in enumerate(counts):
+            for j, c in enumerate(row):
+                ax.text(j, i, str(c), ha="center", va="center", fontsize=7,
+                        color="white" if frac[i][j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes, fontsize=7, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_title(f"{arm.replace('_', ' ')}: query class x nearest video's class", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -11,7 +11,7 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     results = run_demo(tmp_path / "demo", ["train.max_steps=2", "train.epochs=1", "data.batch_size=4",
                                            "eval.clips=1"], videos=8)
     out = tmp_path / "demo"
-    assert (out / "views.png").stat().st_size > 0
+    assert (out / "views.png").stat().st_size > 0 and (out / "demo_results.png").stat().st_size > 0
     assert (out / "pretrain" / "checkpoints" / "last.pt").is_file()
     for kind in ("retrieval", "linear"):
         for arm, name in (("pretrained", "pretrained"), ("random_init", "random")):
