@@ -32,6 +32,7 @@ _BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
     "raft_small": ("mscl_stream.flow.raft:RAFT", {"model": "small"}),
     "raft_large": ("mscl_stream.flow.raft:RAFT", {"model": "large"}),
     "tvl1": ("mscl_stream.flow.tvl1:TVL1", {}),
+    "dis_ultrafast": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "dis_ultrafast"}),
     "dis_fast": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "dis_fast"}),
     "dis_medium": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "dis_medium"}),
     "farneback": ("mscl_stream.flow.opencv:OpenCVFlow", {"method": "farneback"}),

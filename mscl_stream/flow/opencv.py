@@ -1,4 +1,4 @@
-"""Classical CPU flow from OpenCV: DIS (fast / medium presets) and Farneback.
+"""Classical CPU flow from OpenCV: DIS (ultrafast / fast / medium presets) and Farneback.
 
 Frames are converted to 8-bit grayscale on the host and pairs are spread over a thread pool (OpenCV
 releases the GIL inside its calls). The flow comes back on the input's device, in the project's
@@ -17,7 +17,7 @@ import torch
 from mscl_stream.errors import UserError
 from mscl_stream.flow.base import check_pair, reject_unknown_options, run_chunked
 
-METHODS = ("dis_fast", "dis_medium", "farneback")
+METHODS = ("dis_ultrafast", "dis_fast", "dis_medium", "farneback")
 
 # Farneback parameters (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags): the values
 # OpenCV's own samples use, which handle the few-pixel motions of 8-frame gaps at 112-256 px.
@@ -44,7 +44,7 @@ class OpenCVFlow:
     """OpenCV flow estimator (protocol: mscl_stream.flow.base).
 
     Args:
-        method: "dis_fast", "dis_medium" or "farneback".
+        method: "dis_ultrafast", "dis_fast", "dis_medium" or "farneback".
         threads: worker threads over pairs (0 = all cores).
         chunk_size: pairs moved to the host at a time (0 = all at once).
         device: accepted for uniformity; OpenCV always computes on the CPU and the flow is returned
@@ -71,7 +71,8 @@ class OpenCVFlow:
         # A fresh object per pair: a reused DIS instance carries buffers over from its previous call
         # (results would then depend on batch order and thread assignment); creating one is cheap
         # next to the flow itself.
-        preset = {"dis_fast": self.cv2.DISOPTICAL_FLOW_PRESET_FAST,
+        preset = {"dis_ultrafast": self.cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+                  "dis_fast": self.cv2.DISOPTICAL_FLOW_PRESET_FAST,
                   "dis_medium": self.cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[self.name]
         return self.cv2.DISOpticalFlow_create(preset)
 

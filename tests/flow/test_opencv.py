@@ -14,7 +14,7 @@ from mscl_stream.flow import get_estimator
 
 cv2 = pytest.importorskip("cv2")
 
-CLASSICAL = ["dis_fast", "dis_medium", "farneback"]
+CLASSICAL = ["dis_ultrafast", "dis_fast", "dis_medium", "farneback"]
 SIGN_NAMES = CLASSICAL + (["tvl1"] if importlib.util.find_spec("mscl_stream.flow.tvl1") else [])
 
 
@@ -83,7 +83,8 @@ def test_matches_cv2_directly(name):
         if name == "farneback":
             ref = cv2.calcOpticalFlowFarneback(ga, gb, None, 0.5, 3, 15, 3, 5, 1.2, 0)
         else:
-            preset = cv2.DISOPTICAL_FLOW_PRESET_FAST if name == "dis_fast" else cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
+            preset = {"dis_ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "dis_fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                      "dis_medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[name]
             ref = cv2.DISOpticalFlow_create(preset).calc(ga, gb, None)
         np.testing.assert_allclose(ours[i].permute(1, 2, 0).numpy(), ref, atol=1e-5)
 
@@ -121,3 +122,12 @@ def test_output_on_input_device():
     flow = get_estimator("dis_medium")(a.cuda(), b.cuda())
     assert flow.device.type == "cuda"
     assert abs(flow[0, 0, 16:-16, 16:-16].median().item() - 3.0) < 0.3
+
+
+def test_each_preset_is_its_own():
+    """The DIS names reach different presets: on the same known-motion pairs their flows differ (so the
+    parity test above would catch a name mapped to another preset)."""
+    a, b = shifted_pair(3)
+    flows = {n: get_estimator(n, threads=1)(a, b) for n in ("dis_ultrafast", "dis_fast", "dis_medium")}
+    assert not torch.equal(flows["dis_ultrafast"], flows["dis_fast"])
+    assert not torch.equal(flows["dis_fast"], flows["dis_medium"])

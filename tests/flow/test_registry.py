@@ -17,7 +17,7 @@ from mscl_stream.flow import available_estimators, estimator_from_config, get_es
 from mscl_stream.flow.base import (auto_chunk_size, check_pair, crop_padding, pad_to_multiple, run_chunked,
                                    validate_estimator)
 
-BUILTINS = {"raft_small", "raft_large", "tvl1", "dis_fast", "dis_medium", "farneback", "dali_of"}
+BUILTINS = {"raft_small", "raft_large", "tvl1", "dis_ultrafast", "dis_fast", "dis_medium", "farneback", "dali_of"}
 
 
 class ConstantFlow:
@@ -150,7 +150,7 @@ def _cpu_estimators() -> list[str]:
             continue                              # GPU hardware only
         if n == "tvl1" and importlib.util.find_spec("mscl_stream.flow.tvl1") is None:
             continue
-        if n in ("dis_fast", "dis_medium", "farneback") and importlib.util.find_spec("cv2") is None:
+        if n in ("dis_ultrafast", "dis_fast", "dis_medium", "farneback") and importlib.util.find_spec("cv2") is None:
             continue
         names.append(n)
     return names
