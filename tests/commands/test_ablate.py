@@ -24,12 +24,14 @@ ALL = {"rgb_rgb", "flow_flow", "rot_rot", "rgb_flow", "flow_rgb", "rgb_rot", "ro
 # What each shipped variant must train, written out here (not read from the code under test).
 EXPECTED_TERMS = {
     "full": ALL, "farneback": ALL, "tvl1": ALL, "zero_flow": ALL, "mds_online": ALL,
+    "dis_ultrafast": ALL, "dis_medium": ALL,
     "rgb_only": {"rgb_rgb"},
     "no_lmcl": ALL - {"lmcl"},
     "no_fra": ALL - {"rot_rot", "rgb_rot", "rot_rgb"},
     "no_cross": ALL - {"rgb_flow", "flow_rgb", "rgb_rot", "rot_rgb"},
 }
-EXPECTED_ESTIMATOR = {"farneback": "farneback", "tvl1": "tvl1", "zero_flow": "zero"}
+EXPECTED_ESTIMATOR = {"farneback": "farneback", "tvl1": "tvl1", "zero_flow": "zero",
+                      "dis_ultrafast": "dis_ultrafast", "dis_medium": "dis_medium"}
 
 
 def variant_cfg(v: Variant):
