@@ -1,0 +1,317 @@
+"""Seed variance of an ablation study's finished runs, from the evaluation side (no retraining).
+
+Every finished seed of one variant of a `mscl-stream ablate` study (default: full MSCL) is evaluated again
+from its checkpoints, with the study's data and config (ablate's ``_run_config``), under each option:
+
+  encoder  query: the query RGB encoder (prefix ``rgb_encoder.``: what the study's rows report);
+           key: the momentum encoder (``rgb_encoder_k.``: an EMA of the query encoder over the steps)
+  clips    c1: one centred clip per video (the rows); c4: features averaged over 4 evenly spaced clips
+  ckpts    last: last.pt (the rows); lastK: the mean of the evaluations of last.pt and the K-1 newest
+           step files before it
+
+Per option: every seed's R@1 and linear-probe top-1, their mean, between-seed SD (n - 1) and SE
+(SD / sqrt(n)), and the query SE: what having only N test queries costs. For R@1 a bootstrap over the
+queries (resampled with replacement, --boot times) of each run's top-1 hits, read off its top-1 confusion
+matrix; for the probe the ideal bootstrap's closed form sqrt(p (1 - p) / N); both averaged over seeds.
+A mean over checkpoints gets the mean of its members' query SEs, an upper bound (the SD of a mean is at
+most the mean of the SDs). Every seed sees the same queries, so the query SE says how far a run's number
+sits from what the same encoder would score on other videos; an SD far above it means the runs differ.
+
+Each evaluation (run, encoder, clips, checkpoint file) is cached in the run folder as
+variance_<encoder>_c<clips>_<checkpoint>.json, keyed by the checkpoint's size and mtime: a rerun
+evaluates only what is new. ``--determinism STEPS`` also trains the study's config twice with one seed
+for STEPS steps in a temporary folder and compares loss traces (metrics.jsonl) and final weights.
+
+    python benchmarks/seed_variance.py --study benchmarks/results/ablation_motion_cpu [--determinism 60]
+
+Writes benchmarks/results/seed_variance_<task>_cpu_<date>.json (+ .png) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ENCODERS = {"query": "rgb_encoder.", "key": "rgb_encoder_k."}
+CLIPS = (1, 4)
+MAX_CKPTS = 3
+TODAY = "query_c1_last"       # what the study's rows report
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+
+def hits_from_confusion(confusion) -> np.ndarray:
+    """Per-query top-1 hits (1 = the nearest gallery video has the query's class) of a confusion matrix."""
+    c = np.asarray(confusion, dtype=np.int64)
+    hit = int(np.trace(c))
+    return np.concatenate([np.ones(hit), np.zeros(int(c.sum()) - hit)])
+
+
+def bootstrap_se(hits, n_boot: int = 1000, seed: int = 0) -> float:
+    """SD of the mean hit rate over ``n_boot`` resamples of the queries with replacement (seeded)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(hits), size=(n_boot, len(hits)))
+    return float(hits[idx].mean(axis=1).std(ddof=1))
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The ideal bootstrap's SE of an accuracy p over n test videos."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def spread(values: list[float]) -> dict:
+    """mean, sample SD (n - 1) and SE of the mean; SD and SE are None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "sd": sd, "se": sd / math.sqrt(n) if sd is not None else None}
+
+
+def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Per option: every seed's R@1 and probe top-1 with their spread, the mean query SEs and SD / query SE."""
+    names = list(dict.fromkeys(o for opts in per_seed.values() for o in opts))
+    out = {}
+    for name in names:
+        seeds = sorted(s for s in per_seed if name in per_seed[s])
+        entry = {"seeds": seeds}
+        for metric, se_key in (("R@1", "query_se"), ("linear_top1", "linear_query_se")):
+            vals = [per_seed[s][name][metric] for s in seeds]
+            st = spread(vals)
+            qse = sum(per_seed[s][name][se_key] for s in seeds) / len(seeds)
+            entry[metric] = {"per_seed": vals, **st, "query_se": qse,
+                             "sd_over_query_se": st["sd"] / qse if st["sd"] is not None and qse > 0 else None}
+        out[name] = entry
+    return out
+
+
+
+def find_runs(study: Path, variant: str, seeds: list[int] | None) -> tuple[dict[int, tuple[Path, dict]], list[int]]:
+    """({seed: (run folder, row)} of the finished runs of ``variant``, the expected seeds not finished).
+    Expected: ``seeds``, else every seed with a run folder of any variant of the study."""
+    if seeds is None:
+        seeds = sorted({int(p.name[4:]) for p in study.glob("runs/*/seed*") if p.name[4:].isdigit()})
+    done = {}
+    for s in seeds:
+        row_path = study / "runs" / variant / f"seed{s}" / "row.json"
+        if row_path.is_file():
+            done[s] = (row_path.parent, json.loads(row_path.read_text()))
+    if not done:
+        raise SystemExit(f"seed_variance: no finished run of {variant!r} in {study} (runs/{variant}/seed*/row.json)")
+    return done, [s for s in seeds if s not in done]
+
+
+def checkpoints(run_dir: Path, row: dict, k: int = MAX_CKPTS) -> list[Path]:
+    """last.pt, then the newest k - 1 step files before the last step (a step file of that step is its twin)."""
+    from mscl_stream.train.checkpoint import list_checkpoints
+
+    last = run_dir / "pretrain" / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise SystemExit(f"seed_variance: {last}: missing, though the run has a row")
+    steps = row.get("steps")
+    older = [p for s, p in reversed(list_checkpoints(run_dir / "pretrain")) if steps is None or s < steps]
+    return [last, *older[: k - 1]]
+
+
+def study_config(row: dict, run_dir: Path, extra: list[str]):
+    """The config the study ran and evaluated this row with (ablate's ``_run_config``), plus ``extra``."""
+    from mscl_stream.commands.ablate import Variant, _run_config
+
+    manifest = Path(row["manifest"])
+    if not manifest.is_absolute() and not manifest.exists():
+        manifest = ROOT / manifest
+    variant = Variant(row["variant"], "", tuple(row.get("overrides", ())))
+    return _run_config(variant, row["seed"], row["config"], manifest, run_dir,
+                       [*row.get("extra_overrides", []), *extra])
+
+
+def evaluate(row: dict, run_dir: Path, checkpoint: Path, prefix: str, clips: int) -> dict:
+    """Retrieval and the linear probe of one checkpoint's encoder under ``prefix`` with ``clips`` clips."""
+    from mscl_stream.eval import run_evals
+
+    cfg = study_config(row, run_dir, ["data.decode_workers=1"])      # one decode worker: a shared machine
+    t0 = time.perf_counter()
+    res = run_evals(("retrieval", "linear"), checkpoint=str(checkpoint), cfg=cfg, prefix=prefix, clips=clips)
+    ret, lin = res["retrieval"], res["linear"]
+    return {"R@1": ret["R@1"], "R@5": ret["R@5"], "linear_top1": lin["top1"], "classes": ret["classes"],
+            "top1_confusion": ret["top1_confusion"], "test_queries": ret["info"]["test"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cached_eval(run_dir: Path, row: dict, encoder: str, clips: int, ckpt: Path, evaluate_fn=evaluate) -> dict:
+    """``evaluate_fn``'s result for (run, encoder, clips, checkpoint), from its cache file when the
+    checkpoint file is unchanged; else evaluated and written (atomically)."""
+    st = ckpt.stat()
+    key = {"encoder": encoder, "prefix": ENCODERS[encoder], "clips": clips, "checkpoint": ckpt.name,
+           "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    path = run_dir / f"variance_{encoder}_c{clips}_{ckpt.stem}.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            return old
+    res = {"key": key, **evaluate_fn(row, run_dir, ckpt, ENCODERS[encoder], clips),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(path, res)
+    return res
+
+
+def run_options(run_dir: Path, row: dict, n_boot: int, evaluate_fn=evaluate) -> dict[str, dict]:
+    """{option: R@1, probe top-1, their query SEs, the checkpoints} of one run, every option it has
+    (lastK only with K checkpoints)."""
+    ckpts = checkpoints(run_dir, row)
+    out = {}
+    for enc in ENCODERS:
+        for clips in CLIPS:
+            evals = [cached_eval(run_dir, row, enc, clips, p, evaluate_fn) for p in ckpts]
+            for k in range(1, len(evals) + 1):
+                m = evals[:k]
+                out[f"{enc}_c{clips}_{'last' if k == 1 else f'last{k}'}"] = {
+                    "R@1": float(np.mean([e["R@1"] for e in m])),
+                    "linear_top1": float(np.mean([e["linear_top1"] for e in m])),
+                    "query_se": float(np.mean([bootstrap_se(hits_from_confusion(e["top1_confusion"]), n_boot)
+                                               for e in m])),
+                    "linear_query_se": float(np.mean([binomial_se(e["linear_top1"], e["test_queries"]) for e in m])),
+                    "checkpoints": [e["key"]["checkpoint"] for e in m]}
+    return out
+
+
+
+def determinism(row: dict, steps: int, work: Path) -> dict:
+    """Train the row's config twice with its seed for ``steps`` steps; are loss traces and weights identical?"""
+    import torch
+
+    from mscl_stream.train.checkpoint import load_checkpoint
+    from mscl_stream.train.trainer import pretrain
+
+    traces, states = [], []
+    for i in range(2):
+        run_dir = work / f"run{i}"
+        cfg = study_config(row, run_dir, [f"train.max_steps={steps}", "train.ckpt_every=0", "log.every=1",
+                                          "log.tensorboard=false", "train.overwrite=true"])
+        pretrain(cfg)
+        recs = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()
+                if line.strip()]
+        traces.append([{k: v for k, v in r.items() if k == "step" or k == "grad_norm" or k.startswith("loss/")}
+                       for r in recs if "loss/loss" in r])
+        states.append(load_checkpoint(run_dir / "pretrain" / "checkpoints" / "last.pt")["model"])
+    a, b = traces
+    loss_diff = max((abs(x[k] - y[k]) for x, y in zip(a, b) for k in x if k != "step"), default=None)
+    w_diff = max(float((states[0][k].double() - states[1][k].double()).abs().max())
+                 for k in states[0] if torch.is_tensor(states[0][k]) and states[0][k].is_floating_point())
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": steps, "seed": row["seed"],
+            "variant": row["variant"], "logged_steps": [len(a), len(b)], "loss_traces_identical": a == b,
+            "loss_max_abs_diff": loss_diff,
+            "weights_identical": w_diff == 0.0, "weights_max_abs_diff": w_diff}
+
+
+
+def markdown(options: dict[str, dict]) -> str:
+    def f(x, d=3):
+        return "-" if x is None else f"{x:.{d}f}"
+    lines = ["| option | seeds | R@1 per seed | R@1 mean | SD | SE | query SE | SD / query SE "
+             "| probe per seed | probe mean | SD | query SE | SD / query SE |", "|" + " --- |" * 13]
+    for name, o in options.items():
+        r, p = o["R@1"], o["linear_top1"]
+        lines.append(f"| {name} | {len(o['seeds'])} | {', '.join(f(v) for v in r['per_seed'])} | {f(r['mean'])} "
+                     f"| {f(r['sd'])} | {f(r['se'])} | {f(r['query_se'])} | {f(r['sd_over_query_se'], 2)} "
+                     f"| {', '.join(f(v) for v in p['per_seed'])} | {f(p['mean'])} | {f(p['sd'])} "
+                     f"| {f(p['query_se'])} | {f(p['sd_over_query_se'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["options"])
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(names)), 7), sharex=True)
+    for ax, metric, label in zip(axes, ("R@1", "linear_top1"), ("R@1", "linear probe top-1")):
+        for i, name in enumerate(names):
+            o = result["options"][name]
+            for j, (s, v) in enumerate(zip(o["seeds"], o[metric]["per_seed"])):
+                ax.plot(i - 0.15 + 0.1 * j, v, "o", color=f"C{s % 10}", ms=5,
+                        label=f"seed {s}" if i == 0 else None)
+            m = o[metric]
+            ax.errorbar(i + 0.25, m["mean"], yerr=m["sd"] or 0, fmt="s", color="k", capsize=4,
+                        label="mean +- between-seed SD" if i == 0 else None)
+            ax.errorbar(i + 0.35, m["mean"], yerr=m["query_se"], fmt="none", ecolor="0.6", capsize=3,
+                        label="+- query SE" if i == 0 else None)
+        ax.axhline(result["chance"], color="0.8", ls="--", lw=1, label="chance")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=4, loc="lower left")
+    axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    fig.suptitle(f"seed variance: {result['variant']} on the {result['task']} task, seeds {result['seeds_done']} "
+                 f"({result['machine'].get('cpu', 'cpu')})", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--study", type=Path, default=RESULTS / "ablation_motion_cpu")
+    ap.add_argument("--variant", default="full")
+    ap.add_argument("--task", default="motion", help="the study's sample task (names the output file)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="the seeds expected (default: every run folder's)")
+    ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the queries")
+    ap.add_argument("--determinism", type=int, metavar="STEPS", help="also train twice with one seed for STEPS steps")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if not (args.study / "runs").is_dir():
+        raise SystemExit(f"--study {args.study}: not a study folder (no runs/ in it)")
+    if args.boot < 2 or (args.determinism is not None and args.determinism < 1):
+        raise SystemExit("--boot needs >= 2 resamples and --determinism >= 1 step")
+    import torch
+
+    from mscl_stream.machine import machine_info
+
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    runs, missing = find_runs(args.study, args.variant, args.seeds)
+    print(f"{args.variant}: seeds {sorted(runs)} finished" + (f", {missing} not yet" if missing else ""), flush=True)
+    per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
+    first = runs[min(runs)][1]
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": str(args.study), "variant": args.variant,
+              "task": args.task, "seeds_done": sorted(runs), "seeds_missing": missing, "boot": args.boot,
+              "test_queries": first["test_queries"], "chance": 1 / len(first["classes"]),
+              "today_option": TODAY, "today_reproduces_rows": {
+                  s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1")) for s, (_, row) in runs.items()},
+              "options": summarize(per_seed), "per_seed": per_seed,
+              "machine": machine_info("cpu"), "load_avg_at_start": load0,
+              "versions": {"torch": torch.__version__, "numpy": np.__version__,
+                           "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                 capture_output=True, text=True).stdout.strip()}}
+    out = args.out_dir / f"seed_variance_{args.task}_cpu_{time.strftime('%Y%m%d')}.json"
+    if args.determinism:
+        with tempfile.TemporaryDirectory(prefix="seed_variance_det_") as work:
+            result["determinism"] = determinism(first, args.determinism, Path(work))
+    elif out.is_file() and "determinism" in (prev := json.loads(out.read_text())):
+        result["determinism"] = prev["determinism"]          # an earlier probe's answer stays with the rerun
+    result["load_avg_at_end"], result["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print("\n" + markdown(result["options"]))
+    if "determinism" in result:
+        print("determinism:", json.dumps(result["determinism"]))
+    print(f"wrote {out} (+ .png)")
+
+
+if __name__ == "__main__":
+    main()
