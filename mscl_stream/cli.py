@@ -36,7 +36,7 @@ def _cmd_transcode(a: argparse.Namespace) -> int:
 
 
 def _cmd_index(a: argparse.Namespace) -> int:
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_config(a.config, a.overrides, manifest=False)    # data.manifest may be the file index writes
     from mscl_stream.commands.index import index_videos
     index_videos(a.src, a.output, data=cfg.data, workers=a.workers, mds=a.mds, mds_estimator=a.mds_estimator,
                  fmt=a.format, splits=a.split)

@@ -141,8 +141,11 @@ def apply_override(cfg: Config, override: str) -> None:
     _merge(cfg, nested)
 
 
-def validate(cfg: Config) -> Config:
-    """Range and consistency checks; raises ConfigError naming the key."""
+def validate(cfg: Config, *, manifest: bool = True) -> Config:
+    """Range and consistency checks; raises ConfigError naming the key.
+
+    ``manifest=False`` skips the check that ``data.manifest`` exists: `index` writes that file.
+    """
     d, a, f, m, o, t = cfg.data, cfg.augment, cfg.flow, cfg.model, cfg.optim, cfg.train
 
     def need(cond: bool, key: str, msg: str) -> None:
@@ -211,7 +214,7 @@ def validate(cfg: Config) -> Config:
          f"(or {ALLOW_IMPORT_ENV}=1), or register the estimator by name (docs/reliability.md)")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"{t.device!r}: use auto, cpu, cuda or cuda:N")
-    if d.manifest and "{split}" not in d.manifest:     # a per-split pattern: eval --splits checks each file
+    if manifest and d.manifest and "{split}" not in d.manifest:   # a {split} pattern: eval --splits checks each
         need(Path(d.manifest).is_file(), "data.manifest", f"{d.manifest}: no such file (run `mscl-stream index`)")
     if f.weights not in ("", "none") and ("/" in f.weights or f.weights.endswith((".pt", ".pth"))):
         need(Path(f.weights).is_file(), "flow.weights", f"{f.weights}: no such file")
@@ -221,8 +224,11 @@ def validate(cfg: Config) -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
-                check: bool = True) -> Config:
-    """Build a Config from defaults, an optional YAML file and dotted overrides, then validate it."""
+                check: bool = True, manifest: bool = True) -> Config:
+    """Build a Config from defaults, an optional YAML file and dotted overrides, then validate it.
+
+    ``check=False`` skips validation; ``manifest=False`` validates all but the existence of ``data.manifest``.
+    """
     cfg = Config()
     if path:
         p = Path(path)
@@ -239,7 +245,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         _merge(cfg, data)
     for ov in overrides:
         apply_override(cfg, ov)
-    return validate(cfg) if check else cfg
+    return validate(cfg, manifest=manifest) if check else cfg
 
 
 def to_dict(cfg: Config) -> dict:

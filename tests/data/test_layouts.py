@@ -284,3 +284,20 @@ def test_pretraining_refuses_a_manifest_with_no_video_long_enough(tmp_path, clip
     err = capsys.readouterr().err.strip()
     assert "no video is long enough for one pretraining sample: all 1 are shorter than 17 raw frames" in err
     assert "\n" not in err
+
+
+def test_index_with_a_config_naming_the_manifest_it_writes(tmp_path, clips, capsys, monkeypatch):
+    # configs/k400.yaml names data/k400/manifest.jsonl, the file this index creates: it need not exist yet
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "k400.yaml")
+    put(clips, tmp_path / "footage" / "a.mp4")
+    monkeypatch.chdir(tmp_path)
+    assert not Path("data/k400/manifest.jsonl").exists()
+    assert cli_main(["index", "footage", "-o", "data/k400/manifest.jsonl", "-c", config, "--workers", "1",
+                     *SMALL_ARGS]) == 0
+    assert rows(tmp_path / "data/k400/manifest.jsonl") == [("train", "a.mp4", -1, "", LONG)]
+    capsys.readouterr()
+    # every other command still refuses a manifest that is not there, in one line
+    assert cli_main(["pretrain", "-c", config, "data.manifest=data/k400/other.jsonl", *SMALL_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.manifest: data/k400/other.jsonl: no such file" in err
+    assert "\n" not in err
