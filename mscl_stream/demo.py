@@ -62,13 +62,13 @@ def save_batch_png(cfg: Config, path: Path, samples: int = 4) -> dict:
     import matplotlib.pyplot as plt
 
     from mscl_stream.data.loader import build_loader
-    from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.data.sampler import read_pretraining_manifest
     from mscl_stream.flow import estimator_from_config
     from mscl_stream.machine import resolve_device
     from mscl_stream.train.inputs import compute_flow, make_inputs
 
     device = resolve_device(cfg.train.device)
-    loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split), device=device)
+    loader = build_loader(cfg, read_pretraining_manifest(cfg.data), device=device)   # what pretraining samples
     loader.set_epoch(0)
     est = estimator_from_config(cfg.flow, device)
     t0 = time.perf_counter()

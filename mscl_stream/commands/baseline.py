@@ -21,9 +21,9 @@ import torch
 
 from mscl_stream.config import Config
 from mscl_stream.data.batch import ClipBatch
-from mscl_stream.data.manifest import VideoRecord, read_manifest
+from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.data.pyav_decode import decode_frames
-from mscl_stream.data.sampler import ClipSampler, flow_steps
+from mscl_stream.data.sampler import ClipSampler, flow_steps, read_pretraining_manifest
 from mscl_stream.machine import resolve_device
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class PyAVDataLoader:
 
 
 def pyav_dataloader(cfg: Config) -> PyAVDataLoader:
-    return PyAVDataLoader(cfg, read_manifest(cfg.data.manifest, cfg.data.split), resolve_device(cfg.train.device))
+    return PyAVDataLoader(cfg, read_pretraining_manifest(cfg.data), resolve_device(cfg.train.device))
 
 
 @torch.no_grad()
@@ -139,6 +139,6 @@ def precompute_flows(cfg: Config, records: list[VideoRecord], estimator, out_dir
 
 def precomputed_flow_loader(cfg: Config, estimator, flow_dir: Path) -> tuple[PyAVDataLoader, dict]:
     """Precompute every video's flow into ``flow_dir``, then a loader that reads it back with the frames."""
-    records = read_manifest(cfg.data.manifest, cfg.data.split)
+    records = read_pretraining_manifest(cfg.data)      # the rows the streaming loader samples, in its order
     cost = precompute_flows(cfg, records, estimator, Path(flow_dir))
     return PyAVDataLoader(cfg, records, resolve_device(cfg.train.device), flow_dir=Path(flow_dir)), cost

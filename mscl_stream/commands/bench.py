@@ -120,12 +120,13 @@ def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None, prof
         return cfg
     from mscl_stream.data.indexing import build_manifest
     from mscl_stream.data.manifest import read_manifest
+    from mscl_stream.data.sampler import pretraining_records
     from mscl_stream.data.synthetic import make_sample_dataset
     data = workdir / "videos"
     workers = 1 if profile == "toy" else os.cpu_count() or 1     # ucf101/k400 videos take seconds each
     make_sample_dataset(data, videos=24, codec=codec, profile=profile, workers=workers, task="direction")
     build_manifest(data, workdir / "manifest.jsonl", data=cfg.data)
-    n_train = len(read_manifest(workdir / "manifest.jsonl", "train"))
+    n_train = len(pretraining_records(read_manifest(workdir / "manifest.jsonl", "train"), cfg.data))
     per_video = max(cfg.data.clips_per_video, math.ceil((steps + 1) * cfg.data.batch_size / max(n_train, 1)))
     return replace(cfg, data=replace(cfg.data, manifest=str(workdir / "manifest.jsonl"), split="train",
                                      clips_per_video=per_video))
@@ -133,9 +134,8 @@ def _ensure_data(cfg: Config, workdir: Path, steps: int, codec: str | None, prof
 
 def _first_batch(cfg: Config) -> ClipBatch:
     from mscl_stream.data.loader import build_loader
-    from mscl_stream.data.manifest import read_manifest
-    loader = build_loader(cfg, read_manifest(cfg.data.manifest, cfg.data.split),
-                          device=resolve_device(cfg.train.device))
+    from mscl_stream.data.sampler import read_pretraining_manifest
+    loader = build_loader(cfg, read_pretraining_manifest(cfg.data), device=resolve_device(cfg.train.device))
     loader.set_epoch(0)
     batch = next(iter(loader))
     loader.close()                        # the batch is on the device; the decode workers can go
@@ -151,9 +151,8 @@ def decode_cost(cfg: Config, step_clips_per_s: float | None, loader_stats: dict 
     from concurrent.futures import ProcessPoolExecutor
 
     from mscl_stream.data.decode_cost import pyav_costs, summarize
-    from mscl_stream.data.manifest import read_manifest
-    from mscl_stream.data.sampler import ClipSampler
-    records = read_manifest(cfg.data.manifest, cfg.data.split)
+    from mscl_stream.data.sampler import ClipSampler, read_pretraining_manifest
+    records = read_pretraining_manifest(cfg.data)      # the rows the training run samples
     per_video = max(1, math.ceil(DECODE_COST_SAMPLES / len(records)))   # enough distinct samples
     sampler = ClipSampler(records, replace(cfg.data, clips_per_video=per_video), seed=cfg.data.seed + 1)
     sampler.set_epoch(0)

@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from mscl_stream.config import DataConfig
-from mscl_stream.data.manifest import VideoRecord
+from mscl_stream.data.manifest import VideoRecord, read_manifest
 from mscl_stream.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ def pretraining_records(records: list[VideoRecord], data: DataConfig) -> list[Vi
         log.warning("pretraining skips %d of %d videos shorter than one sample (%d raw frames; e.g. %s, %d)",
                     len(records) - len(keep), len(records), need, short.path, short.frame_end - short.start)
     return keep
+
+
+def read_pretraining_manifest(data: DataConfig) -> list[VideoRecord]:
+    """The rows of ``data.manifest`` (split ``data.split``) that pretraining-style sampling draws from:
+    :func:`pretraining_records` of them (shorter videos counted, logged and left out), for every reader
+    that samples training windows (the trainer, the demo's batch view, bench, the baseline loaders)."""
+    return pretraining_records(read_manifest(data.manifest, data.split), data)
 
 
 def _rng(seed: int, epoch: int, stream: int, rank: int = 0) -> np.random.Generator:

@@ -287,3 +287,37 @@ def test_pretraining_skips_rows_shorter_than_one_sample(caplog):
     with pytest.raises(UserError, match=r"all 2 are shorter than 113 raw frames \(longest 112\)"):
         pretraining_records(recs[1:2] + recs[3:], DataConfig())
     assert pretraining_records(recs[2:3], DataConfig()) == recs[2:3]
+
+
+def test_every_pretraining_reader_skips_videos_shorter_than_one_sample(tmp_path, monkeypatch, caplog):
+    # the trainer, the baseline loaders, bench and the demo's batch view sample the same rows: a manifest
+    # row shorter than one sample (113 raw frames at the defaults) never reaches their ClipSampler
+    import mscl_stream.commands.bench as bench
+    import mscl_stream.data.loader as loader_mod
+    import mscl_stream.demo as demo
+    from mscl_stream.commands.baseline import PyAVDataLoader, pyav_dataloader
+    from mscl_stream.config import load_config
+    from mscl_stream.data.manifest import write_manifest
+    from mscl_stream.data.sampler import read_pretraining_manifest
+    write_manifest(records([112, 113, 40, 300]), tmp_path / "m.jsonl")
+    cfg = load_config(None, [f"data.manifest={tmp_path / 'm.jsonl'}", "train.device=cpu", "data.decode_workers=1"])
+    long = ["/data/v1.webm", "/data/v3.webm"]
+    with caplog.at_level("WARNING"):
+        assert [r.path for r in read_pretraining_manifest(cfg.data)] == long
+    assert "pretraining skips 2 of 4 videos shorter than one sample (113 raw frames" in caplog.text
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, recs, **kw):
+        seen.append([r.path for r in recs])
+        raise Stop
+    monkeypatch.setattr(loader_mod, "build_loader", capture)
+    for call in (lambda: bench._first_batch(cfg), lambda: demo.save_batch_png(cfg, tmp_path / "b.png")):
+        with pytest.raises(Stop):
+            call()
+    assert seen == [long, long]
+    base = pyav_dataloader(cfg)
+    assert isinstance(base, PyAVDataLoader) and [r.path for r in base.sampler.records] == long
