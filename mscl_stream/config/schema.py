@@ -138,7 +138,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Downstream evaluation (`mscl-stream eval`); fine-tune defaults are the SSv2 recipe (section 8)."""
-    clips: int = 1                      # centred clips per video, features/logits averaged
+    clips: int = 1                      # clips per video, evenly spread: features (or test probabilities) averaged
     epochs: int = 22                    # fine-tune
     lr: float = 0.12                    # fine-tune, for base_batch clips; scaled by batch_size
     base_batch: int = 32

@@ -8,8 +8,9 @@ every number should be compared with.
 Settings taken from the configuration:
 
 * clip geometry: data.frames_per_clip, data.frame_stride, data.frame_size, augment.out_size;
-  decode threads data.decode_workers; batch data.batch_size; device train.device; seed train.seed;
-  clips per video eval.clips.
+  decode workers data.decode_workers (processes; data.pyav_workers); views per forward
+  max(eval.batch_size, 8); device train.device; seed train.seed; clips per video eval.clips (evenly
+  spread, features averaged).
 * fine-tune: the eval section (epochs 22, lr 0.12 per 32 clips scaled by eval.batch_size, weight
   decay 1e-6, clip 40, lr x0.1 at eval.milestones 14 and 18: the SSv2 recipe), optim.momentum; the run
   itself (folder, resume, validation, weights, test views): :mod:`mscl_stream.eval.finetune_run`.
@@ -105,8 +106,8 @@ def run_eval(kind: str, checkpoint: str | None = None, cfg: Config | None = None
         cfg: configuration (see the module docstring for the keys used).
         out: JSON file for the results.
         prefix: key prefix of the query RGB encoder in the checkpoint's model state.
-        clips: centred clips per video whose features are averaged (default eval.clips); fine-tuning tests
-            at eval.test_views.
+        clips: clips per video, evenly spread (one: centred), whose features are averaged (default
+            eval.clips); fine-tuning tests at eval.test_views.
         split: the numbered split this manifest is (recorded in the results), or None.
 
     Returns:
