@@ -137,10 +137,12 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
     for out in outs.values():
         check_writable(out)        # before the features are paid for
     train, test, counts0 = split_records(cfg.data.manifest)
+    # a fine-tune alone resolves its device in init_distributed (under torchrun: this rank's GPU)
     device = resolve_device(cfg.train.device) if kinds != ("finetune",) else None
     seed = cfg.train.seed
-    log.info("eval %s: %d train / %d test videos, %s, device %s", "+".join(kinds), len(train), len(test),
-             checkpoint or "random init", device)
+    if device is not None:
+        log.info("eval %s: %d train / %d test videos, %s, device %s", "+".join(kinds), len(train), len(test),
+                 checkpoint or "random init", device)
     feats, feat_seconds, results = None, 0.0, {}
     for kind in kinds:
         t0 = time.perf_counter()
@@ -175,6 +177,10 @@ def _finetune(checkpoint, train, test, cfg: Config, prefix: str, counts: dict, t
               split: int | None) -> dict:
     """End-to-end fine-tuning (under torchrun on every rank); results per view count written by rank 0."""
     dist = init_distributed(cfg.dist.backend, device=cfg.train.device)
+    if dist.is_main:
+        log.info("eval finetune: %d train / %d test videos, %s, device %s%s", len(train), len(test),
+                 checkpoint or "random init", dist.device,
+                 f" ({dist.world_size} ranks)" if dist.world_size > 1 else "")
     val = val_records(cfg.data.manifest, test)
     res = run_finetune(checkpoint, train, val, test, cfg, dist, prefix=prefix)
     counts.update(steps=res["steps"], epochs=res["epochs"], val=len(val), best_val=res["best"],

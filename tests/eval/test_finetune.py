@@ -75,10 +75,15 @@ def test_finetune_stopped_and_resumed_ends_like_an_uninterrupted_run(split_manif
     assert "fc.1.weight" in best and set(best) == set(want_w)
 
 
-def test_results_files_per_view_count_score_the_last_weights(split_manifest, tmp_path):
+def test_results_files_per_view_count_score_the_last_weights(split_manifest, tmp_path, caplog):
     cfg = _cfg(split_manifest, tmp_path / "ft", "eval.epochs=1")
-    res = run_eval("finetune", cfg=cfg, out=str(tmp_path / "out.json"))
+    with caplog.at_level("INFO", logger="mscl_stream.eval"):
+        res = run_eval("finetune", cfg=cfg, out=str(tmp_path / "out.json"))
+    # the device is logged once it is known (init_distributed picks it), never as "None"
+    assert "eval finetune: 4 train / 2 test videos, random init, device cpu" in caplog.text
+    assert "device None" not in caplog.text
     main_json = json.loads((tmp_path / "out.json").read_text())
+    assert main_json["info"]["device"] == "cpu"
     assert RESULT_KEYS <= set(main_json) and main_json["views"] == "1x1" and main_json["kind"] == "finetune"
     assert main_json["dataset"] == "tiny" and main_json["split"] is None
     model, _ = build_r3d(None, num_classes=2, width=cfg.model.rgb_width)
