@@ -125,7 +125,8 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
               outs: dict[str, str] | None = None, prefix: str = ENCODER_PREFIX,
               clips: int | None = None, split: int | None = None) -> dict[str, dict]:
     """Several evaluations of one encoder: {kind: :func:`run_eval`'s result}. Retrieval and the linear
-    probe share one feature extraction; ``outs`` maps a kind to its JSON file."""
+    probe share one feature extraction; ``outs`` maps a kind to its JSON file. They are not sharded: under
+    torchrun rank 0 runs them and the other ranks get ``{"kind", "rank", "run_on_rank": 0}``."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise UserError(f"eval: unknown kind {unknown[0] if unknown else 'none'!r} (use {', '.join(KINDS)})")
@@ -137,13 +138,22 @@ def run_evals(kinds: tuple[str, ...] | list[str], checkpoint: str | None = None,
     for out in outs.values():
         check_writable(out)        # before the features are paid for
     train, test, counts0 = split_records(cfg.data.manifest)
+    kinds, results = tuple(kinds), {}
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank and kinds != ("finetune",):
+        # retrieval and the linear probe are not sharded: under torchrun rank 0 extracts every feature and
+        # writes the results; the other ranks take part only in a fine-tune
+        frozen = [k for k in kinds if k != "finetune"]
+        log.info("rank %d: %s runs on rank 0 only", rank, "+".join(frozen))
+        results = {k: {"kind": k, "rank": rank, "run_on_rank": 0} for k in frozen}
+        kinds = tuple(k for k in kinds if k == "finetune")
     # a fine-tune alone resolves its device in init_distributed (under torchrun: this rank's GPU)
-    device = resolve_device(cfg.train.device) if kinds != ("finetune",) else None
+    device = resolve_device(cfg.train.device) if kinds and kinds != ("finetune",) else None
     seed = cfg.train.seed
     if device is not None:
         log.info("eval %s: %d train / %d test videos, %s, device %s", "+".join(kinds), len(train), len(test),
                  checkpoint or "random init", device)
-    feats, feat_seconds, results = None, 0.0, {}
+    feats, feat_seconds = None, 0.0
     for kind in kinds:
         t0 = time.perf_counter()
         counts = dict(counts0)

@@ -26,7 +26,6 @@ from torch import nn
 from mscl_stream.config import Config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.errors import UserError
-from mscl_stream.eval.decode import IndexFn, iter_decoded  # noqa: F401  (fine-tuning's training clips)
 from mscl_stream.eval.views import ViewPlan, normalise_views, run_views
 from mscl_stream.models.r3d import WIDTH, r3d18, width_of
 from mscl_stream.train.checkpoint import load_checkpoint, load_model_state

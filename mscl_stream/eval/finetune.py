@@ -6,7 +6,8 @@ checkpoints and restores it; :mod:`mscl_stream.eval.finetune_run` drives it.
 
 Training views: clip sampling (one clip of ``data.frames_per_clip`` frames ``data.frame_stride`` apart at
 a uniformly random position) or segment sampling (``eval.segments`` equal segments over the whole video,
-one random frame each), decoded at ``data.frame_size``, then a random resized crop (area fraction
+one random frame each), decoded at ``data.frame_size`` in the pretraining loader's PyAV worker processes
+as validation and test are (:mod:`mscl_stream.eval.decode`), then a random resized crop (area fraction
 ``eval.crop_scale``, aspect ratio ``eval.crop_ratio``, the torchvision / MMAction defaults) resized to
 ``eval.train_size`` and a horizontal flip with probability 0.5.
 
@@ -29,7 +30,8 @@ from mscl_stream.config import Config
 from mscl_stream.data.manifest import VideoRecord
 from mscl_stream.distributed import DistInfo
 from mscl_stream.errors import UserError
-from mscl_stream.eval.features import build_r3d, iter_decoded, normalise_clip
+from mscl_stream.eval.decode import iter_decoded
+from mscl_stream.eval.features import build_r3d, normalise_clip
 from mscl_stream.train.checkpoint import rng_state, set_rng_state
 
 
@@ -176,8 +178,9 @@ class FinetuneLoop:
         plan = plan[self.batch_index * self.batch:]
         todo = iter(p.indices for p in plan)
         d = self.cfg.data
+        # the validation and test passes' decode path: the loader's PyAV worker processes (or threads)
         decoded = iter_decoded([p.record for p in plan], lambda _r: next(todo), tuple(d.frame_size),
-                               d.decode_workers, lookahead=2 * self.batch)
+                               d.decode_workers, lookahead=2 * self.batch, processes=d.pyav_workers != "threads")
         self.model.train()
         clips, labels = [], []
         for row, frames in decoded:

@@ -93,9 +93,10 @@ def run_splits(kind: str, splits: Sequence[int], checkpoint: str | None, cfg: Co
             cfg, data=dataclasses.replace(cfg.data, manifest=manifest.replace("{split}", str(s))),
             eval=dataclasses.replace(cfg.eval, out_dir=str(Path(cfg.eval.out_dir) / f"split{s}")))
         per_split[s] = run_eval(kind, checkpoint, scfg, split_path(out, s) if out else None, prefix, split=s)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:            # under torchrun rank 0 summarises, writes and prints (it alone has retrieval results)
+        return {"kind": kind, "splits": list(splits), "rank": rank}
     summary = summarise(kind, per_split)
-    if os.environ.get("RANK", "0") != "0":     # under torchrun rank 0 writes and prints
-        return summary
     write_json(where, summary)
     for label, metrics in summary["views"].items():
         shown = ", ".join(f"{k} {100 * m['mean']:.1f} +- {100 * m['std']:.1f}%" for k, m in metrics.items())

@@ -137,3 +137,26 @@ def test_segment_sampling_finetune_names_its_views(split_manifest, tmp_path):
     res = run_eval("finetune", cfg=cfg)
     assert res["views"] == "4seg x1" and res["info"]["steps"] == 1
     assert (tmp_path / "seg" / "results_4segx1.json").is_file() and not (tmp_path / "seg" / "weights_best.pt").exists()
+
+
+def test_training_decode_takes_the_evaluation_decode_path(split_manifest, tmp_path, monkeypatch):
+    # the training clips go through eval/decode.py like validation and test: worker processes, or threads
+    # with data.pyav_workers=threads; either way the same frames, so one SGD step gives the same weights
+    from mscl_stream.distributed import DistInfo
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True, backend=None)
+    train = [r for r in read_manifest(split_manifest) if r.split == "train"]
+    real, seen = FT.iter_decoded, []
+
+    def spy(*args, **kw):
+        seen.append(kw["processes"])
+        return real(*args, **kw)
+    monkeypatch.setattr(FT, "iter_decoded", spy)
+    weights = {}
+    for mode in ("threads", "processes"):
+        torch.manual_seed(0)                       # dropout
+        loop = FT.FinetuneLoop(_cfg(split_manifest, tmp_path / mode, f"data.pyav_workers={mode}"), dist, None,
+                               train, 2, 0.05, "")
+        assert next(loop.train_batches()) == 1
+        weights[mode] = loop.core.state_dict()
+    assert seen == [False, True]
+    assert all(torch.equal(weights["threads"][k], weights["processes"][k]) for k in weights["threads"])

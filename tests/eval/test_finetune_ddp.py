@@ -67,3 +67,40 @@ def test_two_process_finetune_equal_weights_and_gathered_test(tiny_manifest, tmp
     saved = torch.load(tmp_path / "ft" / "weights_last.pt", weights_only=True)
     torch.testing.assert_close(torch.cat([v.flatten() for k, v in saved.items() if "running" not in k
                                           and "num_batches" not in k]), r0["params"], rtol=0, atol=0)
+
+
+RETRIEVAL_SCRIPT = """
+import json, sys
+import mscl_stream.eval as E
+from mscl_stream.cli import main
+if __name__ == "__main__":      # decode worker processes import this file too
+    wrote, extracted = [], []
+    write, extract = E.write_json, E.extract_features
+    E.write_json = lambda path, obj: (wrote.append(path), write(path, obj))[1]
+    E.extract_features = lambda *a, **k: (extracted.append(len(a[1])), extract(*a, **k))[1]
+    code = main(["eval", "retrieval", *sys.argv[2:]])
+    with open(sys.argv[1], "w") as f:
+        json.dump({"code": code, "wrote": wrote, "extracted": extracted}, f)
+"""
+
+
+@pytest.mark.slow
+def test_retrieval_over_splits_under_torchrun_runs_on_rank_zero_only(tiny_manifest, tmp_path):
+    # retrieval is not sharded: rank 0 extracts every feature and writes every file, rank 1 does neither
+    rows = sorted(read_manifest(tiny_manifest), key=lambda r: r.path)
+    for n in (1, 2):
+        test_rows = {rows[n - 1].path, rows[n + 2].path}
+        write_manifest([dataclasses.replace(r, split="test" if r.path in test_rows else "train") for r in rows],
+                       tmp_path / f"m_split{n}.jsonl")
+    (tmp_path / "rank.py").write_text(RETRIEVAL_SCRIPT)
+    out = str(tmp_path / "res_split{split}.json")
+    run_ranks(tmp_path / "rank.py", lambda r: [str(tmp_path / f"rank{r}.json"), "--splits", "1,2", "--out", out,
+                                                *TINY_TRAIN, f"data.manifest={tmp_path / 'm_split{split}.jsonl'}",
+                                                "data.pyav_workers=threads"], timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["code"] == r1["code"] == 0
+    assert r0["extracted"] == [4, 2, 4, 2] and r1["extracted"] == []        # gallery, queries per split
+    assert r0["wrote"] == [out.format(split=1), out.format(split=2), str(tmp_path / "res_split_summary.json")]
+    assert r1["wrote"] == []
+    summary = json.loads((tmp_path / "res_split_summary.json").read_text())
+    assert summary["splits"] == [1, 2] and len(summary["views"]["1x1"]["R@1"]["values"]) == 2
