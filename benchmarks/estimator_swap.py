@@ -97,6 +97,23 @@ def accuracy(names: list[str], sets: dict) -> dict:
     return out
 
 
+def dis_scales(names: list[str], sizes: list[tuple[int, int]]) -> dict:
+    """The pyramid level each DIS preset really works at per size: OpenCV lowers a preset's finest scale
+    when the frame has too few levels for it (then finest = coarsest - 2), so small frames can run a
+    "faster" preset at a finer scale than a "slower" one."""
+    import cv2
+    out: dict = {}
+    for n in (n for n in names if n.startswith("dis_")):
+        for h, w in sizes:
+            dis = cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{n[4:].upper()}"))
+            preset = dis.getFinestScale()
+            blank = np.zeros((h, w), np.uint8)                # the choice depends on the size alone
+            dis.calc(blank, blank, None)
+            out.setdefault(n, {})[f"{h}x{w}"] = {"preset_finest_scale": preset, "patch_size": dis.getPatchSize(),
+                                                 "finest_scale_used": dis.getFinestScale()}
+    return out
+
+
 def _set_threads(setting: str, default: tuple[int, int]) -> None:
     """Apply a thread setting to OpenCV and torch (the estimator's own pool is set when it is built)."""
     import cv2
@@ -212,7 +229,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """R@1 (error bars: one SE) against EPE (first size, synthetic textures) and against ms/pair (first
-    size, one thread); estimators not run yet are marked along the bottom, each at its x."""
+    size, one thread); estimators not run yet sit in a grey band below R@1 = 0, each at its x."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -225,21 +242,24 @@ def plot(result: dict, path: Path) -> None:
         if floor_ and not math.isnan(floor_["R@1"]["mean"]):
             ax.axhline(floor_["R@1"]["mean"], color="grey", ls="--", lw=1, label="random init R@1")
             ax.legend(fontsize=7, loc="upper right")
-        waiting = 0
+        waiting = done = 0
         for e in result["estimators"]:
             x = x_of(e["estimator"])
-            if e["status"] != "done":
-                y, waiting = 0.03 + 0.06 * waiting, waiting + 1
+            if e["status"] != "done":                   # no R@1 to plot: below the axis, never at a value
+                y, waiting = -0.04 - 0.045 * waiting, waiting + 1
                 ax.plot([x], [y], marker="x", color="grey")
-                ax.annotate(f"{e['estimator']} ({NOT_RUN})", (x, y), fontsize=7, color="grey",
-                            xytext=(4, -3), textcoords="offset points")
+                ax.annotate(e["estimator"], (x, y), fontsize=7, color="grey", xytext=(4, -3),
+                            textcoords="offset points")
                 continue
             se = e["R@1"]["se"]
             ax.errorbar([x], [e["R@1"]["mean"]], yerr=[0 if math.isnan(se) else se], fmt="o", capsize=3)
             ax.annotate(f"{e['estimator']} (n={e['n']})", (x, e["R@1"]["mean"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(5, 5 - 11 * (done % 3)), textcoords="offset points")   # near points: staggered
+            done += 1
         ax.set_xscale("log" if "log" in label else "linear")
-        ax.set_ylim(0, 1)
+        ax.axhspan(-0.27, 0, color="lightgrey", alpha=0.4, zorder=0)
+        ax.set_yticks([-0.13, *np.arange(0, 1.01, 0.2)], [NOT_RUN, *(f"{y:.1f}" for y in np.arange(0, 1.01, 0.2))])
+        ax.set_ylim(-0.27, 1)
         ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel("retrieval R@1 (mean +- SE over seeds)", fontsize=8)
     fig.suptitle(f"estimator swap: {result['study'] or 'no study given'}", fontsize=9)
@@ -310,7 +330,7 @@ def measure(args: argparse.Namespace, names: list[str]) -> dict:
                                                              "left_out": left_out[s], "zero_flow_epe": zero[s]}
                                                          for s, by in sets.items()},
             "epe": accuracy(names, sets), "ms_per_pair": (ms := cost(names, batches, args.rounds)),
-            "threads": ms.pop("threads")}
+            "threads": ms.pop("threads"), "dis_scales": dis_scales(names, args.sizes)}
 
 
 def _finite(obj):

@@ -30,7 +30,8 @@ def _row(variant: str, seed: int, r1: float, lin: float, overrides: tuple[str, .
 
 ROWS = [_row("full", 0, 0.5, 0.4), _row("full", 1, 0.6, 0.7), _row("full", 2, 0.7, 0.4),
         _row("farneback", 0, 0.3, 0.2, ("flow.estimator=farneback",)),
-        _row("zero_flow", 3, 0.2, 0.1, ("flow.estimator=zero",)), _row("zero_flow", 1, 0.1, 0.3, ("flow.estimator=zero",)),
+        _row("zero_flow", 3, 0.2, 0.1, ("flow.estimator=zero",)),
+        _row("zero_flow", 1, 0.1, 0.3, ("flow.estimator=zero",)),
         _row("random_init", 0, 0.14, 0.12), _row("no_lmcl", 0, 0.9, 0.9, ("loss.weights.lmcl=0",))]
 
 
@@ -136,6 +137,9 @@ def test_a_tiny_measurement_end_to_end(tmp_path):
         assert res["epe"]["dis_fast"]["48x64"][src]["mean"] < 0.5 * zero["mean"]
     for n in ("dis_fast", "zero"):
         assert all(res["ms_per_pair"][n]["48x64"][t]["median"] > 0 for t in ("1 thread", "default threads"))
+    scales = res["dis_scales"]["dis_fast"]["48x64"]      # the fast preset's finest scale, 2; never a coarser one
+    assert scales["preset_finest_scale"] == 2 and 0 <= scales["finest_scale_used"] <= 2
+    assert "zero" not in res["dis_scales"]
     by = {e["variant"]: e for e in res["estimators"]}
     assert by["full"]["R@1"]["values"] == [0.5] and by["zero_flow"]["status"] == "not run yet"
     assert set(by) == {"full", "zero_flow"} and res["machine"]["cpu_count"] >= 1
