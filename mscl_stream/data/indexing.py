@@ -305,7 +305,7 @@ def _print_summary(report: dict, output: Path) -> None:
           f"{report['seconds']:.1f} s")
     print(f"usable for evaluation {report['usable_for_evaluation']}, for pretraining "
           f"{report['usable_for_pretraining']} (one sample needs {report['min_frames']} frames; "
-          f"{report['shorter_than_one_sample']['count']} shorter are kept for evaluation)")
+          f"{report['shorter_than_one_sample']['count']} shorter, kept for evaluation only)")
     if report["excluded_by_reason"]:
         why = ", ".join(f"{k} {v}" for k, v in report["excluded_by_reason"].items())
         print(f"excluded {sum(report['excluded_by_reason'].values())}: {why} "
