@@ -89,6 +89,9 @@ def _video_root(src: Path, names: tuple[str, ...], probe_rel: str | None) -> Pat
 def ucf101(src: Path, splits: list[int] | None) -> Layout:
     """UCF101: ids from classInd.txt (1-based there, 0-based here); split N = trainlist0N + testlist0N."""
     lists = src / "ucfTrainTestlist" if (src / "ucfTrainTestlist").is_dir() else src
+    if not (lists / "classInd.txt").is_file() and (src.parent / "ucfTrainTestlist" / "classInd.txt").is_file():
+        raise UserError(f"{src}: no classInd.txt here, but {src.parent / 'ucfTrainTestlist'} is beside it: "
+                        f"index {src.parent}, the folder that holds the videos and ucfTrainTestlist/")
     classes = _class_ind(lists / "classInd.txt")
     found = sorted({int(m["n"]) for f in lists.iterdir() if (m := _UCF_LIST.match(f.name))})
     chosen = _pick_splits(found, splits, src, "ucf101")

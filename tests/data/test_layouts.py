@@ -130,6 +130,10 @@ def test_ucf101_split_options(tmp_path, clips):
         build_manifest(root, tmp_path / "x.jsonl", data=SMALL, splits=[1, 2])
     with pytest.raises(UserError, match="--split 3: .* has splits 1, 2"):
         build_manifest(root, tmp_path / "x.jsonl", data=SMALL, splits=[3])
+    # the videos folder given instead of the dataset folder: the error names the folder to index
+    put(clips, root / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi")
+    with pytest.raises(UserError, match=f"index {root}, the folder that holds the videos and ucfTrainTestlist/"):
+        build_manifest(root / "UCF-101", tmp_path / "x.jsonl", data=SMALL, fmt="ucf101")
 
 
 # ----------------------------------------------------------------------------- HMDB51
