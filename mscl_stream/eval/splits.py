@@ -77,6 +77,11 @@ def run_splits(kind: str, splits: Sequence[int], checkpoint: str | None, cfg: Co
                prefix: str) -> dict:
     """Evaluate ``kind`` on each split's manifest; returns (and writes) the summary."""
     from mscl_stream.eval import check_writable, run_eval, write_json
+    if kind == "finetune" and len(splits) > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # each fine-tune's run ends its process group; ranks re-joining a new one at different moments
+        # meet the old group's rendezvous keys (a rank fails or hangs), so one launch runs one split
+        raise UserError(f"--splits {','.join(map(str, splits))} under torchrun: launch one split per torchrun "
+                        "(--splits 1, then --splits 2, ...); `mscl-stream report` gives their mean and spread")
     manifest = cfg.data.manifest
     if "{split}" not in manifest:
         raise UserError(f"--splits: data.manifest={manifest or '(unset)'} needs the placeholder {{split}}, "
