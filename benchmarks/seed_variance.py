@@ -75,11 +75,15 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def spread(values: list[float]) -> dict:
-    """mean, sample SD (n - 1) and SE of the mean; SD and SE are None for one value."""
+    """mean, sample SD (n - 1), SE of the mean and the SD's 90 % interval (chi-square, normal values: a
+    few seeds pin an SD down only to a factor of 2-3); SD, SE and interval are None for one value."""
+    from scipy.stats import chi2
+
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"n": n, "mean": mean, "sd": sd, "se": sd / math.sqrt(n) if sd is not None else None}
+    ci = [sd * math.sqrt((n - 1) / chi2.ppf(q, n - 1)) for q in (0.95, 0.05)] if sd is not None else None
+    return {"n": n, "mean": mean, "sd": sd, "se": sd / math.sqrt(n) if sd is not None else None, "sd_ci90": ci}
 
 
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
@@ -222,12 +226,13 @@ def determinism(row: dict, steps: int, work: Path) -> dict:
 def markdown(options: dict[str, dict]) -> str:
     def f(x, d=3):
         return "-" if x is None else f"{x:.{d}f}"
-    lines = ["| option | seeds | R@1 per seed | R@1 mean | SD | SE | query SE | SD / query SE "
+    lines = ["| option | seeds | R@1 per seed | R@1 mean | SD (90 % interval) | SE | query SE | SD / query SE "
              "| probe per seed | probe mean | SD | query SE | SD / query SE |", "|" + " --- |" * 13]
     for name, o in options.items():
         r, p = o["R@1"], o["linear_top1"]
+        ci = " (%.3f-%.3f)" % tuple(r["sd_ci90"]) if r["sd_ci90"] else ""
         lines.append(f"| {name} | {len(o['seeds'])} | {', '.join(f(v) for v in r['per_seed'])} | {f(r['mean'])} "
-                     f"| {f(r['sd'])} | {f(r['se'])} | {f(r['query_se'])} | {f(r['sd_over_query_se'], 2)} "
+                     f"| {f(r['sd'])}{ci} | {f(r['se'])} | {f(r['query_se'])} | {f(r['sd_over_query_se'], 2)} "
                      f"| {', '.join(f(v) for v in p['per_seed'])} | {f(p['mean'])} | {f(p['sd'])} "
                      f"| {f(p['query_se'])} | {f(p['sd_over_query_se'], 2)} |")
     return "\n".join(lines) + "\n"
@@ -254,10 +259,10 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(result["chance"], color="0.8", ls="--", lw=1, label="chance")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=4, loc="lower left")
+    axes[0].legend(fontsize=7, ncol=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"seed variance: {result['variant']} on the {result['task']} task, seeds {result['seeds_done']} "
-                 f"({result['machine'].get('cpu', 'cpu')})", fontsize=9)
+                 f"({result['machine'].get('cpu', 'cpu')})", fontsize=9, y=0.995)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)

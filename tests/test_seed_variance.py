@@ -50,7 +50,10 @@ def test_spread_by_hand():
     assert st["n"] == 3 and st["mean"] == pytest.approx(0.6)
     assert st["sd"] == pytest.approx(0.1)                             # sqrt((0.01 + 0 + 0.01) / 2)
     assert st["se"] == pytest.approx(0.1 / math.sqrt(3))
-    assert sv.spread([0.4]) == {"n": 1, "mean": 0.4, "sd": None, "se": None}
+    # 2 degrees of freedom: chi-square is exponential with mean 2, quantile p at -2 ln(1 - p)
+    lo, hi = 0.1 * math.sqrt(2 / (-2 * math.log(0.05))), 0.1 * math.sqrt(2 / (-2 * math.log(0.95)))
+    assert st["sd_ci90"] == pytest.approx([lo, hi], rel=1e-9)
+    assert sv.spread([0.4]) == {"n": 1, "mean": 0.4, "sd": None, "se": None, "sd_ci90": None}
 
 
 def test_summarize_by_hand():
