@@ -34,6 +34,8 @@ class DistInfo:
         device: the device this process computes on (``cuda:<local_rank>`` or ``cpu``).
         is_main: rank 0: the one that logs, prints and writes checkpoints.
         backend: "nccl", "gloo", or None for a single process without a process group.
+        owns_group: this call of :func:`init_distributed` created the process group, so its caller leaves it
+            (:func:`release`); False where the group was already joined by an outer caller that ends it.
     """
 
     rank: int
@@ -42,6 +44,7 @@ class DistInfo:
     device: torch.device
     is_main: bool
     backend: str | None
+    owns_group: bool = False
 
 
 def _env_int(name: str) -> int:
@@ -78,7 +81,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
         device: "auto", "cpu", "cuda" (the local rank's GPU) or "cuda:N" (single process only).
 
     Returns:
-        DistInfo of this process. Calling it again after a successful init returns the same info.
+        DistInfo of this process. Calling it again after a successful init returns the same info, except
+        ``owns_group`` (True only for the call that created the group).
 
     Raises:
         UserError: partial torchrun environment, NCCL asked for on CPU, a missing GPU.
@@ -103,7 +107,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
         raise UserError("dist.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
     if backend not in ("nccl", "gloo"):
         raise UserError(f"dist.backend={backend!r}: use auto, nccl or gloo")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         # device_id binds NCCL's communicator to this rank's GPU (eager init, correct barrier device).
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kwargs)
@@ -111,7 +116,7 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
             log.info("distributed: %d processes, backend %s, master %s:%s", world, backend,
                      os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, is_main=rank == 0,
-                    backend=backend)
+                    backend=backend, owns_group=created)
 
 
 def _active() -> bool:
@@ -141,6 +146,13 @@ def cleanup() -> None:
     """Leave the process group if one was joined (safe to call always, also twice)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release(info: DistInfo) -> None:
+    """Leave the process group if ``info``'s :func:`init_distributed` call created it; else keep it for the
+    caller that did (a command running several fine-tunes in one group), so the ranks never re-join."""
+    if info.owns_group:
+        cleanup()
 
 
 @torch.no_grad()

@@ -26,7 +26,12 @@ WORKER = textwrap.dedent("""
     out = {"info": [info.rank, info.world_size, info.local_rank, str(info.device), info.is_main, info.backend],
            "cat": cat.tolist(), "same": same.tolist(), "objs": objs, "chosen": chosen, "mean": mean.item(),
            "is_main": D.is_main(), "world": D.get_world_size()}
-    D.cleanup()
+    # a second init joins nothing and owns nothing: releasing it keeps the group; the creator's release ends it
+    again = D.init_distributed(backend="auto", device="cpu")
+    D.release(again)
+    kept = torch.distributed.is_initialized() and D.get_world_size() == 2
+    D.release(info)
+    out["owns"] = [info.owns_group, again.owns_group, kept, torch.distributed.is_initialized()]
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
@@ -46,6 +51,7 @@ def test_two_process_gloo(tmp_path):
         assert got["chosen"] == "picked-by-0"
         assert got["mean"] == pytest.approx(1.5)
         assert got["is_main"] == (r == 0) and got["world"] == 2
+        assert got["owns"] == [True, False, True, False]
 
 
 def test_single_process_identity(monkeypatch):
@@ -53,6 +59,7 @@ def test_single_process_identity(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     info = D.init_distributed(device="cpu")
     assert (info.rank, info.world_size, info.is_main, info.backend, info.device) == (0, 1, True, None, torch.device("cpu"))
+    assert not info.owns_group          # no process group, nothing to leave
     x = torch.randn(4, 3)
     assert D.all_gather_cat(x) is x
     assert D.all_gather_objects(5) == [5] and D.broadcast_object("a") == "a"

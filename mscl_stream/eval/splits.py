@@ -6,7 +6,8 @@ run folder ``<eval.out_dir>/split<N>`` (so each split resumes on its own), and i
 ``--out`` with ``{split}`` filled in (or ``_split<N>`` added before the extension). The summary gives,
 per view count and metric, the values per split, their mean, the sample standard deviation (n - 1;
 0 for a single split) and the minimum and maximum; it is written beside the per-split files
-(``<out>_summary.json``) or, without ``--out``, as ``<eval.out_dir>/summary_<kind>.json``.
+(``<out>_summary.json``) or, without ``--out``, as ``<eval.out_dir>/summary_<kind>.json``. Under torchrun
+every split's fine-tune runs in one process group, which this command joins first and leaves last.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mscl_stream.config import Config
+from mscl_stream.distributed import barrier, init_distributed, release
 from mscl_stream.errors import UserError
 
 METRIC_KEYS = ("top1", "top5", "R@1", "R@5", "R@10", "R@20", "R@50")
@@ -77,11 +79,6 @@ def run_splits(kind: str, splits: Sequence[int], checkpoint: str | None, cfg: Co
                prefix: str) -> dict:
     """Evaluate ``kind`` on each split's manifest; returns (and writes) the summary."""
     from mscl_stream.eval import check_writable, run_eval, write_json
-    if kind == "finetune" and len(splits) > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        # each fine-tune's run ends its process group; ranks re-joining a new one at different moments
-        # meet the old group's rendezvous keys (a rank fails or hangs), so one launch runs one split
-        raise UserError(f"--splits {','.join(map(str, splits))} under torchrun: launch one split per torchrun "
-                        "(--splits 1, then --splits 2, ...); `mscl-stream report` gives their mean and spread")
     manifest = cfg.data.manifest
     if "{split}" not in manifest:
         raise UserError(f"--splits: data.manifest={manifest or '(unset)'} needs the placeholder {{split}}, "
@@ -92,12 +89,20 @@ def run_splits(kind: str, splits: Sequence[int], checkpoint: str | None, cfg: Co
         raise UserError(f"--splits: no manifest {missing[0]} ({len(missing)} of {len(splits)} splits missing)")
     where = summary_path(out) if out else str(Path(cfg.eval.out_dir) / f"summary_{kind}.json")
     check_writable(where)
+    # under torchrun the fine-tunes share one process group, joined here and left at the end: a group left
+    # and re-joined between splits meets the old rendezvous's keys (ranks arriving out of step fail or hang)
+    dist = init_distributed(cfg.dist.backend, device=cfg.train.device) if kind == "finetune" else None
     per_split = {}
-    for s in splits:
-        scfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, manifest=manifest.replace("{split}", str(s))),
-            eval=dataclasses.replace(cfg.eval, out_dir=str(Path(cfg.eval.out_dir) / f"split{s}")))
-        per_split[s] = run_eval(kind, checkpoint, scfg, split_path(out, s) if out else None, prefix, split=s)
+    try:
+        for s in splits:
+            scfg = dataclasses.replace(
+                cfg, data=dataclasses.replace(cfg.data, manifest=manifest.replace("{split}", str(s))),
+                eval=dataclasses.replace(cfg.eval, out_dir=str(Path(cfg.eval.out_dir) / f"split{s}")))
+            per_split[s] = run_eval(kind, checkpoint, scfg, split_path(out, s) if out else None, prefix, split=s)
+            barrier()       # every rank ends split s (its results written by rank 0) before the next begins
+    finally:
+        if dist is not None:
+            release(dist)
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank:            # under torchrun rank 0 summarises, writes and prints (it alone has retrieval results)
         return {"kind": kind, "splits": list(splits), "rank": rank}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mscl_stream.config import Config, to_dict
-from mscl_stream.distributed import all_gather_objects, cleanup
+from mscl_stream.distributed import all_gather_objects, release
 from mscl_stream.errors import UserError
 from mscl_stream.train.checkpoint import (check_expect, differences, expect_from_config, find_resumable,
                                           list_checkpoints, load_checkpoint)
@@ -47,7 +47,7 @@ def resume_point(cfg: Config, dist, run, out: Path, manifest_id: dict | None,
             refusal = str(e)
     decided = all_gather_objects((str(chosen) if chosen else None, refusal))[0]
     if decided[1]:
-        cleanup()
+        release(dist)
         raise UserError(decided[1])
     ckpt_path = Path(decided[0]) if decided[0] else None
     if ckpt_path is not None:

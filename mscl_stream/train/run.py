@@ -10,7 +10,9 @@
   as a hard link when the run ended on a step checkpoint, ``diverged.pt``);
 * ``metrics.jsonl`` / TensorBoard (:class:`.metrics.MetricsLogger`), the progress bar or line, and
   ``metrics.png`` at the end;
-* on every exit: progress and metrics closed, the process group left, signals restored, lock released.
+* on every exit: progress and metrics closed, the process group left (only when the run's
+  ``init_distributed`` call created it: a command running several fine-tunes keeps one group), signals
+  restored, lock released.
 
 The loop hands over its state as a :class:`TrainState` (model, optimizer, loader position, RNGs,
 counters); the run writes and restores it without knowing what it holds. The pretraining loop
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mscl_stream.config import Config, dump_config, to_dict
-from mscl_stream.distributed import DistInfo, all_gather_objects, cleanup
+from mscl_stream.distributed import DistInfo, all_gather_objects, release
 from mscl_stream.errors import Interrupted, UserError
 from mscl_stream.progress import Progress
 from mscl_stream.train.checkpoint import CKPT_DIR, link_checkpoint, save_checkpoint, save_step_checkpoint
@@ -137,7 +139,7 @@ class Run:
                 err = str(e)
         errors = [e for e in all_gather_objects(err) if e]
         if errors:
-            cleanup()
+            release(self.dist)
             raise UserError(errors[0])
         self.signals.__enter__()
         return self
@@ -225,7 +227,7 @@ class Run:
                 self.progress.close()
             if self.metrics is not None:
                 self.metrics.close()
-            cleanup()
+            release(self.dist)
         finally:
             self.signals.__exit__(*exc)
             if self.folder is not None:
