@@ -24,7 +24,11 @@ for STEPS steps in a temporary folder and compares loss traces (metrics.jsonl) a
 
     python benchmarks/seed_variance.py --study benchmarks/results/ablation_motion_cpu [--determinism 60]
 
-Writes benchmarks/results/seed_variance_<task>_cpu_<date>.json (+ .png) and prints a Markdown table.
+Also the learning curve of every seed: the query encoder (one clip) at each checkpoint, in the JSON's
+"curve" and in <name>_curve.png. Is a run still improving when its steps end, or flat from the start?
+
+Writes benchmarks/results/seed_variance_<task>[_<variant>]_cpu_<date>.json (+ .png, _curve.png; the variant
+is named unless it is full) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -194,6 +198,21 @@ def run_options(run_dir: Path, row: dict, n_boot: int, evaluate_fn=evaluate) -> 
 
 
 
+def curve(run_dir: Path, row: dict, evaluate_fn=evaluate) -> list[dict]:
+    """R@1 and probe top-1 of the query encoder (one clip) at every step file and at last.pt, oldest first:
+    is a run still improving when its step budget ends, or flat from the start?"""
+    from mscl_stream.train.checkpoint import list_checkpoints
+
+    steps = row.get("steps")
+    points = [(s, p) for s, p in list_checkpoints(run_dir / "pretrain") if steps is None or s < steps]
+    points.append((steps, run_dir / "pretrain" / "checkpoints" / "last.pt"))
+    out = []
+    for step, ckpt in points:
+        e = cached_eval(run_dir, row, "query", 1, ckpt, evaluate_fn)
+        out.append({"step": step, "checkpoint": ckpt.name, "R@1": e["R@1"], "linear_top1": e["linear_top1"]})
+    return out
+
+
 def determinism(row: dict, steps: int, work: Path) -> dict:
     """Train the row's config twice with its seed for ``steps`` steps; are loss traces and weights identical?"""
     import torch
@@ -236,6 +255,42 @@ def markdown(options: dict[str, dict]) -> str:
                      f"| {', '.join(f(v) for v in p['per_seed'])} | {f(p['mean'])} | {f(p['sd'])} "
                      f"| {f(p['query_se'])} | {f(p['sd_over_query_se'], 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def curve_markdown(curves: dict[int, list[dict]]) -> str:
+    """R@1 / probe per seed (rows) and checkpoint step (columns)."""
+    steps = sorted({c["step"] for cs in curves.values() for c in cs if c["step"] is not None})
+    lines = ["| seed | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+    for seed, cs in sorted(curves.items()):
+        at = {c["step"]: c for c in cs}
+        lines.append(f"| {seed} | " + " | ".join(f"{at[s]['R@1']:.3f} / {at[s]['linear_top1']:.3f}" if s in at else "-"
+                                                 for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(result: dict, path: Path) -> None:
+    """R@1 and probe against the checkpoint's step, one line per seed, chance dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, metric, label in zip(axes, ("R@1", "linear_top1"), ("R@1", "linear probe top-1")):
+        for seed, cs in sorted(result["curve"].items(), key=lambda kv: int(kv[0])):
+            ax.plot([c["step"] for c in cs], [c[metric] for c in cs], "o-", color=f"C{int(seed) % 10}",
+                    label=f"seed {seed}")
+        ax.axhline(result["chance"], color="0.6", ls="--", lw=1, label="chance")
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['variant']} on the {result['task']} task: the query encoder at each checkpoint "
+                 f"({result['machine'].get('cpu', 'cpu')})", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -292,18 +347,20 @@ def main() -> None:
     runs, missing = find_runs(args.study, args.variant, args.seeds)
     print(f"{args.variant}: seeds {sorted(runs)} finished" + (f", {missing} not yet" if missing else ""), flush=True)
     per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
+    curves = {s: curve(d, row) for s, (d, row) in sorted(runs.items())}
     first = runs[min(runs)][1]
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": str(args.study), "variant": args.variant,
               "task": args.task, "seeds_done": sorted(runs), "seeds_missing": missing, "boot": args.boot,
               "test_queries": first["test_queries"], "chance": 1 / len(first["classes"]),
               "today_option": TODAY, "today_reproduces_rows": {
                   s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1")) for s, (_, row) in runs.items()},
-              "options": summarize(per_seed), "per_seed": per_seed,
+              "options": summarize(per_seed), "per_seed": per_seed, "curve": curves,
               "machine": machine_info("cpu"), "load_avg_at_start": load0,
               "versions": {"torch": torch.__version__, "numpy": np.__version__,
                            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                  capture_output=True, text=True).stdout.strip()}}
-    out = args.out_dir / f"seed_variance_{args.task}_cpu_{time.strftime('%Y%m%d')}.json"
+    name = args.task if args.variant == "full" else f"{args.task}_{args.variant}"
+    out = args.out_dir / f"seed_variance_{name}_cpu_{time.strftime('%Y%m%d')}.json"
     if args.determinism:
         with tempfile.TemporaryDirectory(prefix="seed_variance_det_") as work:
             result["determinism"] = determinism(first, args.determinism, Path(work))
@@ -312,7 +369,9 @@ def main() -> None:
     result["load_avg_at_end"], result["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
+    plot_curve(result, out.with_name(out.stem + "_curve.png"))
     print("\n" + markdown(result["options"]))
+    print("R@1 / probe at each checkpoint:\n" + curve_markdown(curves))
     if "determinism" in result:
         print("determinism:", json.dumps(result["determinism"]))
     print(f"wrote {out} (+ .png)")

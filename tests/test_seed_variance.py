@@ -89,7 +89,8 @@ def _study(tmp_path: Path, steps_files=(500, 1000, 1500)) -> Path:
 class FakeEval:
     """R@1 = hits / 10 from a 2-class confusion: last.pt 6 hits, step 1500 5, step 1000 4 (+1 with 4 clips)."""
 
-    HITS = {"last.pt": 6, "step_00001500.pt": 5, "step_00001000.pt": 4, "step_00001995.pt": 6}
+    HITS = {"last.pt": 6, "step_00001500.pt": 5, "step_00001000.pt": 4, "step_00001995.pt": 6,
+            "step_00000500.pt": 3}
 
     def __init__(self):
         self.calls = []
@@ -133,6 +134,23 @@ def test_a_second_call_evaluates_nothing_and_a_changed_checkpoint_only_itself(tm
     assert sorted(fake.calls) == sorted((("last.pt", p, c) for p in ("rgb_encoder.", "rgb_encoder_k.")
                                          for c in (1, 4)))
     assert not list(run.glob(".*tmp*"))                                  # atomic writes leave no temp file
+
+
+def test_curve_is_every_checkpoint_oldest_first_with_the_last_steps_twin_left_out(tmp_path):
+    run = _study(tmp_path, steps_files=(500, 1000, 1500, 1995))
+    row = json.loads((run / "row.json").read_text())
+    fake = FakeEval()
+    got = sv.curve(run, row, evaluate_fn=fake)
+    assert [(c["step"], c["checkpoint"]) for c in got] == [
+        (500, "step_00000500.pt"), (1000, "step_00001000.pt"), (1500, "step_00001500.pt"), (1995, "last.pt")]
+    assert [c["R@1"] for c in got] == pytest.approx([0.3, 0.4, 0.5, 0.6])
+    assert set(fake.calls) == {(c["checkpoint"], "rgb_encoder.", 1) for c in got}     # query encoder, one clip
+    # the options share the curve's cache: their query_c1 evaluations are not repeated
+    fake.calls.clear()
+    sv.run_options(run, row, n_boot=100, evaluate_fn=fake)
+    assert ("last.pt", "rgb_encoder.", 1) not in fake.calls and len(fake.calls) == 2 * 2 * 3 - 3
+    table = sv.curve_markdown({0: got})
+    assert "| 0 | 0.300 / 0.300 | 0.400 / 0.400 | 0.500 / 0.500 | 0.600 / 0.600 |" in table
 
 
 def test_find_runs_names_the_missing_seeds(tmp_path):
