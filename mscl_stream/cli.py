@@ -114,11 +114,13 @@ def _cmd_ablate(a: argparse.Namespace) -> int:
         for v in known.values():
             print(f"{v.name:<12} {v.about}\n{'':<12} {' '.join(v.overrides) or '(base config)'}")
         return 0
-    unknown = [n for n in a.variants if n not in known]
+    unknown = [n for n in a.variants or () if n not in known]
     if unknown:
         raise UserError(f"ablate: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)} "
                         f"(or add one with --variant NAME=key=value,...)")
-    chosen = [known[n] for n in (a.variants or list(known))] + [parse_variant_arg(t) for t in a.variant]
+    # no --variants: every file variant, unless --variant names extra ones (then just those)
+    names = a.variants if a.variants is not None else ([] if a.variant else list(known))
+    chosen = [known[n] for n in names] + [parse_variant_arg(t) for t in a.variant]
     run_ablation(Path(a.out), chosen, a.seeds, config=a.config, manifest=a.manifest, videos=a.videos, task=a.task,
                  extra=list(a.overrides), random_init=not a.no_random_init, report_only=a.report,
                  rescore=a.rescore)
@@ -280,8 +282,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="pretrain + retrieval + linear probe per variant and seed (resumable study)")
     p.add_argument("--out", default="runs/ablate", help="study folder (rerun to continue a study)")
-    p.add_argument("--variants", nargs="*", default=[], metavar="NAME",
-                   help="variants from --variants-file to run (default: all of them)")
+    p.add_argument("--variants", nargs="*", default=None, metavar="NAME",
+                   help="variants from --variants-file to run (default: all of them, or none when --variant "
+                        "is given)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="an extra variant given as config overrides (repeatable)")
     p.add_argument("--variants-file", default=str(Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"))

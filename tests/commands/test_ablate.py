@@ -204,3 +204,20 @@ def test_group_confusions_and_gap_against_hand_counts():
     assert "| full | 2 | 0 (chance 17) |" in group_confusion_table(by)
     table = [{"variant": "full", "R@1": {"mean": 0.5, "se": 0.03}}, {"variant": "x", "R@1": {"mean": 0.4, "se": 0.04}}]
     assert gap_in_se(table, "x") == pytest.approx(-0.1 / 0.05) and math.isnan(gap_in_se(table, "full"))
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], ["full", "rgb_only", "no_lmcl"]),                               # every file variant
+    (["--variant", "long=train.epochs=2"], ["long"]),                    # an extra one alone: just it
+    (["--variants", "full", "--variant", "long=train.epochs=2"], ["full", "long"]),
+    (["--variants", "no_lmcl"], ["no_lmcl"]),
+])
+def test_cli_chooses_the_variants_asked_for(tmp_path, monkeypatch, argv, want):
+    from mscl_stream import cli
+    vfile = tmp_path / "v.yaml"
+    vfile.write_text("full: {about: a, overrides: []}\nrgb_only: {about: b, overrides: []}\n"
+                     "no_lmcl: {about: c, overrides: ['loss.weights.lmcl=0']}\n")
+    got = []
+    monkeypatch.setattr(ablate, "run_ablation", lambda out, chosen, seeds, **kw: got.extend(v.name for v in chosen))
+    assert cli.main(["ablate", "--variants-file", str(vfile), "--out", str(tmp_path / "s"), *argv]) == 0
+    assert got == want
