@@ -28,7 +28,7 @@ sizes, positions, frame size and length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,11 +50,15 @@ class Trajectories:
         background: (n, 2) float64 offsets of the background (x right, y down).
         parts: two (n, 2) float64 offsets, one per part (the part's texture and mask move together).
         info: one line describing the draw (for the generator's log).
+        draw: the nuisances drawn (``angle_deg``: the direction, or the axis for ``oscillate``, in image
+            coordinates, x right, y down; ``speed`` px/frame; ``period`` frames; ``mover``: the part that
+            moves alone), for analyses of what an encoder keeps; empty where a test builds one by hand.
     """
 
     background: np.ndarray
     parts: tuple[np.ndarray, np.ndarray]
     info: str
+    draw: dict = field(default_factory=dict)
 
 
 def _stop_go_offsets(t: np.ndarray, period: float, phase: float) -> np.ndarray:
@@ -106,7 +110,9 @@ def sample_trajectories(name: str, n: int, fps: float, rng: np.random.Generator)
     info = ("still" if name == "still" else f"{name}: {np.degrees(angle):.0f} deg, {speed:.2f} px/frame"
             + (f", period {period:.1f} frames" if name in ("oscillate", "stop_go") else "")
             + (f", part {mover} moves" if name in ("steady", "oscillate", "stop_go") else ""))
-    return Trajectories(bg, (parts[0], parts[1]), info)
+    draw = {"class": name, "angle_deg": float(np.degrees(angle)), "speed": float(speed), "period": float(period),
+            "mover": mover}
+    return Trajectories(bg, (parts[0], parts[1]), info, draw)
 
 
 def motion_texture_frames(n: int, h: int, w: int, traj: Trajectories, seed: int = 0) -> np.ndarray:

@@ -203,20 +203,42 @@ def _make_one(job: tuple) -> tuple[Path, str]:
     return path, f"{n} frames {h}x{w}, {desc}"
 
 
-def _make_motion(target: Path, name: str, rng: np.random.Generator, prof: "Profile", codec: str,
-                 gop: int) -> tuple[Path, str]:
-    """One video of the ``motion`` task (:mod:`mscl_stream.data.motion_task`) at the profile's shape."""
+def _motion_draw(name: str, rng: np.random.Generator, prof: "Profile") -> tuple[int, int, int, Trajectories]:
+    """Length, size and motion of one ``motion``-task video: the draws before its textures."""
     if prof.encoding != "toy":
-        from mscl_stream.data.profiles import realistic_frames
         h, w = prof.sizes[int(rng.integers(len(prof.sizes)))]
         n = int(rng.integers(prof.frames[0], prof.frames[1] + 1))
     else:
         n = int(rng.integers(140, 221))
         h = int(rng.choice([120, 128, 136, 144]))
         w = 2 * round(h * 4 / 3 / 2)
-    traj = sample_trajectories(name, n, prof.fps, rng)
+    return n, h, w, sample_trajectories(name, n, prof.fps, rng)
+
+
+def motion_draws(videos: int, seed: int = 0, profile: "str | Profile" = "toy") -> dict[str, dict]:
+    """What :func:`make_sample_dataset` (task ``motion``) drew for each video, without rendering any:
+    ``{"train/steady/steady_000": {"class", "angle_deg", "speed", "period", "mover", "frames", "size"}}``
+    (paths relative to the dataset folder, without the suffix). Every video is a pure function of its
+    seed, so this replays the same draws."""
+    from mscl_stream.data.profiles import Profile, get_profile
+
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    plan = _split_plan(videos, len(MOTION_CLASSES))
+    out = {}
+    for (split, c, i), ss in zip(plan, np.random.SeedSequence(seed).spawn(len(plan))):
+        name = MOTION_CLASSES[c]
+        n, h, w, traj = _motion_draw(name, np.random.default_rng(ss), prof)
+        out[f"{split}/{name}/{name}_{i:03d}"] = {**traj.draw, "frames": n, "size": [h, w]}
+    return out
+
+
+def _make_motion(target: Path, name: str, rng: np.random.Generator, prof: "Profile", codec: str,
+                 gop: int) -> tuple[Path, str]:
+    """One video of the ``motion`` task (:mod:`mscl_stream.data.motion_task`) at the profile's shape."""
+    n, h, w, traj = _motion_draw(name, rng, prof)
     tex_seed = int(rng.integers(2**31))
     if prof.encoding != "toy":
+        from mscl_stream.data.profiles import realistic_frames
         frames, _ = realistic_frames(n, h, w, (0.0, 0.0), seed=tex_seed, traj=traj)
     else:
         frames = motion_texture_frames(n, h, w, traj, seed=tex_seed)

@@ -14,7 +14,7 @@ import pytest
 from mscl_stream.data.motion_task import (MOTION_CLASSES, PERIOD_S, SPEED, Trajectories, motion_texture_frames,
                                           sample_trajectories)
 from mscl_stream.data.profiles import PROFILES, realistic_frames
-from mscl_stream.data.synthetic import make_sample_dataset, task_classes
+from mscl_stream.data.synthetic import make_sample_dataset, motion_draws, task_classes
 from mscl_stream.errors import UserError
 
 N, FPS = 200, 25
@@ -136,10 +136,16 @@ def test_sample_dataset_motion_task_decodes_as_its_classes(tmp_path, capsys):
     out = make_sample_dataset(tmp_path / "ds", videos=7, seed=3)
     lines = {m.group(1): m.group(2) for m in re.finditer(r"\] (\S+): (.*)", capsys.readouterr().out)}
     assert sorted(p.parent.name for p in out.rglob("*.webm")) == sorted(MOTION_CLASSES)
+    draws = motion_draws(7, seed=3)            # replayed without rendering: must be what was drawn
+    assert sorted(draws) == sorted(p.removesuffix(".webm") for p in lines)
     for path, line in lines.items():
         name = path.split("/")[1]
         with av.open(str(out / path)) as c:
             frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        d = draws[path.removesuffix(".webm")]
+        assert d["class"] == name and d["frames"] == len(frames) and d["size"] == list(frames.shape[1:3])
+        if name != "still":
+            assert f"{d['angle_deg']:.0f} deg, {d['speed']:.2f} px/frame" in line
         a, b = frames[20], frames[28]
         if name == "still":
             assert np.abs(a.astype(int) - b).mean() < 2.0                # only coding noise
