@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_variance import RESULTS, find_runs, study_config, write_json  # noqa: E402
+from seed_variance import RESULTS, find_runs, save_figure, study_config, write_json  # noqa: E402
 
 SIGNED = ("pan", "steady", "stop_go", "pair_same")      # classes whose parts move with one signed direction
 
@@ -159,11 +159,7 @@ def plot(result: dict, path: Path) -> None:
                  f"({result['machine'].get('cpu', 'cpu')})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

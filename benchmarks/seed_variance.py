@@ -59,6 +59,17 @@ def write_json(path: Path, obj) -> None:
 
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically (temp file + rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def hits_from_confusion(confusion) -> np.ndarray:
     """Per-query top-1 hits (1 = the nearest gallery video has the query's class) of a confusion matrix."""
     c = np.asarray(confusion, dtype=np.int64)
@@ -286,11 +297,7 @@ def plot_curve(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{result['variant']} on the {result['task']} task: the query encoder at each checkpoint "
                  f"({result['machine'].get('cpu', 'cpu')})", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -318,11 +325,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"seed variance: {result['variant']} on the {result['task']} task, seeds {result['seeds_done']} "
                  f"({result['machine'].get('cpu', 'cpu')})", fontsize=9, y=0.995)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:
