@@ -51,11 +51,6 @@ def folded_angle(a_deg: np.ndarray, b_deg: np.ndarray) -> np.ndarray:
     return np.minimum(circ(a_deg, b_deg), circ(a_deg, 180.0 - np.asarray(b_deg, np.float64)))
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=0, keepdims=True)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def nearest_angles(q_feats, q_angles, q_classes, g_feats, g_angles, g_classes, classes=SIGNED) -> dict:
     """Per query of ``classes``: the folded angle to its most similar gallery video of the same class, and
     the mean folded angle to all of them (chance). Features are centred and normalised per set, as retrieval.
@@ -64,7 +59,11 @@ def nearest_angles(q_feats, q_angles, q_classes, g_feats, g_angles, g_classes, c
 
     Returns: {"nearest": [...], "chance": [...], "classes": [...]} over the queries kept, in order.
     """
-    q, g = _normalise(np.asarray(q_feats, np.float64)), _normalise(np.asarray(g_feats, np.float64))
+    import torch
+
+    from mscl_stream.eval.retrieval import _centre_normalise      # retrieval's own similarity
+
+    q, g = (_centre_normalise(torch.as_tensor(np.asarray(x))).numpy() for x in (q_feats, g_feats))
     g_classes, g_angles = np.asarray(g_classes), np.asarray(g_angles, np.float64)
     out = {"nearest": [], "chance": [], "classes": []}
     for i, c in enumerate(q_classes):

@@ -105,3 +105,13 @@ def run_ranks(script: Path, args_of_rank: Callable[[int], list[str]], world: int
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,24 +4,15 @@ neighbour far closer than chance while features without it do not."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_direction_kept", REPO / "benchmarks" / "direction_kept.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
-dk = _load()
+
+dk = load_benchmark("direction_kept")
 
 
 @pytest.mark.parametrize("a, b, want", [

@@ -4,25 +4,18 @@ cache (a second call evaluates nothing; a changed checkpoint file only itself)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_seed_variance", REPO / "benchmarks" / "seed_variance.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sv = _load()
+sv = load_benchmark("seed_variance")
 
 
 def test_hits_are_the_diagonal_of_the_confusion_matrix():
