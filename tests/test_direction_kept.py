@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from conftest import load_benchmark
 
-
-
 dk = load_benchmark("direction_kept")
 
 
