@@ -26,6 +26,9 @@ for STEPS steps in a temporary folder and compares loss traces (metrics.jsonl) a
 
 Also the learning curve of every seed: the query encoder (one clip) at each checkpoint, in the JSON's
 "curve" and in <name>_curve.png. Is a run still improving when its steps end, or flat from the start?
+And every loss term's mean over each run's last 500 steps against its chance value ("loss_tail"): which
+encoder a flat run lost; over every run of the study with the RGB-flow cross terms, how far those end
+below chance against the run's R@1 ("cross_margin").
 
 Writes benchmarks/results/seed_variance_<task>[_<variant>]_cpu_<date>.json (+ .png, _curve.png; the variant
 is named unless it is full) and prints Markdown tables.
@@ -43,6 +46,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -224,6 +228,67 @@ def curve(run_dir: Path, row: dict, evaluate_fn=evaluate) -> list[dict]:
     return out
 
 
+def loss_tail(run_dir: Path, last: int = 500) -> dict:
+    """Each logged loss term's mean over the run's last ``last`` steps (pretrain/metrics.jsonl), against its
+    chance value, the loss of logits that do not tell the positive from the negatives: ln(1 + queue) for
+    the clip terms, ln(2 T) for LMCL (T = ceil(frames / 2), the time steps of R3D-18's layer2, its level 0).
+    A term near its chance value at the end of a run has not learned; which terms did says which encoder
+    a flat run lost."""
+    cfg = yaml.safe_load((run_dir / "pretrain" / "config.yaml").read_text())
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines() if line]
+    rows = [r for r in rows if "step" in r and any(k.startswith("loss/") for k in r)]
+    if not rows:
+        raise SystemExit(f"seed_variance: {run_dir}/pretrain/metrics.jsonl has no logged loss")
+    end = max(r["step"] for r in rows)
+    tail = [r for r in rows if r["step"] > end - last]
+    terms = sorted({k[5:] for r in tail for k in r if k.startswith("loss/") and k != "loss/loss"})
+    clip_chance = math.log(1 + cfg["model"]["queue_size"])
+    lmcl_chance = math.log(2 * math.ceil(cfg["data"]["frames_per_clip"] / 2))
+    out = {"steps": [min(r["step"] for r in tail), end], "logs": len(tail), "terms": {}}
+    for t in terms:
+        vals = [r[f"loss/{t}"] for r in tail if f"loss/{t}" in r]
+        chance = lmcl_chance if t == "lmcl" else clip_chance
+        out["terms"][t] = {"mean": sum(vals) / len(vals), "chance": chance}
+    return out
+
+
+def loss_tail_markdown(tails: dict[int, dict], rows: dict[int, float]) -> str:
+    """Per seed: its R@1 and each loss term's mean over the last logs / its chance value."""
+    terms = list(dict.fromkeys(t for tl in tails.values() for t in tl["terms"]))
+    lines = ["| seed | R@1 | " + " | ".join(terms) + " |", "|" + " --- |" * (len(terms) + 2)]
+    for seed, tl in sorted(tails.items()):
+        cells = [f"{tl['terms'][t]['mean']:.2f}" if t in tl["terms"] else "-" for t in terms]
+        lines.append(f"| {seed} | {rows[seed]:.3f} | " + " | ".join(cells) + " |")
+    chance = [f"{next(tl['terms'][t]['chance'] for tl in tails.values() if t in tl['terms']):.2f}" for t in terms]
+    lines.append("| chance | | " + " | ".join(chance) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CROSS = ("rgb_flow", "flow_rgb", "rgb_rot", "rot_rgb")
+
+
+def cross_margin(study: Path) -> dict:
+    """For every finished run of the study that trains all four RGB-flow cross terms: how far their mean
+    over the last 500 steps ends below chance (loss_tail), next to the run's R@1, and the rank
+    correlation of the two over the runs. Does the end of a run's loss already say whether its RGB
+    encoder learned?"""
+    from scipy.stats import spearmanr
+
+    runs = []
+    for row_path in sorted(study.glob("runs/*/seed*/row.json")):
+        metrics = row_path.parent / "pretrain" / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        terms = loss_tail(row_path.parent)["terms"]
+        if not all(t in terms for t in CROSS):
+            continue
+        row = json.loads(row_path.read_text())
+        margin = sum(terms[t]["chance"] - terms[t]["mean"] for t in CROSS) / len(CROSS)
+        runs.append({"variant": row["variant"], "seed": row["seed"], "margin": margin, "R@1": row["R@1"]})
+    rho = spearmanr([r["margin"] for r in runs], [r["R@1"] for r in runs]) if len(runs) > 2 else None
+    return {"runs": runs, "spearman": None if rho is None else {"rho": float(rho.statistic), "p": float(rho.pvalue)}}
+
+
 def determinism(row: dict, steps: int, work: Path) -> dict:
     """Train the row's config twice with its seed for ``steps`` steps; are loss traces and weights identical?"""
     import torch
@@ -351,6 +416,7 @@ def main() -> None:
     print(f"{args.variant}: seeds {sorted(runs)} finished" + (f", {missing} not yet" if missing else ""), flush=True)
     per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
     curves = {s: curve(d, row) for s, (d, row) in sorted(runs.items())}
+    tails = {s: loss_tail(d) for s, (d, _) in sorted(runs.items())}
     first = runs[min(runs)][1]
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": str(args.study), "variant": args.variant,
               "task": args.task, "seeds_done": sorted(runs), "seeds_missing": missing, "boot": args.boot,
@@ -358,7 +424,8 @@ def main() -> None:
               "today_option": TODAY, "today_reproduces_rows": {
                   s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1")) for s, (_, row) in runs.items()},
               "options": summarize(per_seed), "per_seed": per_seed, "curve": curves,
-              "machine": machine_info("cpu"), "load_avg_at_start": load0,
+              "loss_tail": tails,
+              "cross_margin": cross_margin(args.study), "machine": machine_info("cpu"), "load_avg_at_start": load0,
               "versions": {"torch": torch.__version__, "numpy": np.__version__,
                            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                  capture_output=True, text=True).stdout.strip()}}
@@ -375,6 +442,8 @@ def main() -> None:
     plot_curve(result, out.with_name(out.stem + "_curve.png"))
     print("\n" + markdown(result["options"]))
     print("R@1 / probe at each checkpoint:\n" + curve_markdown(curves))
+    print("loss terms over the last 500 steps:\n"
+          + loss_tail_markdown(tails, {s: row["R@1"] for s, (_, row) in runs.items()}))
     if "determinism" in result:
         print("determinism:", json.dumps(result["determinism"]))
     print(f"wrote {out} (+ .png)")
