@@ -22,7 +22,7 @@ variance_<encoder>_c<clips>_<checkpoint>.json, keyed by the checkpoint's size an
 evaluates only what is new. ``--determinism STEPS`` also trains the study's config twice with one seed
 for STEPS steps in a temporary folder and compares loss traces (metrics.jsonl) and final weights.
 
-    python benchmarks/seed_variance.py --study benchmarks/results/ablation_motion_cpu [--determinism 60]
+    python benchmarks/seed_variance.py --study benchmarks/results/ablation_motion_cpu [--determinism 60] [--rows-only]
 
 Also the learning curve of every seed: the query encoder (one clip) at each checkpoint, in the JSON's
 "curve" and in <name>_curve.png. Is a run still improving when its steps end, or flat from the start?
@@ -216,6 +216,15 @@ def run_options(run_dir: Path, row: dict, n_boot: int, evaluate_fn=evaluate) -> 
 
 
 
+def row_option(row: dict, n_boot: int) -> dict[str, dict]:
+    """The rows' own option (query encoder, one clip, last checkpoint) read off the study's row, with its
+    query SEs: ``--rows-only``, for runs whose checkpoints are not worth evaluating again."""
+    return {TODAY: {"R@1": row["R@1"], "linear_top1": row["linear_top1"],
+                    "query_se": bootstrap_se(hits_from_confusion(row["top1_confusion"]), n_boot),
+                    "linear_query_se": binomial_se(row["linear_top1"], row["test_queries"]),
+                    "checkpoints": ["the row"]}}
+
+
 def curve(run_dir: Path, row: dict, evaluate_fn=evaluate) -> list[dict]:
     """R@1 and probe top-1 of the query encoder (one clip) at every step file and at last.pt, oldest first:
     is a run still improving when its step budget ends, or flat from the start?"""
@@ -342,6 +351,8 @@ def main() -> None:
     ap.add_argument("--task", default="motion", help="the study's sample task (names the output file)")
     ap.add_argument("--seeds", type=int, nargs="+", help="the seeds expected (default: every run folder's)")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the queries")
+    ap.add_argument("--rows-only", action="store_true",
+                    help="no re-evaluation: the rows' own numbers, their query SEs and the loss tails")
     ap.add_argument("--determinism", type=int, metavar="STEPS", help="also train twice with one seed for STEPS steps")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -356,14 +367,17 @@ def main() -> None:
     t0, load0 = time.perf_counter(), os.getloadavg()
     runs, missing = find_runs(args.study, args.variant, args.seeds)
     print(f"{args.variant}: seeds {sorted(runs)} finished" + (f", {missing} not yet" if missing else ""), flush=True)
-    per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
-    curves = {s: curve(d, row) for s, (d, row) in sorted(runs.items())}
+    if args.rows_only:
+        per_seed, curves = {s: row_option(row, args.boot) for s, (_, row) in sorted(runs.items())}, {}
+    else:
+        per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
+        curves = {s: curve(d, row) for s, (d, row) in sorted(runs.items())}
     tails = {s: loss_tail(d) for s, (d, _) in sorted(runs.items())}
     first = runs[min(runs)][1]
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": str(args.study), "variant": args.variant,
               "task": args.task, "seeds_done": sorted(runs), "seeds_missing": missing, "boot": args.boot,
               "test_queries": first["test_queries"], "chance": 1 / len(first["classes"]),
-              "today_option": TODAY, "today_reproduces_rows": {
+              "today_option": TODAY, "rows_only": args.rows_only, "today_reproduces_rows": None if args.rows_only else {
                   s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1")) for s, (_, row) in runs.items()},
               "options": summarize(per_seed), "per_seed": per_seed, "curve": curves,
               "loss_tail": tails,
@@ -381,9 +395,11 @@ def main() -> None:
     result["load_avg_at_end"], result["seconds"] = os.getloadavg(), round(time.perf_counter() - t0, 1)
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
-    plot_curve(result, out.with_name(out.stem + "_curve.png"))
+    if curves:
+        plot_curve(result, out.with_name(out.stem + "_curve.png"))
     print("\n" + markdown(result["options"]))
-    print("R@1 / probe at each checkpoint:\n" + curve_markdown(curves))
+    if curves:
+        print("R@1 / probe at each checkpoint:\n" + curve_markdown(curves))
     print("loss terms over the last 500 steps:\n"
           + loss_tail_markdown(tails, {s: row["R@1"] for s, (_, row) in runs.items()}))
     if "determinism" in result:

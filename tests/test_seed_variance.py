@@ -165,3 +165,16 @@ def test_study_config_is_the_rows_config(tmp_path):
     assert (cfg.train.seed, cfg.flow.estimator, cfg.data.decode_workers) == (3, "farneback", 1)
     assert cfg.data.manifest == str(manifest) and cfg.train.out_dir == str(tmp_path / "run" / "pretrain")
 
+
+
+def test_rows_only_reads_the_rows_option_off_the_row(tmp_path):
+    run = _study(tmp_path, steps_files=(500, 1000, 1500, 1995))
+    row = json.loads((run / "row.json").read_text())
+    fake = FakeEval()
+    evaluated = sv.run_options(run, row, n_boot=200, evaluate_fn=fake)[sv.TODAY]   # last.pt: 6 hits of 10
+    row.update({"R@1": 0.6, "linear_top1": 0.6, "test_queries": 10,
+                "top1_confusion": fake(row, run, Path("last.pt"), "rgb_encoder.", 1)["top1_confusion"]})
+    got = sv.row_option(row, n_boot=200)
+    assert list(got) == [sv.TODAY]
+    for key in ("R@1", "linear_top1", "query_se", "linear_query_se"):
+        assert got[sv.TODAY][key] == pytest.approx(evaluated[key])
