@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+
 def loss_tail(run_dir: Path, last: int = 500) -> dict:
     """Each logged loss term's mean over the run's last ``last`` steps (pretrain/metrics.jsonl), against its
     chance value, the loss of logits that do not tell the positive from the negatives: ln(1 + queue) for
@@ -25,7 +26,7 @@ def loss_tail(run_dir: Path, last: int = 500) -> dict:
     rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines() if line]
     rows = [r for r in rows if "step" in r and any(k.startswith("loss/") for k in r)]
     if not rows:
-        raise SystemExit(f"seed_variance: {run_dir}/pretrain/metrics.jsonl has no logged loss")
+        raise SystemExit(f"loss_tail: {run_dir}/pretrain/metrics.jsonl has no logged loss")
     end = max(r["step"] for r in rows)
     tail = [r for r in rows if r["step"] > end - last]
     terms = sorted({k[5:] for r in tail for k in r if k.startswith("loss/") and k != "loss/loss"})

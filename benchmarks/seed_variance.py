@@ -373,15 +373,16 @@ def main() -> None:
         per_seed = {s: run_options(d, row, args.boot) for s, (d, row) in sorted(runs.items())}
         curves = {s: curve(d, row) for s, (d, row) in sorted(runs.items())}
     tails = {s: loss_tail(d) for s, (d, _) in sorted(runs.items())}
+    reproduces = None if args.rows_only else {        # rows-only reads the rows: nothing to reproduce
+        s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1"))
+        for s, (_, row) in runs.items()}
     first = runs[min(runs)][1]
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": str(args.study), "variant": args.variant,
               "task": args.task, "seeds_done": sorted(runs), "seeds_missing": missing, "boot": args.boot,
               "test_queries": first["test_queries"], "chance": 1 / len(first["classes"]),
-              "today_option": TODAY, "rows_only": args.rows_only, "today_reproduces_rows": None if args.rows_only else {
-                  s: all(per_seed[s][TODAY][m] == row[m] for m in ("R@1", "linear_top1")) for s, (_, row) in runs.items()},
+              "today_option": TODAY, "rows_only": args.rows_only, "today_reproduces_rows": reproduces,
               "options": summarize(per_seed), "per_seed": per_seed, "curve": curves,
-              "loss_tail": tails,
-              "cross_margin": cross_margin(args.study), "machine": machine_info("cpu"), "load_avg_at_start": load0,
+              "loss_tail": tails, "cross_margin": cross_margin(args.study), "machine": machine_info("cpu"), "load_avg_at_start": load0,
               "versions": {"torch": torch.__version__, "numpy": np.__version__,
                            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                  capture_output=True, text=True).stdout.strip()}}
