@@ -382,7 +382,8 @@ def main() -> None:
               "test_queries": first["test_queries"], "chance": 1 / len(first["classes"]),
               "today_option": TODAY, "rows_only": args.rows_only, "today_reproduces_rows": reproduces,
               "options": summarize(per_seed), "per_seed": per_seed, "curve": curves,
-              "loss_tail": tails, "cross_margin": cross_margin(args.study), "machine": machine_info("cpu"), "load_avg_at_start": load0,
+              "loss_tail": tails, "cross_margin": cross_margin(args.study),
+              "machine": machine_info("cpu"), "load_avg_at_start": load0,
               "versions": {"torch": torch.__version__, "numpy": np.__version__,
                            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                  capture_output=True, text=True).stdout.strip()}}
